@@ -1,0 +1,62 @@
+# Transformer Lab — every entry point a learner, an instructor or a maintainer needs.
+# `make lab` sets up .venv and opens the course; `make test` runs every check.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(abspath $(VENV))/bin
+# nbgrader calls `alembic` by name, so the environment's bin must be on PATH.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: help setup lab test test-fast test-slow release grade book bench clean
+
+help:
+	@echo "make lab       install everything (first run) and open the course in JupyterLab"
+	@echo "make test      run every check: library, notebooks, grader round trip, website"
+	@echo "make test-fast library tests only (seconds)"
+	@echo "make release   regenerate course/ from solutions/ (nbgrader generate_assignment)"
+	@echo "make grade SUBMISSIONS=dir [LECTURE=01_attention]   autograde a class"
+	@echo "make book      build the website into jupyter_book/_build/html (offline)"
+	@echo "make bench     run the benchmarks in benchmarks/ (not part of make test)"
+
+$(BIN)/activate:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/jupyter labextension enable --level=sys_prefix nbgrader 2>/dev/null || true
+	$(BIN)/jupyter server extension enable --sys-prefix nbgrader 2>/dev/null || true
+	touch $@
+
+setup: $(VENV)/.installed
+
+lab: setup
+	$(BIN)/jupyter lab course/
+
+test-fast: setup
+	$(BIN)/python -m pytest -q lib/tests
+
+test: setup book
+	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --nbval-lax solutions/
+
+test-slow: setup
+	$(BIN)/python -m pytest -q --runslow
+
+release: setup
+	$(BIN)/python -m autograder release
+
+LECTURE ?= all
+grade: setup
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=path/to/submissions [LECTURE=01_attention]"; exit 2; }
+	$(BIN)/python -m autograder grade $(SUBMISSIONS) --lecture $(LECTURE)
+
+book: setup
+	$(BIN)/python jupyter_book/build.py
+
+bench: setup
+	$(BIN)/python benchmarks/attention.py
+	$(BIN)/python benchmarks/notebooks.py
+
+clean:
+	rm -rf jupyter_book/_build .pytest_cache
