@@ -11,7 +11,6 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa_alias_taken
 from transformer_lab import grading
 from transformer_lab.grading import ReferenceBlocked, blocked
 
-
 # --------------------------------------------------------------------------- check_close
 
 
@@ -124,7 +123,7 @@ def test_blocked_closure_function():
 def test_blocked_restores_on_exception():
     with pytest.raises(ZeroDivisionError):
         with blocked(_reference, F.scaled_dot_product_attention, nn.LayerNorm):
-            1 / 0
+            raise ZeroDivisionError
     assert _reference(1) == 2
     assert F.scaled_dot_product_attention is sdpa_alias_taken_early
     q = torch.randn(1, 1, 3, 4)

@@ -152,7 +152,7 @@ def check_shape(
         )
     got = tuple(actual.shape)
     ok = len(got) == len(expected_shape) and all(
-        e is None or e == g for e, g in zip(expected_shape, got)
+        e is None or e == g for e, g in zip(expected_shape, got, strict=False)
     )
     if not ok:
         _fail(
@@ -437,11 +437,11 @@ def _block_class(cls: type, undo: list[Callable[[], None]]) -> None:
         return
     # forward inherited (or not a plain function): shadow it on this class only
     had = "forward" in cls.__dict__
-    setattr(cls, "forward", _stand_in(f"{name}.forward"))
+    cls.forward = _stand_in(f"{name}.forward")
 
     def restore() -> None:
         if had:
-            setattr(cls, "forward", own)
+            cls.forward = own
         else:
             delattr(cls, "forward")
 
