@@ -1,0 +1,44 @@
+"""Shared pytest set-up for the library tests.
+
+* ``--runslow``: run the tests marked ``@pytest.mark.slow`` (skipped by default).
+* ``@pytest.mark.cuda``: skipped unless ``torch.cuda.is_available()``.
+
+The markers themselves are declared in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+
+
+def pytest_addoption(parser):
+    try:
+        parser.addoption("--runslow", action="store_true", default=False,
+                         help="also run tests marked slow")
+    except ValueError:  # another conftest already added it
+        pass
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = config.getoption("--runslow", default=False)
+    has_cuda = torch.cuda.is_available()
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if HERE not in Path(str(item.fspath)).parents:
+            continue
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "cuda" in item.keywords and not has_cuda:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def gen():
+    """A seeded CPU generator, fresh for each test."""
+    return torch.Generator().manual_seed(0)
