@@ -1,0 +1,346 @@
+"""Build the Transformer Lab website, offline, from the learner notebooks.
+
+    .venv/bin/python jupyter_book/build.py                 # what `make book` runs
+    .venv/bin/python jupyter_book/build.py --course DIR    # another folder of NN_topic/NN_topic.ipynb
+    .venv/bin/python jupyter_book/build.py --execute cache # reuse outputs while editing the book
+
+Steps:
+
+1. Find the lectures: every ``course/NN_topic/NN_topic.ipynb`` (never ``solutions/``).
+2. Stage them into ``jupyter_book/_work/`` (git-ignored) with the book's own pages. In the staged
+   copy every nbgrader test cell (``metadata.nbgrader.grade == true``) is tagged
+   ``raises-exception`` and ``remove-output``: in a learner notebook the exercises are stubs that
+   raise ``NotImplementedError``, so their tests fail; the page shows the test code and no
+   traceback. Any *other* failing cell stops the build (``nb_execution_raise_on_error``).
+3. Write ``_toc.yml`` from the lecture folders found, and the lecture list into ``intro.md``,
+   so a new lecture appears without editing any configuration.
+4. Install ``mathjax@3``, ``@jupyter-widgets/html-manager`` and ``requirejs`` from npm into
+   ``jupyter_book/node_modules`` (once), and copy the files the site needs into
+   ``_site_extra/vendor/``, which Sphinx copies to the site root (``html_extra_path``); the
+   configuration points ``mathjax_path`` and ``nb_ipywidgets_js`` there. The site then loads
+   nothing from a CDN, and the build checks that it doesn't.
+5. Run ``jupyter-book build`` (Jupyter Book 1.x) with execution on and
+   ``TRANSFORMER_LAB_GRADING`` removed from the environment (normal mode: full plots and widgets),
+   then write ``_build/html/build-info.json`` (inputs digest, lectures, timings) which the tests
+   use to decide whether the built site is fresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import yaml
+
+BOOK = Path(__file__).resolve().parent  # jupyter_book/
+ROOT = BOOK.parent  # the repository
+WORK = BOOK / "_work"  # staged sources (git-ignored)
+BUILD = BOOK / "_build"  # jupyter-book output; the site is _build/html
+NODE_MODULES = BOOK / "node_modules"
+
+#: Pages of the book itself, copied into the staging folder as they are.
+BOOK_FILES = ("_config.yml", "intro.md", "logo.svg", "widgets-config.js")
+#: Lecture folders look like ``01_attention``.
+LECTURE_DIR = re.compile(r"^\d{2}_[A-Za-z0-9_]+$")
+#: npm packages for the offline site, and what of each the site needs.
+NPM_PACKAGES = ("mathjax@3", "@jupyter-widgets/html-manager@1", "requirejs@2")
+#: Tags that let a test cell fail quietly in the staged learner notebook.
+TEST_CELL_TAGS = ("raises-exception", "remove-output")
+#: Script or stylesheet references that would load from the internet.
+CDN_PATTERN = re.compile(
+    r"""<(?:script|link)\b[^>]*(?:src|href)\s*=\s*["']?(?:https?:)?//[^"'\s>]*"""
+    r"""(?:cdn|unpkg|jsdelivr|cloudflare|googleapis|gstatic)[^"'\s>]*""",
+    re.IGNORECASE,
+)
+LECTURE_LIST_MARKER = re.compile(r"<!-- lecture-list:[^>]*-->")
+#: sphinx-thebe (a fixed part of Jupyter Book 1.x) writes its CDN address into every page even
+#: with thebe switched off (``launch_buttons.thebe: false``); build.py removes its two scripts.
+THEBE_SCRIPTS = re.compile(
+    r"""\s*<script>const THEBE_JS_URL = [^<]*</script>"""
+    r"""|\s*<script[^>]*src="[^"]*sphinx-thebe\.js[^"]*"[^>]*></script>"""
+)
+
+
+# --------------------------------------------------------------------------- lectures
+
+
+def find_lectures(course: Path) -> list[Path]:
+    """Every ``course/NN_topic/NN_topic.ipynb``, sorted by folder name."""
+    if not course.is_dir():
+        raise SystemExit(
+            f"error: no course folder at {course}; generate it with `make release` "
+            "(or pass --course DIR)"
+        )
+    found = []
+    for folder in sorted(p for p in course.iterdir() if p.is_dir()):
+        notebook = folder / f"{folder.name}.ipynb"
+        if LECTURE_DIR.match(folder.name) and notebook.is_file():
+            found.append(notebook)
+    if not found:
+        raise SystemExit(f"error: no lecture notebooks (NN_topic/NN_topic.ipynb) under {course}")
+    return found
+
+
+def is_test_cell(cell) -> bool:
+    """An nbgrader autograder test cell: ``metadata.nbgrader.grade`` is true on a code cell."""
+    nbgrader = cell.get("metadata", {}).get("nbgrader", {})
+    return cell.get("cell_type") == "code" and bool(nbgrader.get("grade"))
+
+
+def prepare_notebook(nb):
+    """A copy of a learner notebook ready for the book: test cells tagged, outputs dropped."""
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+        if is_test_cell(cell):
+            tags = list(cell.metadata.get("tags", []))
+            for tag in TEST_CELL_TAGS:
+                if tag not in tags:
+                    tags.append(tag)
+            cell.metadata["tags"] = tags
+    return nb
+
+
+def notebook_title(nb, fallback: str) -> str:
+    """The first Markdown heading of a notebook (without '#'), or ``fallback``."""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                match = re.match(r"^#{1,6}\s+(.*\S)", line)
+                if match:
+                    return re.sub(r"[*_`]", "", match.group(1))
+    return fallback
+
+
+def make_toc(lecture_names: list[str]) -> dict:
+    """The ``_toc.yml`` contents: intro page, then one chapter per lecture."""
+    return {
+        "format": "jb-book",
+        "root": "intro",
+        "parts": [
+            {
+                "caption": "Lectures",
+                "chapters": [{"file": f"lectures/{name}"} for name in lecture_names],
+            }
+        ],
+    }
+
+
+def lecture_table(lectures: list[tuple[str, str]]) -> str:
+    """Markdown table of (folder name, title) pairs, linking each lecture page."""
+    rows = ["| # | lecture | notebook |", "|---|---|---|"]
+    for name, title in lectures:
+        number = name.split("_", 1)[0]
+        rows.append(f"| {number} | [{title}](lectures/{name}.ipynb) | `course/{name}/{name}.ipynb` |")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- assets
+
+
+def npm_install(force: bool = False) -> None:
+    """Install the site's JavaScript from npm into jupyter_book/node_modules (skipped if there)."""
+    wanted = [
+        NODE_MODULES / "mathjax" / "es5" / "tex-chtml.js",
+        NODE_MODULES / "@jupyter-widgets" / "html-manager" / "dist" / "embed-amd.js",
+        NODE_MODULES / "requirejs" / "require.js",
+    ]
+    if not force and all(p.is_file() for p in wanted):
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        raise SystemExit(
+            "error: npm not found; the website's MathJax and widget manager come from npm "
+            "(install Node.js, e.g. `apt-get install nodejs npm`)"
+        )
+    print(f"[book] npm install {' '.join(NPM_PACKAGES)} -> {NODE_MODULES}", flush=True)
+    subprocess.run(
+        [npm, "install", "--prefix", str(BOOK), "--no-save", "--no-package-lock",
+         "--no-audit", "--no-fund", "--loglevel=error", *NPM_PACKAGES],
+        check=True,
+    )
+    missing = [str(p) for p in wanted if not p.is_file()]
+    if missing:
+        raise SystemExit(f"error: npm install did not provide {missing}")
+
+
+def stage_assets(extra: Path) -> None:
+    """Copy MathJax, RequireJS and the widget manager into ``extra/vendor``.
+
+    ``extra`` is the book's ``html_extra_path``: Sphinx copies it as is to the site root, so the
+    pages reach the files at ``vendor/...`` (``_config.yml`` points there).
+    """
+    vendor = extra / "vendor"
+    shutil.copytree(NODE_MODULES / "mathjax" / "es5", vendor / "mathjax" / "es5")
+    manager = vendor / "html-manager"
+    manager.mkdir(parents=True)
+    dist = NODE_MODULES / "@jupyter-widgets" / "html-manager" / "dist"
+    for f in dist.iterdir():
+        # embed-amd.js and the fonts its CSS refers to (by hashed file name)
+        if f.name == "embed-amd.js" or f.suffix in {".woff", ".woff2", ".ttf", ".eot", ".svg"}:
+            shutil.copy2(f, manager / f.name)
+    shutil.copy2(BOOK / "widgets-config.js", vendor / "widgets-config.js")
+    (vendor / "requirejs").mkdir(parents=True)
+    shutil.copy2(NODE_MODULES / "requirejs" / "require.js", vendor / "requirejs" / "require.js")
+    for package in ("mathjax", "requirejs", "@jupyter-widgets/html-manager"):
+        license_file = NODE_MODULES / package / "LICENSE"
+        if license_file.is_file():
+            shutil.copy2(license_file, vendor / f"LICENSE.{package.split('/')[-1]}")
+
+
+# --------------------------------------------------------------------------- digest / checks
+
+
+def inputs_digest(course: Path) -> str:
+    """A digest of everything the site is built from: the learner notebooks, the book's own
+    files, this script and the library's sources (the notebooks import it)."""
+    h = hashlib.sha256()
+    files = [BOOK / name for name in BOOK_FILES] + [Path(__file__).resolve()]
+    files += [nb for nb in find_lectures(course)]
+    files += sorted((ROOT / "lib" / "transformer_lab").rglob("*.py"))
+    for f in files:
+        if f.is_file():
+            h.update(str(f.relative_to(ROOT) if f.is_relative_to(ROOT) else f).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def strip_thebe(html_dir: Path) -> int:
+    """Remove sphinx-thebe's scripts (unused: thebe is off) from every page; count pages changed."""
+    changed = 0
+    for page in html_dir.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        new = THEBE_SCRIPTS.sub("", text)
+        if new != text:
+            page.write_text(new, encoding="utf-8")
+            changed += 1
+    return changed
+
+
+def cdn_references(html_dir: Path) -> list[str]:
+    """Every ``<script src>``/``<link href>`` in the site that points at a CDN."""
+    hits = []
+    for page in sorted(html_dir.rglob("*.html")):
+        for match in CDN_PATTERN.finditer(page.read_text(encoding="utf-8", errors="replace")):
+            hits.append(f"{page.relative_to(html_dir)}: {match.group(0)}")
+    return hits
+
+
+# --------------------------------------------------------------------------- main
+
+
+def stage(course: Path, execute: str) -> list[tuple[str, str]]:
+    """Fill WORK with the book's pages, the prepared lectures, _toc.yml and the vendor files."""
+    if WORK.exists():
+        shutil.rmtree(WORK)
+    (WORK / "lectures").mkdir(parents=True)
+    lectures = []
+    for path in find_lectures(course):
+        nb = nbformat.read(path, as_version=4)
+        nbformat.write(prepare_notebook(nb), WORK / "lectures" / path.name)
+        lectures.append((path.stem, notebook_title(nb, path.stem)))
+
+    config = yaml.safe_load((BOOK / "_config.yml").read_text())
+    config["execute"]["execute_notebooks"] = execute
+    (WORK / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (WORK / "_toc.yml").write_text(yaml.safe_dump(make_toc([n for n, _ in lectures]), sort_keys=False))
+    intro = (BOOK / "intro.md").read_text()
+    intro = LECTURE_LIST_MARKER.sub(lambda _: lecture_table(lectures), intro)
+    (WORK / "intro.md").write_text(intro)
+    shutil.copy2(BOOK / "logo.svg", WORK / "logo.svg")
+    stage_assets(WORK / "_site_extra")
+    return lectures
+
+
+def jupyter_book_command() -> str:
+    local = Path(sys.executable).parent / "jupyter-book"
+    found = str(local) if local.is_file() else shutil.which("jupyter-book")
+    if not found:
+        raise SystemExit("error: jupyter-book not found; `pip install -e .` installs jupyter-book<2")
+    return found
+
+
+def build(course: Path = ROOT / "course", execute: str = "force", out: Path = BUILD) -> dict:
+    """Stage, build and check the site; return the build info written next to it."""
+    course = course.resolve()
+    t0 = time.perf_counter()
+    npm_install()
+    t_npm = time.perf_counter() - t0
+    lectures = stage(course, execute)
+    print(f"[book] staged {len(lectures)} lecture(s) from {course}: "
+          + ", ".join(name for name, _ in lectures), flush=True)
+
+    env = dict(os.environ)
+    env.pop("TRANSFORMER_LAB_GRADING", None)  # normal mode: full plots and widgets
+    env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT / "lib"), env.get("PYTHONPATH", "")) if p
+    )
+    html = out / "html"
+    if html.exists():  # no stale pages from lectures that are gone
+        shutil.rmtree(html)
+    t1 = time.perf_counter()
+    cmd = [jupyter_book_command(), "build", str(WORK), "--path-output", str(out.parent),
+           "--builder", "html"]
+    if out.name != "_build":
+        raise SystemExit("error: --out must be a folder named _build (jupyter-book's layout)")
+    result = subprocess.run(cmd, env=env)
+    t_build = time.perf_counter() - t1
+    if result.returncode != 0:
+        raise SystemExit(f"error: jupyter-book build failed (exit {result.returncode})")
+    missing = [n for n, _ in lectures if not (html / "lectures" / f"{n}.html").is_file()]
+    if missing:
+        raise SystemExit(f"error: no page was built for {missing}")
+    strip_thebe(html)
+    hits = cdn_references(html)
+    if hits:
+        raise SystemExit("error: the site still loads from a CDN:\n  " + "\n  ".join(hits))
+
+    info = {
+        "course": str(course),
+        "lectures": [{"name": n, "title": t} for n, t in lectures],
+        "execute": execute,
+        "inputs_digest": inputs_digest(course),
+        "seconds": {"npm": round(t_npm, 1), "jupyter_book": round(t_build, 1),
+                    "total": round(time.perf_counter() - t0, 1)},
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (html / "build-info.json").write_text(json.dumps(info, indent=2))
+    print(f"[book] built {html / 'index.html'} in {info['seconds']['total']} s "
+          f"(jupyter-book {info['seconds']['jupyter_book']} s)", flush=True)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--course", type=Path, default=ROOT / "course",
+                        help="folder of NN_topic/NN_topic.ipynb learner notebooks (default: course/)")
+    parser.add_argument("--execute", choices=("force", "cache", "off"), default="force",
+                        help="run the notebooks every build (force, default), only when their "
+                             "code changed (cache), or not at all (off: no plots)")
+    parser.add_argument("--out", type=Path, default=BUILD,
+                        help="build folder (default: jupyter_book/_build)")
+    parser.add_argument("--npm-only", action="store_true",
+                        help="install the npm packages and stop")
+    args = parser.parse_args(argv)
+    if args.npm_only:
+        npm_install()
+        return 0
+    build(args.course, args.execute, args.out.resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
