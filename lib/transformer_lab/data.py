@@ -282,9 +282,7 @@ def _clean(text: str, ascii_only: bool) -> str:
     return text
 
 
-@functools.lru_cache(maxsize=8)
-def _corpus(max_chars: int, seed: int, root: str | None, ascii_only: bool) -> str:
-    base = root if root is not None else sysconfig.get_paths()["stdlib"]
+def _build_corpus(max_chars: int, seed: int, base: str, ascii_only: bool) -> str:
     files = stdlib_files(base)
     random.Random(seed).shuffle(files)  # sorted first, so the order is the same everywhere
     parts: list[str] = []
@@ -306,6 +304,12 @@ def _corpus(max_chars: int, seed: int, root: str | None, ascii_only: bool) -> st
     return corpus
 
 
+@functools.lru_cache(maxsize=8)
+def _corpus(max_chars: int, seed: int, ascii_only: bool) -> str:
+    """The standard library's corpus, cached (it does not change while Python runs)."""
+    return _build_corpus(max_chars, seed, sysconfig.get_paths()["stdlib"], ascii_only)
+
+
 def char_corpus(
     max_chars: int = 200_000,
     seed: int = 0,
@@ -325,7 +329,9 @@ def char_corpus(
     """
     _check_int("max_chars", max_chars, 1)
     _check_int("seed", seed, 0)
-    return _corpus(max_chars, seed, None if root is None else os.fspath(root), bool(ascii_only))
+    if root is None:
+        return _corpus(max_chars, seed, bool(ascii_only))
+    return _build_corpus(max_chars, seed, os.fspath(root), bool(ascii_only))
 
 
 # --------------------------------------------------------------------------- tokenizer
