@@ -400,6 +400,7 @@ def test_dtype_and_device_preserved(name, device):
     scheme = make_positions(name, 16, 2, max_len=8).to(device)  # parameters stay float32
     x = torch.randn(2, 12, 16, dtype=torch.float64, device=device)
     assert scheme.embed(x).dtype == torch.float64 and scheme.embed(x).device == x.device
+    assert scheme.embed(x.to(torch.bfloat16)).dtype == torch.bfloat16  # float32 tables cast down too
     q = torch.randn(2, 2, 12, 8, dtype=torch.float64, device=device)
     q2, k2 = scheme.rotate(q, q.clone())
     assert q2.dtype == k2.dtype == torch.float64 and q2.device == x.device
