@@ -2,6 +2,7 @@
 
 * ``--runslow``: run the tests marked ``@pytest.mark.slow`` (skipped by default).
 * ``@pytest.mark.cuda``: skipped unless ``torch.cuda.is_available()``.
+* PyTorch runs on one CPU thread here (tiny tensors; see below).
 
 The markers themselves are declared in pyproject.toml.
 """
@@ -14,6 +15,10 @@ import pytest
 import torch
 
 HERE = Path(__file__).parent
+
+# The library tests use tiny tensors: one thread is faster than two (no OpenMP
+# hand-off) and keeps the run quick when other jobs share the CPU.
+torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):
