@@ -1,0 +1,135 @@
+"""The instructor's command: ``python -m autograder`` (console script ``autograder``).
+
+    python -m autograder release [--lecture NN_topic] [--check]
+    python -m autograder grade SUBMISSIONS --lecture NN_topic|all [--out DIR] [--timeout SECONDS]
+
+Bad input (a missing folder, an unknown lecture, no notebooks) is reported in
+one line naming what was expected and what came, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .course import COURSE, DEFAULT_TIMEOUT, SOLUTIONS, UsageError, lectures_in, resolve_lectures
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="autograder",
+        description="Release the learner notebooks and autograde a class (nbgrader).",
+    )
+    p.add_argument("--solutions", type=Path, default=SOLUTIONS, help=argparse.SUPPRESS)
+    p.add_argument("--course", type=Path, default=COURSE, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{release,grade}")
+
+    r = sub.add_parser("release", help="regenerate course/ from solutions/")
+    r.add_argument("--lecture", default="all", help="NN_topic, or all (default)")
+    r.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; exit 1 if course/ differs from a fresh release",
+    )
+
+    g = sub.add_parser("grade", help="autograde a folder of submissions")
+    g.add_argument(
+        "submissions",
+        type=Path,
+        help="folder with one subfolder per student: <student>/<NN_topic>/<NN_topic>.ipynb "
+        "or <student>/<NN_topic>.ipynb",
+    )
+    g.add_argument("--lecture", required=True, help="NN_topic, or all")
+    g.add_argument(
+        "--out",
+        type=Path,
+        default=Path("grades"),
+        help="grading workspace: scores.csv, feedback/, work/ (default: ./grades)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=int,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds a notebook cell may run before it is stopped (default {DEFAULT_TIMEOUT})",
+    )
+    return p
+
+
+def _release(args) -> int:
+    from .release import differences, release
+
+    lectures = resolve_lectures(args.lecture, args.solutions)
+    if args.check:
+        problems = differences(lectures, args.solutions, args.course)
+        for line in problems:
+            print(line)
+        if problems:
+            print("course/ is out of date: run `make release`", file=sys.stderr)
+            return 1
+        print(f"course/ matches a fresh release of {', '.join(lectures)}")
+        return 0
+    t0 = time.perf_counter()
+    written = release(lectures, args.solutions, args.course)
+    for folder in written:
+        print(f"released {folder}")
+    stale = set(lectures_in_course(args.course)) - set(lectures_in(args.solutions))
+    for name in sorted(stale):
+        print(f"warning: {args.course / name} has no source in {args.solutions}", file=sys.stderr)
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def lectures_in_course(course: Path) -> list[str]:
+    from .course import LECTURE_RE
+
+    if not course.is_dir():
+        return []
+    return sorted(p.name for p in course.iterdir() if p.is_dir() and LECTURE_RE.match(p.name))
+
+
+def _grade(args) -> int:
+    from .grade import grade
+
+    t0 = time.perf_counter()
+    report = grade(
+        args.submissions,
+        args.lecture,
+        out=args.out,
+        timeout=args.timeout,
+        solutions=args.solutions,
+        course=args.course,
+    )
+    for line in report.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    width = max(len(r.student) for r in report.rows)
+    for r in report.rows:
+        notes = f"  ({r.notes})" if r.notes else ""
+        print(f"{r.student:<{width}}  {r.lecture}  {r.total:g}/{r.max:g}  {r.status}{notes}")
+    print(f"scores:   {report.csv_path}")
+    print(f"feedback: {report.out / 'feedback'}")
+    print(f"graded {len(report.rows)} notebook(s) in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "release":
+            return _release(args)
+        return _grade(args)
+    except UsageError as exc:
+        print(f"autograder: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # release failures etc.: one line, not a traceback
+        from .release import ReleaseError
+
+        if isinstance(exc, ReleaseError):
+            print(f"autograder: error: {exc}".splitlines()[0], file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
