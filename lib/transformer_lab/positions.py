@@ -105,6 +105,7 @@ Glossary (variable -> paper symbol)
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import nn
@@ -140,8 +141,6 @@ def _check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         # accept 0-d integer tensors / numpy ints by converting through operator.index
         try:
-            import operator
-
             value = operator.index(value)
         except TypeError:
             raise TypeError(f"{name} must be an int; got {type(value).__name__}") from None
