@@ -1,0 +1,273 @@
+"""Tests for transformer_lab.viz: plots draw what they are given, widgets react to controls."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import ipywidgets as widgets  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from transformer_lab import viz  # noqa: E402
+from transformer_lab.positions import alibi_bias, sinusoidal_encoding  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def not_grading_one_thread(monkeypatch):
+    monkeypatch.delenv("TRANSFORMER_LAB_GRADING", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def attn():
+    return viz.attention_explorer()
+
+
+@pytest.fixture(scope="module")
+def norms():
+    return viz.norm_gradient_explorer(max_depth=6, depth=4)
+
+
+@pytest.fixture(scope="module")
+def pos():
+    return viz.position_explorer(length=12)
+
+
+def _heatmap_values(ax):
+    return np.asarray(ax.collections[0].get_array()).reshape(-1)
+
+
+# ---------------------------------------------------------------- plots
+def test_plot_attention_draws_the_weights_with_labels():
+    w = torch.softmax(torch.randn(1, 1, 3, 4), dim=-1)
+    ax = viz.plot_attention(w, x_labels=list("abcd"), y_labels=["x", "y", "z"], title="t")
+    assert np.allclose(_heatmap_values(ax), w.reshape(-1).numpy(), atol=1e-6)
+    assert [t.get_text() for t in ax.get_xticklabels()] == list("abcd")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["x", "y", "z"]
+    assert ax.get_title() == "t" and ax.get_xlabel() == "key" and ax.get_ylabel() == "query"
+    fig, given = plt.subplots()
+    assert viz.plot_attention(w[0, 0], ax=given) is given
+
+
+def test_plot_attention_errors():
+    with pytest.raises(ValueError, match=r"must be a 2-D map \(Lq, Lk\).*got shape \(2, 3, 4\)"):
+        viz.plot_attention(torch.rand(2, 3, 4))
+    with pytest.raises(ValueError, match=r"x_labels must have one label per key \(4\); got 3"):
+        viz.plot_attention(torch.rand(3, 4), x_labels=list("abc"))
+
+
+def test_plot_heads_grid_and_shared_scale():
+    w = torch.rand(1, 5, 4, 4)
+    w[0, 2] *= 10  # one head with a much larger range
+    fig = viz.plot_heads(w, ncols=3, shared_scale=True)
+    maps = [ax for ax in fig.axes if ax.get_title().startswith("head")]
+    assert [ax.get_title() for ax in maps] == [f"head {h}" for h in range(5)]
+    limits = {maps[h].collections[0].get_clim() for h in range(5)}
+    assert len(limits) == 1  # one colour scale
+    assert np.allclose(_heatmap_values(maps[2]), w[0, 2].reshape(-1).numpy(), atol=1e-6)
+    fig2 = viz.plot_heads(w[0], titles=list("ABCDE"), shared_scale=False)
+    maps2 = [ax for ax in fig2.axes if ax.get_title() in list("ABCDE")]
+    assert len({ax.collections[0].get_clim() for ax in maps2}) == 5
+    with pytest.raises(ValueError, match=r"titles must have one entry per head \(5\); got 2"):
+        viz.plot_heads(w, titles=["a", "b"])
+    with pytest.raises(ValueError, match=r"\(H, Lq, Lk\)"):
+        viz.plot_heads(torch.rand(2, 2, 2, 3, 3))
+
+
+# ---------------------------------------------------------------- widget protocol
+@pytest.mark.parametrize("name", ["attn", "norms", "pos"])
+def test_explorer_protocol(name, request):
+    ex = request.getfixturevalue(name)
+    assert isinstance(ex, widgets.VBox) and isinstance(ex.output, widgets.Output)
+    assert ex.output in ex.children
+    assert ex.controls and all(isinstance(c, widgets.ValueWidget) for c in ex.controls.values())
+    assert ex.state and isinstance(ex.figure, plt.Figure)
+    before = ex.renders
+    ex.render()
+    assert ex.renders == before + 1
+
+
+def test_figures_are_closed():
+    open_before = set(plt.get_fignums())
+    ex = viz.attention_explorer(length=4)
+    ex.controls["temperature"].value = 2.0
+    viz.position_explorer(length=6).controls["scheme"].value = "t5"
+    assert set(plt.get_fignums()) == open_before
+
+
+# ---------------------------------------------------------------- 01 attention
+def test_attention_temperature_raises_entropy(attn):
+    attn.controls["mask"].value = "none"
+    attn.controls["scale"].value = "1/sqrt(d)"
+    attn.controls["temperature"].value = 1.0
+    w = attn.state["weights"]
+    assert torch.allclose(w.sum(-1), torch.ones(w.shape[0]), atol=1e-5)
+    base = attn.state["mean_entropy"]
+    attn.controls["temperature"].value = 5.0
+    hot = attn.state["mean_entropy"]
+    attn.controls["temperature"].value = 0.2
+    cold = attn.state["mean_entropy"]
+    assert cold < base < hot <= math.log(w.shape[1]) + 1e-6
+    attn.controls["temperature"].value = 1.0
+
+
+def test_attention_causal_and_padding_masks(attn):
+    attn.controls["mask"].value = "causal"
+    w = attn.state["weights"]
+    assert torch.count_nonzero(torch.triu(w, diagonal=1)) == 0
+    assert (torch.diagonal(w) > 0).all()
+    assert torch.allclose(w.sum(-1), torch.ones(w.shape[0]), atol=1e-5)
+    assert attn.state["entropy"][0] == 0  # the first query sees only itself
+    assert attn.controls["valid_len"].disabled
+    attn.controls["mask"].value = "padding"
+    assert not attn.controls["valid_len"].disabled
+    attn.controls["valid_len"].value = 3
+    w = attn.state["weights"]
+    assert torch.count_nonzero(w[:, 3:]) == 0 and (w[:, :3] > 0).all()
+    assert torch.allclose(attn.state["max_entropy"], torch.full((w.shape[0],), math.log(3)))
+    attn.controls["mask"].value = "none"
+
+
+def test_attention_scale_one_saturates_as_head_dim_grows(attn):
+    attn.controls["mask"].value = "none"
+    attn.controls["scale"].value = "1"
+    ent = {}
+    for d in (4, 256):
+        attn.controls["head_dim"].value = d
+        ent[d] = attn.state["mean_entropy"]
+    assert ent[256] < 0.5 * ent[4]  # scores of size ~sqrt(d): the softmax becomes one-hot
+    attn.controls["scale"].value = "1/sqrt(d)"
+    assert attn.state["mean_entropy"] > 2 * ent[256]
+    assert attn.state["scale"] == pytest.approx(1 / 16)
+    assert attn.controls["custom_scale"].disabled
+    attn.controls["scale"].value = "custom"
+    attn.controls["custom_scale"].value = 0.01
+    assert not attn.controls["custom_scale"].disabled and attn.state["scale"] == pytest.approx(0.01)
+    attn.controls["scale"].value = "1/sqrt(d)"
+    attn.controls["head_dim"].value = 64
+
+
+def test_attention_explorer_matches_a_direct_computation():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    ex = viz.attention_explorer(q, k, tokens=list("abcde"))
+    ex.controls["temperature"].value = 2.0
+    expected = torch.softmax(q @ k.T / math.sqrt(8) / 2.0, dim=-1)
+    assert torch.allclose(ex.state["weights"], expected, atol=1e-6)
+    assert ex.controls["head_dim"].max == 8
+    labels = [t.get_text() for t in ex.figure.axes[0].get_xticklabels()]
+    assert labels == list("abcde")
+    with pytest.raises(ValueError, match="same head_dim"):
+        viz.attention_explorer(q, torch.randn(5, 4))
+    with pytest.raises(TypeError, match="floating-point"):
+        viz.attention_explorer(torch.ones(3, 4, dtype=torch.long))
+
+
+def test_row_entropy():
+    w = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    assert torch.allclose(viz.row_entropy(w), torch.tensor([0.0, math.log(4)]))
+
+
+# ---------------------------------------------------------------- 02 norms
+def test_norm_explorer_pre_and_post_profiles_differ(norms):
+    norms.controls["residual"].value = "none"
+    norms.controls["norm"].value = "both"
+    g = norms.state["grad_norms"]
+    assert set(g) == {"pre", "post"} and len(g["pre"]) == len(g["post"]) == 4
+    assert all(v > 0 and math.isfinite(v) for v in g["pre"] + g["post"])
+    assert not np.allclose(g["pre"], g["post"], rtol=1e-3)
+    # Xiong et al.: at init post-norm's gradients near the output are larger than pre-norm's
+    assert g["post"][-1] > g["pre"][-1]
+    assert g["pre"] == pytest.approx(viz.layer_grad_profile(4, True, "none"))
+    ax = norms.figure.axes[0]
+    assert ax.get_yscale() == "log" and len(ax.get_lines()) == 2
+
+
+def test_norm_explorer_controls_change_the_state(norms):
+    norms.controls["norm"].value = "post"
+    assert set(norms.state["grad_norms"]) == {"post"}
+    norms.controls["depth"].value = 6
+    post6 = norms.state["grad_norms"]["post"]
+    assert len(post6) == 6 and norms.state["depth"] == 6
+    norms.controls["residual"].value = "layerscale"
+    assert not np.allclose(norms.state["grad_norms"]["post"], post6, rtol=1e-3)
+    norms.controls["residual"].value = "none"
+    norms.controls["depth"].value = 4
+    norms.controls["norm"].value = "both"
+
+
+# ---------------------------------------------------------------- 03 positions
+def test_position_explorer_alibi_matrix_and_heads(pos):
+    pos.controls["scheme"].value = "alibi"
+    pos.controls["length"].value = 12
+    pos.controls["head"].value = 0
+    m0 = pos.state["matrix"]
+    assert pos.state["kind"] == "bias" and m0.shape == (12, 12)
+    assert torch.allclose(m0, alibi_bias(8, 12)[0])
+    pos.controls["head"].value = 3
+    assert torch.allclose(pos.state["matrix"], alibi_bias(8, 12)[3])
+    assert not torch.allclose(pos.state["matrix"], m0)
+    pos.controls["length"].value = 20
+    assert pos.state["matrix"].shape == (20, 20)
+    pos.controls["length"].value = 12
+    pos.controls["head"].value = 0
+
+
+def test_position_explorer_every_scheme_gives_its_own_picture(pos):
+    seen = {}
+    for name in ("sinusoidal", "learned", "shaw", "xl", "t5", "rope", "alibi"):
+        pos.controls["scheme"].value = name
+        assert pos.state["scheme"] == name and torch.isfinite(pos.state["matrix"]).all()
+        assert pos.controls["head"].disabled == (name in ("sinusoidal", "learned"))
+        seen[name] = pos.state["matrix"]
+    assert seen["sinusoidal"].shape == (12, 64)
+    assert torch.allclose(seen["sinusoidal"], sinusoidal_encoding(12, 64), atol=1e-6)
+    for a in seen:
+        for b in seen:
+            if a < b and seen[a].shape == seen[b].shape:
+                assert not torch.allclose(seen[a], seen[b]), (a, b)
+
+
+def test_position_patterns_depend_on_offset_only():
+    ex = viz.position_explorer(length=16, scheme="rope", shaw_k=3)
+    rope = ex.state["matrix"]
+    for delta in range(-15, 16):
+        diag = torch.diagonal(rope, offset=delta)
+        assert torch.allclose(diag, diag[0].expand_as(diag), atol=1e-5)
+    assert rope.diagonal().max() >= rope.max() - 1e-5  # offset 0: the vector with itself
+    ex.controls["scheme"].value = "shaw"
+    shaw = ex.state["matrix"]
+    far = shaw[torch.arange(16)[:, None] - torch.arange(16)[None, :] > 3]  # j - i < -k: clipped
+    assert torch.allclose(far, far[0].expand_as(far), atol=1e-6)
+    assert len(torch.unique(shaw.round(decimals=6))) == 2 * 3 + 1
+
+
+def test_position_explorer_bad_arguments():
+    with pytest.raises(ValueError, match="unknown scheme 'abs'"):
+        viz.position_explorer(scheme="abs")
+    with pytest.raises(ValueError, match="d_model=30 must be divisible by n_heads=8"):
+        viz.position_explorer(d_model=30)
+
+
+# ---------------------------------------------------------------- grading mode
+@pytest.mark.parametrize("builder", [viz.attention_explorer, viz.norm_gradient_explorer,
+                                     viz.position_explorer])
+def test_grading_mode_gives_a_placeholder(builder, monkeypatch):
+    monkeypatch.setenv("TRANSFORMER_LAB_GRADING", "1")
+    open_before = set(plt.get_fignums())
+    w = builder()
+    assert isinstance(w, viz.WidgetsOff) and isinstance(w, widgets.Label)
+    assert "off while grading" in w.value
+    assert w.controls == {} and w.state == {} and w.figure is None
+    w.render()
+    assert set(plt.get_fignums()) == open_before
