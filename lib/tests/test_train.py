@@ -11,7 +11,7 @@ from torch import nn
 
 from transformer_lab.data import task_batches
 from transformer_lab.device import seed_everything
-from transformer_lab.models import ModelConfig, TransformerLM
+from transformer_lab.models import ModelConfig, TransformerLM, build_model
 from transformer_lab.train import (
     evaluate,
     find_blocks,
@@ -182,5 +182,7 @@ def test_per_layer_grad_norms():
                             if p.grad is not None)) for b in model.blocks]
     assert norms == pytest.approx(manual) and all(n > 0 for n in norms)
     assert per_layer_grad_norms(model, blocks=list(model.blocks)[::-1]) == pytest.approx(manual[::-1])
+    seq2seq = build_model("seq2seq", vocab_size=8, d_model=16, n_heads=2, n_layers=2)
+    assert find_blocks(seq2seq) == list(seq2seq.encoder) + list(seq2seq.decoder)
     with pytest.raises(ValueError, match="could not find a stack of blocks in Linear"):
         per_layer_grad_norms(nn.Linear(2, 2))

@@ -84,6 +84,23 @@ def test_plot_heads_grid_and_shared_scale():
         viz.plot_heads(torch.rand(2, 2, 2, 3, 3))
 
 
+def test_plot_history_one_run_and_several():
+    h = {"step": [1, 2, 3], "loss": [3.0, 2.0, 1.0], "grad_norm": [1, 1, 1], "lr": [1, 1, 1],
+         "eval": [2.5, 1.5], "eval_step": [2, 3]}
+    ax = viz.plot_history(h)
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [3.0, 2.0, 1.0]
+    ax = viz.plot_history({"pre": h, "post": {**h, "loss": [3.0, 3.0, 3.0]}}, logy=True)
+    assert [ln.get_label() for ln in ax.get_lines()] == ["pre", "post"]
+    assert ax.get_yscale() == "log"
+    ax = viz.plot_history(h, key="eval")
+    assert list(ax.get_lines()[0].get_xdata()) == [2, 3]
+    smooth = viz.plot_history(h, smooth=0.5).get_lines()[0].get_ydata()
+    assert smooth[0] == pytest.approx(3.0) and 1.0 < smooth[-1] < 2.0
+    with pytest.raises(ValueError, match="history 'a' has no 'loss'"):
+        viz.plot_history({"a": {"x": 1}})
+
+
 # ---------------------------------------------------------------- widget protocol
 @pytest.mark.parametrize("name", ["attn", "norms", "pos"])
 def test_explorer_protocol(name, request):

@@ -286,15 +286,21 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's stack of layers, in order (input side first).
 
     ``nn.ModuleList``/``nn.Sequential`` itself; else the first of the attributes
-    ``blocks``, ``layers``, ``h``, ``encoder``/``decoder`` (their ``blocks``) that is a
-    ``ModuleList``; else the first ``ModuleList`` found in ``model.named_modules()``.
+    ``blocks``, ``layers``, ``h`` that is one; else, for an encoder-decoder with
+    ``encoder`` and ``decoder`` stacks (the library's ``EncoderDecoder``), the encoder's
+    blocks followed by the decoder's; else the first ``ModuleList`` found in
+    ``model.named_modules()``.
     """
-    if isinstance(model, (nn.ModuleList, nn.Sequential)):
+    stacks = (nn.ModuleList, nn.Sequential)
+    if isinstance(model, stacks):
         return list(model)
     for name in ("blocks", "layers", "h"):
         sub = getattr(model, name, None)
-        if isinstance(sub, (nn.ModuleList, nn.Sequential)):
+        if isinstance(sub, stacks):
             return list(sub)
+    enc, dec = getattr(model, "encoder", None), getattr(model, "decoder", None)
+    if isinstance(enc, stacks) and isinstance(dec, stacks):
+        return list(enc) + list(dec)
     for _, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             return list(module)

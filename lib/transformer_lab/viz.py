@@ -5,6 +5,7 @@ Plots
 * :func:`plot_attention`: one attention map (or bias matrix) ``(Lq, Lk)`` as a seaborn
   heatmap, queries down the rows, keys along the columns.
 * :func:`plot_heads`: a grid of per-head maps ``(H, Lq, Lk)``, optionally on one colour scale.
+* :func:`plot_history`: training curves from :func:`transformer_lab.train.train` histories.
 
 Widgets
 -------
@@ -55,6 +56,7 @@ from .device import grading_mode
 __all__ = [
     "plot_attention",
     "plot_heads",
+    "plot_history",
     "Explorer",
     "WidgetsOff",
     "WIDGETS_OFF_MESSAGE",
@@ -183,6 +185,51 @@ def plot_heads(weights, titles: Sequence[str] | None = None, ncols: int = 4,
     if suptitle:
         fig.suptitle(suptitle)
     return fig
+
+
+def _ema(values: Sequence[float], smooth: float) -> np.ndarray:
+    """Exponential moving average, ``m_t = smooth * m_{t-1} + (1 - smooth) * v_t`` (bias-corrected)."""
+    out, m = [], 0.0
+    for t, v in enumerate(values, start=1):
+        m = smooth * m + (1.0 - smooth) * v
+        out.append(m / (1.0 - smooth ** t))
+    return np.asarray(out)
+
+
+def plot_history(histories, key: str = "loss", ax=None, smooth: float = 0.0, logy: bool = False,
+                 title: str | None = None):
+    """Plot ``history[key]`` against ``history["step"]``; returns the ``Axes``.
+
+    ``histories``: one history dict from :func:`~transformer_lab.train.train`, or a dict
+    ``{label: history}`` to compare runs (e.g. pre- vs post-norm). ``key="eval"`` plots
+    against ``history["eval_step"]``. ``smooth`` in ``[0, 1)``: exponential moving
+    average of the curve (0 = raw). ``logy``: log-scale y axis.
+    """
+    if not isinstance(histories, dict):
+        raise TypeError(f"histories must be a history dict or {{label: history}}; got "
+                        f"{type(histories).__name__}")
+    runs = {None: histories} if "step" in histories else histories
+    if not 0.0 <= smooth < 1.0:
+        raise ValueError(f"smooth must be in [0, 1); got {smooth}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for label, hist in runs.items():
+        if not isinstance(hist, dict) or key not in hist:
+            have = sorted(hist) if isinstance(hist, dict) else type(hist).__name__
+            raise ValueError(f"history {label!r} has no {key!r}; it has {have}")
+        steps = hist["eval_step"] if key == "eval" else hist["step"]
+        values = _ema(hist[key], smooth) if smooth else np.asarray(hist[key], dtype=float)
+        ax.plot(steps, values, label=None if label is None else str(label))
+    ax.set_xlabel("step")
+    ax.set_ylabel(key + (f" (EMA {smooth:g})" if smooth else ""))
+    if logy:
+        ax.set_yscale("log")
+    if any(label is not None for label in runs):
+        ax.legend()
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    return ax
 
 
 # --------------------------------------------------------------------------- widget base
