@@ -186,3 +186,15 @@ def test_per_layer_grad_norms():
     assert find_blocks(seq2seq) == list(seq2seq.encoder) + list(seq2seq.decoder)
     with pytest.raises(ValueError, match="could not find a stack of blocks in Linear"):
         per_layer_grad_norms(nn.Linear(2, 2))
+
+
+@pytest.mark.cuda
+def test_train_and_evaluate_on_cuda():
+    model = tiny_lm()
+    hist = train(model, COPY, steps=20, lr=1e-2, device="cuda", progress=False)
+    assert next(model.parameters()).device.type == "cuda"
+    assert all(math.isfinite(v) for v in hist["loss"]) and hist["loss"][-1] < hist["loss"][0]
+    assert math.isfinite(evaluate(model, COPY, n_batches=2))
+    x, y = COPY(torch.Generator().manual_seed(0))
+    lm_loss(model(x.cuda()), y.cuda()).backward()
+    assert all(n > 0 for n in per_layer_grad_norms(model))
