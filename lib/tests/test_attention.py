@@ -133,11 +133,14 @@ def test_fully_masked_rows_give_zeros_not_nan(gen):
     out.sum().backward()
     assert torch.isfinite(q.grad).all()
     assert (q.grad[0, :, 2] == 0).all()
-    # additive -inf rows behave the same
+    # additive -inf rows behave the same, forward and backward
     additive = torch.zeros(LQ, LK)
     additive[1] = float("-inf")
-    w2 = A.masked_softmax(rand(B, H, LQ, LK, gen=gen), additive)
+    scores = rand(B, H, LQ, LK, gen=gen).requires_grad_(True)
+    w2 = A.masked_softmax(scores, additive)
     assert (w2[:, :, 1] == 0).all() and torch.isfinite(w2).all()
+    (w2 * rand(B, H, LQ, LK, gen=gen)).sum().backward()
+    assert torch.isfinite(scores.grad).all() and (scores.grad[:, :, 1] == 0).all()
     # the fast path gives zeros too (PyTorch's math kernel handles empty rows)
     fast = A.fast_attention(q.detach(), k, v, mask=mask)
     torch.testing.assert_close(fast, out.detach(), atol=1e-5, rtol=1e-5)
@@ -287,10 +290,28 @@ def test_scheme_that_needs_weights_forces_readable_path(gen, monkeypatch):
 
     monkeypatch.setattr(A, "fast_attention", fused_called)
     torch.testing.assert_close(mha(x, positions=scheme), expected)
-    # the value term is really added: without it the output differs
+    # a scheme that does not need the weights does take the fused path
     scheme.needs_weights = False
     with pytest.raises(AssertionError, match="fused path"):
         mha(x, positions=scheme)
+
+
+def test_shaw_value_term_is_added_before_the_output_projection(gen):
+    torch.manual_seed(0)
+    with_values = P.make_positions("shaw", 16, 4, k=2)
+    with torch.no_grad():
+        with_values.a_V.normal_()
+    keys_only = P.make_positions("shaw", 16, 4, k=2, values=False)
+    keys_only.load_state_dict(with_values.state_dict(), strict=False)  # same a_K
+    mha = A.MultiHeadAttention(16, 4, fast=False)
+    x = rand(2, 6, 16, gen=gen)
+    mask = A.causal_mask(6)
+    _, w = mha(x, mask=mask, positions=keys_only, need_weights=True)  # (B, H, L, L)
+    extra = with_values.value_term(w)  # (B, H, L, D): sum_j w_ij a^V_ij
+    # out = (merge(w v + extra)) W_O^T + b  =>  the difference is merge(extra) W_O^T
+    diff = mha(x, mask=mask, positions=with_values) - mha(x, mask=mask, positions=keys_only)
+    torch.testing.assert_close(diff, A.merge_heads(extra) @ mha.out.weight.T, atol=1e-5, rtol=1e-4)
+    assert diff.abs().max() > 1e-2
 
 
 # ---------------------------------------------------------------------------------------
