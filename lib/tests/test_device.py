@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import transformer_lab as tl
+
 # the function transformer_lab.device shadows the submodule's name: fetch the module itself
 dev_module = importlib.import_module("transformer_lab.device")
 
