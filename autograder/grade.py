@@ -104,6 +104,7 @@ def grade(
     timeout: int = DEFAULT_TIMEOUT,
     solutions: Path = SOLUTIONS,
     course: Path = COURSE,
+    workers: int = 1,
 ) -> Report:
     """Grade every student's notebook(s) in ``submissions``; returns the report (CSV written)."""
     if timeout is None or timeout <= 0:
@@ -123,7 +124,7 @@ def grade(
     log_file = out / "grading.log"
 
     # 1. the gradebook template of each lecture (generate_assignment in a scratch root)
-    released = generate(lectures, Path(solutions), work / "_release_tmp") if lectures else {}
+    released = generate(lectures, Path(solutions), work / "_release_tmp", workers) if lectures else {}
     exercises = {}
     for lec, release_dir in released.items():
         template = work / lec / "_release"
@@ -141,7 +142,9 @@ def grade(
         task_subs.append(sub)
     n_cells = {lec: _n_code_cells(work / lec / "_release" / "course" / lec) for lec in lectures}
     budget = sum(timeout * (n_cells[s.lecture] + 2) + 120 for s in task_subs)
-    results = run_tasks(tasks, grading=True, wall_timeout=budget, log_file=log_file)
+    results = run_tasks(
+        tasks, grading=True, wall_timeout=budget, log_file=log_file, workers=workers
+    )
 
     # 3. rows, feedback, CSV
     rows = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import nbformat
 
-from .course import COURSE, IGNORE, SOLUTIONS, SOURCE_DIRNAME, RELEASE_DIRNAME
+from .course import COURSE, IGNORE, RELEASE_DIRNAME, SOLUTIONS, SOURCE_DIRNAME
 from .runner import run_tasks
 
 
@@ -37,7 +37,9 @@ def canonical_notebook(path: Path) -> None:
     nbformat.write(nb, str(path))
 
 
-def generate(lectures: list[str], solutions: Path, workdir: Path) -> dict[str, Path]:
+def generate(
+    lectures: list[str], solutions: Path, workdir: Path, workers: int = 1
+) -> dict[str, Path]:
     """Generate the learner version of ``lectures`` under ``workdir``; lecture → its release folder."""
     tasks = []
     for lecture in lectures:
@@ -48,7 +50,7 @@ def generate(lectures: list[str], solutions: Path, workdir: Path) -> dict[str, P
             ignore=shutil.ignore_patterns(*IGNORE),
         )
         tasks.append({"op": "generate", "root": str(root), "lecture": lecture})
-    results = run_tasks(tasks, grading=False, wall_timeout=300)
+    results = run_tasks(tasks, grading=False, wall_timeout=300, workers=workers)
     out = {}
     for lecture, task, result in zip(lectures, tasks, results, strict=True):
         if result.get("status") != "ok":
@@ -88,20 +90,24 @@ def _tree(folder: Path) -> set[str]:
     return files
 
 
+def compare(fresh: Path, committed: Path) -> list[str]:
+    """How ``committed`` (a lecture folder of course/) differs from ``fresh`` (its new release)."""
+    if not committed.is_dir():
+        return [f"{committed} is missing (run `make release`)"]
+    a, b = _tree(fresh), _tree(committed)
+    problems = [f"{committed / f} is missing" for f in sorted(a - b)]
+    problems += [f"{committed / f} is not generated from solutions/" for f in sorted(b - a)]
+    for f in sorted(a & b):
+        if not filecmp.cmp(fresh / f, committed / f, shallow=False):
+            problems.append(f"{committed / f} differs from a fresh release")
+    return problems
+
+
 def differences(lectures: list[str], solutions: Path = SOLUTIONS, course: Path = COURSE) -> list[str]:
     """How the committed ``course/`` differs from a fresh release (empty when it is up to date)."""
     problems = []
     with tempfile.TemporaryDirectory(prefix="tlab-check-") as tmp:
         generated = generate(lectures, solutions, Path(tmp))
         for lecture, fresh in generated.items():
-            committed = Path(course) / lecture
-            if not committed.is_dir():
-                problems.append(f"{committed} is missing (run `make release`)")
-                continue
-            a, b = _tree(fresh), _tree(committed)
-            problems += [f"{committed / f} is missing" for f in sorted(a - b)]
-            problems += [f"{committed / f} is not generated from solutions/" for f in sorted(b - a)]
-            for f in sorted(a & b):
-                if not filecmp.cmp(fresh / f, committed / f, shallow=False):
-                    problems.append(f"{committed / f} differs from a fresh release")
+            problems += compare(fresh, Path(course) / lecture)
     return problems

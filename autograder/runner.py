@@ -34,48 +34,65 @@ def run_tasks(
     grading: bool,
     wall_timeout: float,
     log_file: Path | None = None,
+    workers: int = 1,
 ) -> list[dict[str, Any]]:
-    """Run ``tasks`` in worker processes; return one result dict per task, in order.
+    """Run ``tasks`` in ``workers`` worker processes; return one result dict per task, in order.
 
-    ``wall_timeout`` bounds one worker run over all its remaining tasks; a worker
-    that overruns is killed and the task it was on becomes an error.
+    Tasks are dealt round-robin to the workers, which run side by side (each task
+    has its own root, so they share nothing). ``wall_timeout`` bounds one worker
+    run over its remaining tasks; a worker that overruns is killed and the task
+    it was on becomes an error; a worker that dies is replaced for the rest.
     """
-    remaining = list(tasks)
+    workers = max(1, min(int(workers), len(tasks) or 1))
     env = tool_env(grading=grading)
     # the worker imports this package from the checkout, wherever it is run from
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    while remaining:
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-            json.dump(remaining, fh)
-            spec = fh.name
-        log = open(log_file, "a") if log_file else subprocess.DEVNULL  # noqa: SIM115
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "autograder.worker", spec],
-                env=env,
-                cwd=str(remaining[0]["root"]),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            try:
-                proc.wait(timeout=wall_timeout)
-                why = f"the grader process exited with status {proc.returncode} on this submission"
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                why = f"grading took longer than {wall_timeout:.0f} s and was stopped"
-        finally:
-            if log_file:
-                log.close()
-            os.unlink(spec)
-        still = []
-        for task in remaining:
-            root = Path(task["root"])
-            if (root / "result.json").exists():
-                continue
-            if (root / "started").exists():  # the worker died (or was killed) on this one
-                (root / "result.json").write_text(json.dumps({"status": "error", "message": why}))
-            else:
-                still.append(task)
-        remaining = still
+    queues = [tasks[i::workers] for i in range(workers)]
+    log = open(log_file, "a") if log_file else None  # noqa: SIM115
+    try:
+        while any(queues):
+            running = [(q, _start(q, env, log)) for q in queues if q]
+            next_queues = []
+            for queue, (proc, spec) in running:
+                try:
+                    proc.wait(timeout=wall_timeout)
+                    why = f"the grader process exited with status {proc.returncode} on this submission"
+                except subprocess.TimeoutExpired:
+                    _kill_group(proc)
+                    why = f"grading took longer than {wall_timeout:.0f} s and was stopped"
+                os.unlink(spec)
+                next_queues.append(_unfinished(queue, why))
+            queues = next_queues
+    finally:
+        if log is not None:
+            log.close()
     return [json.loads((Path(t["root"]) / "result.json").read_text()) for t in tasks]
+
+
+def _start(queue: list[dict[str, Any]], env: dict[str, str], log) -> tuple[subprocess.Popen, str]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(queue, fh)
+        spec = fh.name
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autograder.worker", spec],
+        env=env,
+        cwd=str(queue[0]["root"]),
+        stdout=log if log is not None else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return proc, spec
+
+
+def _unfinished(queue: list[dict[str, Any]], why: str) -> list[dict[str, Any]]:
+    """Record the task a dead worker was on as an error; return the tasks it never started."""
+    still = []
+    for task in queue:
+        root = Path(task["root"])
+        if (root / "result.json").exists():
+            continue
+        if (root / "started").exists():
+            (root / "result.json").write_text(json.dumps({"status": "error", "message": why}))
+        else:
+            still.append(task)
+    return still

@@ -1,0 +1,206 @@
+"""The instructor's command on a tiny fixture lecture (autograder/tests/fixtures/solutions/00_fixture):
+bad input, submission layouts, nbgrader's configuration names, and one real end-to-end
+run of ``python -m autograder release`` and ``grade`` as an instructor types them."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _nbedit import exercises, read, submission, write
+from autograder.cli import main
+from autograder.course import REPO, UsageError, nbgrader_config, resolve_lectures
+from autograder.release import compare
+from autograder.submissions import find_submissions
+from nbgrader.coursedir import CourseDirectory
+
+FIXTURE = Path(__file__).parent / "fixtures" / "solutions"
+LECTURE = "00_fixture"
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "autograder", "--solutions", str(FIXTURE), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )
+
+
+# --------------------------------------------------------------------------- no nbgrader run
+
+
+def test_nbgrader_config_names_exist_in_nbgrader():
+    """Every CourseDirectory setting we write is a real trait of nbgrader's CourseDirectory."""
+    config = nbgrader_config(Path("/tmp/root"), timeout=7)
+    traits = set(CourseDirectory.class_trait_names())
+    for name in config.CourseDirectory:
+        assert name in traits, f"CourseDirectory.{name} is not an nbgrader setting"
+    cd = CourseDirectory(config=config)
+    assert (cd.source_directory, cd.release_directory) == ("solutions", "course")
+    assert cd.format_path(cd.source_directory, ".", LECTURE) == f"/tmp/root/solutions/./{LECTURE}"
+    assert cd.db_url == "sqlite:////tmp/root/gradebook.db"
+    from nbgrader.preprocessors import Execute
+
+    assert Execute(config=config).timeout == 7
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["grade", "/nonexistent/subs", "--lecture", LECTURE], "does not exist"),
+        (["grade", "{subs}", "--lecture", "99_nothing"], "unknown lecture '99_nothing'"),
+        (["grade", "{empty}", "--lecture", LECTURE], "no notebooks of 00_fixture"),
+        (["grade", "{subs}", "--lecture", LECTURE, "--timeout", "0"], "--timeout must be a positive"),
+        (["grade", "{subs}", "--lecture", LECTURE, "--out", str(FIXTURE / LECTURE)], "--out must be outside"),
+        (["release", "--lecture", "01_nothing"], "expected 'all' or one of 00_fixture"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_status_2(argv, expected, tmp_path, capsys):
+    subs = tmp_path / "subs"
+    (subs / "ann").mkdir(parents=True)
+    write(read(FIXTURE / LECTURE / f"{LECTURE}.ipynb"), subs / "ann" / f"{LECTURE}.ipynb")
+    (tmp_path / "empty" / "bob").mkdir(parents=True)
+    argv = [a.format(subs=subs, empty=tmp_path / "empty") for a in argv]
+    assert main(["--solutions", str(FIXTURE), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("autograder: error: "), err
+    assert expected in err, err
+
+
+def test_no_notebooks_error_names_the_layouts_and_what_came(tmp_path):
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "homework.ipynb").write_text("{}")
+    with pytest.raises(UsageError) as info:
+        find_submissions(tmp_path, [LECTURE])
+    msg = str(info.value)
+    assert "<student>/<NN_topic>/<NN_topic>.ipynb" in msg and "<student>/<NN_topic>.ipynb" in msg
+    assert "ann/" in msg
+
+
+def test_submission_layouts(tmp_path):
+    for path in [
+        "ann/00_fixture/00_fixture.ipynb",  # nbgrader's submitted/ layout
+        "bob/00_fixture.ipynb",  # flat
+        "cy/00_fixture.ipynb",  # both: the nested one wins
+        "cy/00_fixture/00_fixture.ipynb",
+        "dee/other.ipynb",  # nothing for this lecture
+        ".hidden/00_fixture.ipynb",
+        "bad name/00_fixture.ipynb",
+    ]:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("{}")
+    warnings: list[str] = []
+    found = find_submissions(tmp_path, [LECTURE], warnings)
+    assert [(s.student, s.notebook.relative_to(tmp_path).as_posix()) for s in found] == [
+        ("ann", "ann/00_fixture/00_fixture.ipynb"),
+        ("bob", "bob/00_fixture.ipynb"),
+        ("cy", "cy/00_fixture/00_fixture.ipynb"),
+    ]
+    assert len(warnings) == 1 and "bad name" in warnings[0]
+
+
+def test_lectures_resolve():
+    assert resolve_lectures("all", FIXTURE) == [LECTURE]
+    assert resolve_lectures(LECTURE, FIXTURE) == [LECTURE]
+    with pytest.raises(UsageError, match="no lectures found"):
+        resolve_lectures("all", FIXTURE / "nothing")
+
+
+# --------------------------------------------------------------------------- real nbgrader runs
+
+
+@pytest.fixture(scope="module")
+def fixture_course(tmp_path_factory) -> Path:
+    """``python -m autograder release`` of the fixture lecture into a scratch course/."""
+    course = tmp_path_factory.mktemp("course")
+    done = _cli("--course", str(course), "release")
+    assert done.returncode == 0, done.stderr
+    return course
+
+
+def test_release_writes_learner_notebook_and_is_deterministic(fixture_course, tmp_path):
+    released = fixture_course / LECTURE / f"{LECTURE}.ipynb"
+    assert sorted(p.name for p in (fixture_course / LECTURE).iterdir()) == [f"{LECTURE}.ipynb"]
+    text = released.read_text()
+    assert "raise NotImplementedError()" in text and "BEGIN SOLUTION" not in text
+    assert "hidden_rng" not in text  # hidden tests removed
+    assert '"outputs": []' in text and '"execution_count": null' in text
+    # a fresh generation gives the same bytes (deterministic), so --check passes
+    check = _cli("--course", str(fixture_course), "release", "--check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "matches a fresh release" in check.stdout
+    # a hand edit of course/ and a stray file are caught
+    edited = tmp_path / LECTURE
+    shutil.copytree(fixture_course / LECTURE, edited)
+    (edited / f"{LECTURE}.ipynb").write_text(text.replace("raise NotImplementedError()", "pass"))
+    (edited / "stray.txt").write_text("not from solutions/")
+    problems = compare(fixture_course / LECTURE, edited)
+    assert problems == [
+        f"{edited / 'stray.txt'} is not generated from solutions/",
+        f"{edited / (LECTURE + '.ipynb')} differs from a fresh release",
+    ]
+    assert compare(fixture_course / LECTURE, tmp_path / "absent") == [
+        f"{tmp_path / 'absent'} is missing (run `make release`)"
+    ]
+
+
+@pytest.fixture(scope="module")
+def fixture_class(fixture_course, tmp_path_factory):
+    """A class graded by the command line: (completed process, out folder)."""
+    solutions_nb = read(FIXTURE / LECTURE / f"{LECTURE}.ipynb")
+    ex1, ex2 = exercises(solutions_nb)
+    subs = tmp_path_factory.mktemp("subs")
+    write(solutions_nb, subs / "alice" / f"{LECTURE}.ipynb")
+    write(read(fixture_course / LECTURE / f"{LECTURE}.ipynb"), subs / "bob" / LECTURE / f"{LECTURE}.ipynb")
+    cheat = submission(solutions_nb, {ex2.cell: "return F.layer_norm(x, x.shape[-1:], eps=eps)"})
+    write(cheat, subs / "carol" / f"{LECTURE}.ipynb")
+    looping = submission(solutions_nb, {ex1.cell: "while True:\n    pass"})
+    write(looping, subs / "dave" / f"{LECTURE}.ipynb")
+    (subs / "erin").mkdir()
+    (subs / "erin" / f"{LECTURE}.ipynb").write_text("{ this is not json")
+    out = tmp_path_factory.mktemp("out")
+    done = _cli("grade", str(subs), "--lecture", LECTURE, "--out", str(out), "--timeout", "5")
+    return done, out
+
+
+def test_class_graded_from_the_command_line(fixture_class):
+    done, out = fixture_class
+    assert done.returncode == 0, done.stderr
+    with open(out / "scores.csv") as fh:
+        rows = {r["student"]: r for r in csv.DictReader(fh)}
+    assert list(next(iter(rows.values()))) == [
+        "student", "lecture", "ex1_scores_test", "ex2_layer_norm_test", "total", "max", "status", "notes",
+    ]
+    got = {s: (r["ex1_scores_test"], r["ex2_layer_norm_test"], r["total"], r["max"], r["status"]) for s, r in rows.items()}
+    assert got == {
+        "alice": ("1", "2", "3", "3", "graded"),  # the solutions
+        "bob": ("0", "0", "0", "3", "graded"),  # untouched
+        "carol": ("1", "0", "1", "3", "graded"),  # ex2 calls F.layer_norm: blocked in hidden tests
+        "dave": ("0", "2", "2", "3", "graded"),  # ex1 loops forever: stopped, graded 0
+        "erin": ("0", "0", "0", "3", "error"),  # not a notebook: 0, and the class goes on
+    }
+    assert "ReferenceBlocked" in rows["carol"]["notes"]
+    assert "time limit" in rows["dave"]["notes"]
+    assert rows["erin"]["notes"]
+    for student in ("alice", "bob", "carol", "dave"):
+        html = out / "feedback" / student / f"{LECTURE}.html"
+        assert html.exists() and "ex2_layer_norm_test" in html.read_text()
+    assert "ReferenceBlocked" in (out / "feedback" / "carol" / f"{LECTURE}.html").read_text()
+    assert "alice  00_fixture  3/3  graded" in done.stdout
+
+
+def test_grading_mode_is_on_while_grading(fixture_class):
+    _, out = fixture_class
+    nb = read(out / "work" / LECTURE / "alice" / "autograded" / "alice" / LECTURE / f"{LECTURE}.ipynb")
+    printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+    assert printed.startswith("grading"), printed
+
+
+def test_workspace_outside_the_repository(fixture_class):
+    _, out = fixture_class
+    assert REPO not in out.parents
+    assert not list(REPO.glob("gradebook.db")) and not (FIXTURE / LECTURE / "gradebook.db").exists()
+    assert sorted(p.name for p in (FIXTURE / LECTURE).iterdir()) == [f"{LECTURE}.ipynb"]

@@ -1,0 +1,260 @@
+"""The nbgrader round trip on the real lectures in solutions/ (every NN_topic found there).
+
+Two expensive things are shared by every test in this file (module-scoped):
+
+* ``fresh``: one nbgrader release of every lecture into a temporary folder;
+* ``graded``: one class, graded by the real command's code path with a short
+  per-cell timeout, in which every student hands in every lecture:
+
+  ===========  =============================================================
+  instructor   the solutions notebook as it is (nested layout)
+  untouched    the learner notebook as released (flat layout)
+  wrong        the solutions with the last exercise's body ``return None``
+  hostile      the solutions, where every exercise but the last whose hidden
+               tests block a reference leans on that reference, and the last
+               exercise's body is an infinite loop (flat layout)
+  ===========  =============================================================
+
+Each exercise is graded on its own, so the hostile student's exercises are
+checked one by one; ``wrong`` differs from the solutions in one exercise only.
+On a 2-core machine the file takes about 1 minute per lecture (less when idle).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from _nbedit import (
+    BEGIN,
+    HIDDEN_BEGIN,
+    cheat_body,
+    exercises,
+    graded_points,
+    read,
+    solution_lines,
+    submission,
+    write,
+)
+from autograder.course import COURSE, SOLUTIONS, lectures_in
+from autograder.grade import grade
+from autograder.release import compare, generate
+from nbclient import NotebookClient
+
+LECTURES = lectures_in(SOLUTIONS)
+TIMEOUT = 20  # seconds per cell while grading here: far above any lecture cell in grading mode
+
+pytestmark = pytest.mark.skipif(not LECTURES, reason="no lectures in solutions/ yet")
+
+
+def _solution(lecture: str) -> Path:
+    return SOLUTIONS / lecture / f"{lecture}.ipynb"
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> dict[str, Path]:
+    """lecture → its freshly generated learner notebook folder."""
+    return generate(LECTURES, SOLUTIONS, tmp_path_factory.mktemp("release"), workers=2)
+
+
+@pytest.fixture(scope="module")
+def plan() -> dict[str, dict]:
+    """What each edited submission changes, per lecture."""
+    out = {}
+    for lecture in LECTURES:
+        nb = read(_solution(lecture))
+        exs = exercises(nb)
+        assert exs, f"{lecture} has no exercise (solution cell with {BEGIN})"
+        cheats = {ex.grade_id: cheat_body(nb, ex) for ex in exs[:-1]}
+        cheats = {k: v for k, v in cheats.items() if v is not None}
+        out[lecture] = {"nb": nb, "exercises": exs, "last": exs[-1], "cheats": cheats}
+    return out
+
+
+@pytest.fixture(scope="module")
+def graded(fresh, plan, tmp_path_factory):
+    subs = tmp_path_factory.mktemp("submissions")
+    for lecture in LECTURES:
+        p = plan[lecture]
+        nb, last = p["nb"], p["last"]
+        write(nb, subs / "instructor" / lecture / f"{lecture}.ipynb")
+        write(read(fresh[lecture] / f"{lecture}.ipynb"), subs / "untouched" / f"{lecture}.ipynb")
+        wrong = submission(nb, {last.cell: "return None  # a wrong answer"})
+        write(wrong, subs / "wrong" / lecture / f"{lecture}.ipynb")
+        by_id = {ex.grade_id: ex for ex in p["exercises"]}
+        edits = {by_id[g].cell: body for g, (body, _) in p["cheats"].items()}
+        edits[last.cell] = "while True:  # never returns\n    pass"
+        write(submission(nb, edits), subs / "hostile" / f"{lecture}.ipynb")
+    out = tmp_path_factory.mktemp("grades")
+    return grade(subs, "all", out=out, timeout=TIMEOUT, workers=2)
+
+
+def _public_lines(nb) -> list[str]:
+    """Lines of the solutions notebook outside solution regions and hidden tests."""
+    lines, inside = [], False
+    for cell in nb.cells:
+        for ln in cell.source.splitlines():
+            if BEGIN in ln or HIDDEN_BEGIN in ln:
+                inside = True
+            elif "### END SOLUTION" in ln or "### END HIDDEN TESTS" in ln:
+                inside = False
+            elif not inside:
+                lines.append(ln)
+    return lines
+
+
+def _errors(report, student: str, lecture: str) -> dict[str, set[str]]:
+    """grade id → the error names its cell raised in the autograded notebook."""
+    nb = read(report.out / "work" / lecture / student / "autograded" / student / lecture / f"{lecture}.ipynb")
+    found: dict[str, set[str]] = {}
+    for cell in nb.cells:
+        gid = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "error":
+                found.setdefault(gid, set()).add(o["ename"])
+    return found
+
+
+# --------------------------------------------------------------------------- release
+
+
+@pytest.mark.parametrize("lecture", LECTURES)
+def test_committed_course_equals_a_fresh_release(lecture, fresh):
+    problems = compare(fresh[lecture], COURSE / lecture)
+    assert not problems, "course/ is not what `make release` generates:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("lecture", LECTURES)
+def test_no_solution_or_hidden_test_in_course(lecture, fresh):
+    source = read(_solution(lecture))
+    secret = [ln.split("#")[0].strip() for ln in solution_lines(source)]
+    secret = {ln for ln in secret if len(ln) >= 12}  # non-trivial lines only
+    assert secret, f"{lecture}: found no solution lines to look for"
+    # Lines the instructor also shows outside any solution region (teaching code that
+    # an exercise builds on) are public on purpose; everything else must not appear.
+    shown = {ln.split("#")[0].strip() for ln in _public_lines(source)}
+    secret = sorted(secret - shown)
+    folders = [fresh[lecture]] + ([COURSE / lecture] if (COURSE / lecture).is_dir() else [])
+    for folder in folders:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            text = path.read_text(errors="replace")
+            for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"):
+                assert marker not in text, f"{path} contains {marker!r}"
+            code = "\n".join(
+                c.source for c in nbformat.reads(text, as_version=4).cells
+            ) if path.suffix == ".ipynb" else text
+            leaked = [ln for ln in secret if ln in code]
+            assert not leaked, f"{path} contains solution lines: {leaked[:5]}"
+
+
+@pytest.mark.parametrize("lecture", LECTURES)
+def test_learner_notebook_runs_to_the_end_failing_only_in_exercise_tests(lecture, fresh):
+    """Executed like a learner who has not started (grading mode keeps it quick): every
+    error is in a graded test cell and is the exercise's own NotImplementedError."""
+    path = fresh[lecture] / f"{lecture}.ipynb"
+    nb = read(path)
+    env = dict(os.environ, TRANSFORMER_LAB_GRADING="1")
+    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    client = NotebookClient(
+        nb, timeout=120, allow_errors=True, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        client.execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    test_cells = set(graded_points(nb))
+    errors = []
+    for cell in nb.cells:
+        gid = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "error":
+                errors.append((gid, o["ename"], o.get("evalue", "")))
+    wrong = [e for e in errors if e[0] not in test_cells or e[1] != "NotImplementedError"]
+    assert not wrong, f"{lecture}: cells failed other than with the exercise stubs: {wrong}"
+    failed_tests = {e[0] for e in errors}
+    assert failed_tests == test_cells, f"exercise tests that did not fail: {test_cells - failed_tests}"
+    last = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()][-1]
+    assert last.get("execution_count") is not None, "the notebook did not run to its last cell"
+
+
+# --------------------------------------------------------------------------- grading a class
+
+
+@pytest.mark.parametrize("lecture", LECTURES)
+def test_instructor_solutions_score_full_marks(lecture, graded):
+    row = graded.row("instructor", lecture)
+    assert row.status == "graded", row.notes
+    assert row.max > 0 and row.total == row.max, (row.scores, row.notes)
+    assert row.feedback is not None and row.feedback.exists()
+
+
+@pytest.mark.parametrize("lecture", LECTURES)
+def test_untouched_notebook_scores_zero_everywhere_and_grading_completes(lecture, graded):
+    row = graded.row("untouched", lecture)
+    assert row.status == "graded", row.notes
+    assert set(row.scores) == set(graded_points(read(_solution(lecture))))
+    assert all(v == 0 for v in row.scores.values()), row.scores
+    errors = _errors(graded, "untouched", lecture)
+    assert all(errors.get(g) == {"NotImplementedError"} for g in row.scores), errors
+
+
+@pytest.mark.parametrize("lecture", LECTURES)
+def test_one_wrong_answer_loses_exactly_that_exercise(lecture, graded, plan):
+    last = plan[lecture]["last"]
+    row = graded.row("wrong", lecture)
+    full = graded_points(plan[lecture]["nb"])
+    expected = {g: (0.0 if g in last.tests else p) for g, p in full.items()}
+    assert row.scores == expected
+    assert row.total == row.max - last.points
+
+
+@pytest.mark.parametrize("lecture", LECTURES)
+def test_calling_the_reference_scores_zero_on_hidden_tests(lecture, graded, plan):
+    p = plan[lecture]
+    assert p["cheats"], f"{lecture}: no exercise but the last blocks its reference in hidden tests"
+    row = graded.row("hostile", lecture)
+    errors = _errors(graded, "hostile", lecture)
+    by_id = {ex.grade_id: ex for ex in p["exercises"]}
+    for gid in p["cheats"]:
+        for test in by_id[gid].tests:
+            assert row.scores[test] == 0, f"{test}: an answer calling the reference got points"
+            # the visible tests passed; the hidden tests refused the reference
+            assert errors.get(test) == {"ReferenceBlocked"}, (test, errors.get(test))
+    honest = [
+        t for ex in p["exercises"][:-1] if ex.grade_id not in p["cheats"] for t in ex.tests
+    ]
+    assert all(row.scores[t] > 0 for t in honest), row.scores
+
+
+@pytest.mark.parametrize("lecture", LECTURES)
+def test_infinite_loop_is_stopped_and_graded_zero(lecture, graded, plan):
+    last = plan[lecture]["last"]
+    row = graded.row("hostile", lecture)
+    assert row.status == "graded", row.notes
+    assert all(row.scores[t] == 0 for t in last.tests)
+    errors = _errors(graded, "hostile", lecture)
+    assert "CellTimeoutError" in set().union(*(errors.get(t, set()) for t in last.tests))
+    assert "time limit" in row.notes
+
+
+def test_the_class_csv_has_every_student_and_lecture(graded):
+    text = graded.csv_path.read_text().splitlines()
+    header = text[0].split(",")
+    assert header[:2] == ["student", "lecture"] and header[-4:] == ["total", "max", "status", "notes"]
+    students = {"instructor", "untouched", "wrong", "hostile"}
+    assert {tuple(r.split(",")[:2]) for r in text[1:]} == {(s, lec) for s in students for lec in LECTURES}
+
+
+def test_hidden_tests_live_in_graded_cells():
+    """The cheat test relies on it: hidden tests sit in the graded cell of their exercise."""
+    for lecture in LECTURES:
+        nb = read(_solution(lecture))
+        for cell in nb.cells:
+            if HIDDEN_BEGIN in cell.source:
+                meta = cell.get("metadata", {}).get("nbgrader", {})
+                assert meta.get("grade") and meta.get("locked"), f"{lecture}: {meta.get('grade_id')}"
