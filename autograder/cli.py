@@ -14,7 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-from .course import COURSE, DEFAULT_TIMEOUT, SOLUTIONS, UsageError, lectures_in, resolve_lectures
+from .course import (
+    COURSE,
+    DEFAULT_OUT,
+    DEFAULT_TIMEOUT,
+    SOLUTIONS,
+    UsageError,
+    lectures_in,
+    resolve_lectures,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--out",
         type=Path,
-        default=Path("grades"),
-        help="grading workspace: scores.csv, feedback/, work/ (default: ./grades)",
+        default=DEFAULT_OUT,
+        help="grading workspace: scores.csv, feedback/, work/ "
+        "(default: autograder/_work/grades in the repository, git-ignored)",
     )
     g.add_argument(
         "--timeout",

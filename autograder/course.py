@@ -31,6 +31,8 @@ from traitlets.config import Config
 REPO = Path(__file__).resolve().parent.parent
 SOLUTIONS = REPO / "solutions"
 COURSE = REPO / "course"
+#: Where `grade` writes unless told otherwise (git-ignored).
+DEFAULT_OUT = REPO / "autograder" / "_work" / "grades"
 
 COURSE_ID = "transformer-lab"
 SOURCE_DIRNAME = "solutions"

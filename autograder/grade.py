@@ -29,7 +29,15 @@ from pathlib import Path
 
 import nbformat
 
-from .course import COURSE, DEFAULT_TIMEOUT, IGNORE, SOLUTIONS, UsageError, resolve_lectures
+from .course import (
+    COURSE,
+    DEFAULT_OUT,
+    DEFAULT_TIMEOUT,
+    IGNORE,
+    SOLUTIONS,
+    UsageError,
+    resolve_lectures,
+)
 from .release import generate
 from .runner import run_tasks
 from .submissions import Submission, find_submissions
@@ -114,7 +122,7 @@ def grade(
     subs = find_submissions(Path(submissions), lectures, warnings)
     if lecture in (None, "", "all"):  # only the lectures somebody handed in
         lectures = [lec for lec in lectures if any(s.lecture == lec for s in subs)]
-    out = Path(out) if out is not None else Path.cwd() / "grades"
+    out = Path(out) if out is not None else DEFAULT_OUT
     for protected in (Path(solutions), Path(course)):
         if _inside(out, protected):
             raise UsageError(f"--out must be outside {protected}; got {out}")

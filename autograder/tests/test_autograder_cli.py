@@ -47,6 +47,20 @@ def test_nbgrader_config_names_exist_in_nbgrader():
     assert Execute(config=config).timeout == 7
 
 
+def test_repository_nbgrader_config_file():
+    """autograder/nbgrader_config.py (for nbgrader's own tools) maps solutions/ and course/."""
+    from traitlets.config.loader import PyFileConfigLoader
+
+    config = PyFileConfigLoader("nbgrader_config.py", path=str(REPO / "autograder")).load_config()
+    cd = CourseDirectory(config=config)
+    assert cd.root == str(REPO)
+    assert cd.format_path(cd.source_directory, ".", "01_x") == f"{REPO}/solutions/./01_x"
+    assert cd.format_path(cd.release_directory, ".", "01_x") == f"{REPO}/course/./01_x"
+    assert cd.db_url.endswith("autograder/_work/gradebook.db")
+    for step in (cd.submitted_directory, cd.autograded_directory, cd.feedback_directory):
+        assert step.startswith("autograder/_work/")  # git-ignored
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
