@@ -1,0 +1,178 @@
+"""Open every built page in headless Chromium and check that it rendered.
+
+The site is served by Python's http.server on the loopback interface (a thread, for this
+module only). Chromium is Debian's (``/usr/bin/chromium``; ``.ci/run`` installs it), driven by
+the ``playwright`` package; nothing is downloaded. Every request that is not to the loopback
+server is aborted and counted as a failure, so the test also proves the site works offline.
+
+For each page: MathJax typeset the math (``mjx-container`` elements exist when the page has
+math), every ``<img>`` loaded (``complete`` and ``naturalWidth > 0``), embedded widgets were
+drawn by the widget manager, no request failed or answered >= 400. A screenshot of each page
+goes to ``jupyter_book/_build/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+pytestmark = pytest.mark.book
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+PAGE_TIMEOUT_MS = 30_000
+
+
+def chromium_path() -> str | None:
+    for candidate in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(built_site):
+    """http://127.0.0.1:PORT serving the built site; stopped after the module."""
+    handler = functools.partial(_QuietHandler, directory=str(built_site))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("headless Chromium not found (/usr/bin/chromium): apt-get install chromium "
+                    "(.ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _pages(built_site: Path, lectures: list[Path]) -> list[str]:
+    return ["intro.html"] + [f"lectures/{nb.stem}.html" for nb in lectures]
+
+
+def check_page(browser, base_url: str, path: str, screenshot: Path) -> dict:
+    """Load one page; return what was seen (and the problems found)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    host = urlsplit(base_url).netloc
+    problems: list[str] = []
+
+    def route(r):
+        url = r.request.url
+        if url.startswith("data:") or urlsplit(url).netloc == host:
+            r.continue_()
+        else:  # offline means offline: nothing leaves the machine
+            problems.append(f"external request blocked: {url}")
+            r.abort()
+
+    context.route("**/*", route)
+    page = context.new_page()
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url} ({req.failure})"))
+    page.on("response", lambda res: problems.append(f"HTTP {res.status}: {res.url}") if res.status >= 400 else None)
+    page.on("pageerror", lambda err: problems.append(f"JavaScript error: {err}"))
+    try:
+        page.goto(f"{base_url}/{path}", wait_until="load")
+        n_math = page.locator(".math").count()
+        if n_math:
+            page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise")
+            page.evaluate("() => MathJax.startup.promise")
+            page.wait_for_function("() => document.querySelectorAll('mjx-container').length > 0")
+        has_widgets = page.locator('script[type="application/vnd.jupyter.widget-state+json"]').count() > 0
+        if has_widgets:
+            page.wait_for_function("() => document.querySelectorAll('.jupyter-widgets').length > 0")
+        page.wait_for_load_state("networkidle")
+        # images: wait until each has finished (loaded or failed), then look at the result
+        page.wait_for_function("() => Array.from(document.images).every(i => i.complete)")
+        images = page.evaluate(
+            "() => Array.from(document.images).map(i => ({src: i.currentSrc.slice(0, 120),"
+            " ok: i.complete && i.naturalWidth > 0}))"
+        )
+        seen = {
+            "math": n_math,
+            "mjx": page.locator("mjx-container").count(),
+            "unrendered_math_errors": page.locator("mjx-merror").count(),
+            "images": images,
+            "widgets": page.locator(".jupyter-widgets").count() if has_widgets else 0,
+            "has_widgets": has_widgets,
+        }
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
+    finally:
+        context.close()
+    seen["problems"] = problems
+    return seen
+
+
+@pytest.fixture(scope="module")
+def rendered(built_site, lectures, server, browser) -> dict[str, dict]:
+    """Every page opened once: {path: what was seen}; screenshots written on the way."""
+    shots = built_site.parent / "screenshots"
+    results = {}
+    for path in _pages(built_site, lectures):
+        shot = shots / f"{Path(path).stem}.png"
+        results[path] = check_page(browser, server, path, shot)
+        results[path]["screenshot"] = shot
+    return results
+
+
+def test_math_is_typeset(rendered):
+    bad = [f"{p}: {s['math']} math elements, {s['mjx']} typeset, {s['unrendered_math_errors']} errors"
+           for p, s in rendered.items() if (s["math"] and not s["mjx"]) or s["unrendered_math_errors"]]
+    assert not bad, "MathJax did not typeset:\n" + "\n".join(bad)
+    lectures = {p: s["mjx"] for p, s in rendered.items() if p.startswith("lectures/")}
+    assert any(lectures.values()), f"no typeset math on any lecture page: {lectures}"
+
+
+def test_every_image_loaded(rendered):
+    bad = [f"{p}: {i['src']}" for p, s in rendered.items() for i in s["images"] if not i["ok"]]
+    assert not bad, "images that did not load:\n" + "\n".join(bad)
+    assert any(s["images"] for p, s in rendered.items() if p.startswith("lectures/")), (
+        "no image on any lecture page: were the notebooks executed?"
+    )
+
+
+def test_embedded_widgets_are_drawn(rendered):
+    bad = [p for p, s in rendered.items() if s["has_widgets"] and not s["widgets"]]
+    assert not bad, f"widget state embedded but no widget drawn on: {bad}"
+
+
+def test_no_failed_or_external_request(rendered):
+    bad = [f"{p}: {problem}" for p, s in rendered.items() for problem in s["problems"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_screenshots_were_taken(rendered):
+    for path, seen in rendered.items():
+        assert seen["screenshot"].stat().st_size > 10_000, f"{path}: screenshot is (nearly) empty"
