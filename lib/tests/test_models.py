@@ -218,3 +218,11 @@ def test_config_chooses_parts_by_name():
     assert not block.norm_first and block.ffn.activation == "swiglu"
     assert block.res_attn.gain.shape == (16,)
     assert M.config_dict(model)["positions"] == "alibi"
+
+
+def test_t5_buckets_are_one_directional_in_causal_stacks():
+    assert not M.build_model("lm", **TINY, positions="t5").positions.bidirectional
+    s2s = M.build_model("seq2seq", **TINY, positions="t5")
+    assert s2s.enc_positions.bidirectional and not s2s.dec_positions.bidirectional
+    clf = M.build_model("classifier", **TINY, positions="t5", n_classes=2)
+    assert clf.positions.bidirectional

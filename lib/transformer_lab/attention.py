@@ -356,7 +356,13 @@ class MultiHeadAttention(nn.Module):
         mask boolean (True = attend) or additive, broadcastable to (B, H, Lq, Lk);
         positions: a ``PositionScheme`` (see positions.py) whose ``rotate``,
         ``score_bias`` and ``value_term`` hooks are applied here.
-        Returns out (B, Lq, d_model), or ``(out, weights (B, H, Lq, Lk))``.
+        Returns out (B, Lq, d_model), or ``(out, weights (B, H, Lq, Lk))``, the
+        per-head softmax weights before dropout (``nn.MultiheadAttention`` with
+        ``average_attn_weights=False`` gives the same when dropout is 0).
+
+    Path: the fused :func:`fast_attention` unless ``fast=False``, ``need_weights=True``
+    or ``positions.needs_weights`` (Shaw's value term needs the weights); then the
+    readable steps of :meth:`_readable`.
     """
 
     def __init__(

@@ -143,6 +143,13 @@ def _final_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.d_model) if pre_norm else nn.Identity()
 
 
+def _make_positions(config: ModelConfig, causal: bool, max_len: Optional[int] = None):
+    """The model's position scheme; a causal stack gets T5's one-directional buckets (as in T5's decoder)."""
+    kw = {"bidirectional": False} if causal and config.positions == "t5" else {}
+    max_len = config.max_len if max_len is None else max_len
+    return _positions.make_positions(config.positions, config.d_model, config.n_heads, max_len, **kw)
+
+
 def _key_mask(padding_mask: Optional[Tensor]) -> Optional[Tensor]:
     """(B, L) True-on-real-tokens -> (B, 1, 1, L) attention mask (hides padded keys)."""
     return None if padding_mask is None else padding_mask[:, None, None, :]
@@ -155,7 +162,7 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.config = c = config
         self.tok = nn.Embedding(c.vocab_size, c.d_model)  # E
-        self.positions = _positions.make_positions(c.positions, c.d_model, c.n_heads, c.max_len)
+        self.positions = _make_positions(c, causal=True)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
             DecoderBlock(**c.block_kwargs(), cross_attention=False) for _ in range(c.n_layers)
@@ -223,7 +230,7 @@ class TransformerClassifier(nn.Module):
         if c.pooling == "cls":
             self.cls = nn.Parameter(torch.randn(1, 1, c.d_model) * 0.02)  # [CLS]
         max_len = c.max_len + (c.pooling == "cls")
-        self.positions = _positions.make_positions(c.positions, c.d_model, c.n_heads, max_len)
+        self.positions = _make_positions(c, causal=False, max_len=max_len)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(EncoderBlock(**c.block_kwargs()) for _ in range(c.n_layers))
         self.norm = _final_norm(c)
@@ -271,8 +278,8 @@ class EncoderDecoder(nn.Module):
         super().__init__()
         self.config = c = config
         self.tok = nn.Embedding(c.vocab_size, c.d_model)
-        self.enc_positions = _positions.make_positions(c.positions, c.d_model, c.n_heads, c.max_len)
-        self.dec_positions = _positions.make_positions(c.positions, c.d_model, c.n_heads, c.max_len)
+        self.enc_positions = _make_positions(c, causal=False)
+        self.dec_positions = _make_positions(c, causal=True)
         self.drop = nn.Dropout(c.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(**c.block_kwargs()) for _ in range(c.n_layers))
         self.decoder = nn.ModuleList(DecoderBlock(**c.block_kwargs()) for _ in range(c.n_layers))
