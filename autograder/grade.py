@@ -94,12 +94,18 @@ def _inside(path: Path, folder: Path) -> bool:
 def _notes(result: dict) -> str:
     if result.get("status") != "ok":
         return result.get("message", "grading failed")
-    parts = []
-    for err in result.get("errors", []):
-        if err["ename"] == "CellTimeoutError":
-            parts.append(f"{err['cell']}: stopped after the per-cell time limit")
+    parts: list[str] = []
+    errors = result.get("errors", [])
+    timed_out = {e["cell"] for e in errors if e["ename"] == "CellTimeoutError"}
+    for err in errors:
+        if err["cell"] in timed_out:
+            note = f"{err['cell']}: stopped after the per-cell time limit"
         elif err.get("graded"):
-            parts.append(f"{err['cell']}: {err['ename']}")
+            note = f"{err['cell']}: {err['ename']}"
+        else:
+            continue
+        if note not in parts:
+            parts.append(note)
     if result.get("feedback_error"):
         parts.append(f"feedback not written: {result['feedback_error']}")
     return "; ".join(parts)

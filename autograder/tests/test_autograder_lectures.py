@@ -156,7 +156,6 @@ def test_learner_notebook_runs_to_the_end_failing_only_in_exercise_tests(lecture
     path = fresh[lecture] / f"{lecture}.ipynb"
     nb = read(path)
     env = dict(os.environ, TRANSFORMER_LAB_GRADING="1")
-    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     client = NotebookClient(
         nb, timeout=120, allow_errors=True, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     )
