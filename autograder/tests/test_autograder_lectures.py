@@ -17,7 +17,7 @@ Two expensive things are shared by every test in this file (module-scoped):
 
 Each exercise is graded on its own, so the hostile student's exercises are
 checked one by one; ``wrong`` differs from the solutions in one exercise only.
-On a 2-core machine the file takes about 1 minute per lecture (less when idle).
+On a busy 2-core machine the file takes about a minute per lecture, less when idle.
 """
 
 from __future__ import annotations
