@@ -27,6 +27,7 @@ Task kinds:
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import traceback
@@ -57,8 +58,27 @@ def _generate(task: dict[str, Any]) -> dict[str, Any]:
     api, _ = _api(root)
     result = api.generate_assignment(task["lecture"], force=True, create=True)
     if not result.get("success"):
-        return {"status": "error", "message": "generate_assignment failed:\n" + _log_tail(result)}
+        return {
+            "status": "error",
+            "message": "generate_assignment failed: " + _error_line(result),
+            "log": _log_tail(result, 60),
+        }
     return {"status": "ok"}
+
+
+_EXC_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b:?\s")
+
+
+def _error_line(result: dict[str, Any]) -> str:
+    """The most telling line of nbgrader's output: the first exception it logged
+    (e.g. "ValidationError: Duplicate grade id: ex1"), else its last [ERROR] line."""
+    lines = [ln.strip() for ln in (result.get("log") or "").splitlines() if ln.strip()]
+    lines += [ln.strip() for ln in (result.get("error") or "").splitlines() if ln.strip()]
+    generic = ("Please see the", "NbGraderException", "may be corrupted")
+    named = [ln for ln in lines if _EXC_LINE.match(ln) and not any(g in ln for g in generic)]
+    errors = [ln for ln in lines if ln.startswith("[ERROR]") and not any(g in ln for g in generic)]
+    pick = (named or errors or lines or ["(nbgrader said nothing)"])[0 if named else -1]
+    return pick if len(pick) <= 240 else pick[:237] + "..."
 
 
 def _first_line(text: str, limit: int = 160) -> str:
@@ -104,7 +124,7 @@ def _grade(task: dict[str, Any]) -> dict[str, Any]:
     if not result.get("success"):
         return {
             "status": "error",
-            "message": "nbgrader autograde failed: " + _first_line(_log_tail(result, 3)),
+            "message": "nbgrader autograde failed: " + _error_line(result),
             "log": _log_tail(result, 40),
             "seconds": seconds,
         }
@@ -126,7 +146,7 @@ def _grade(task: dict[str, Any]) -> dict[str, Any]:
         "max_scores": max_scores,
         "errors": errors,
         "feedback": str(html) if feedback.get("success") and html.exists() else None,
-        "feedback_error": None if feedback.get("success") else _first_line(_log_tail(feedback, 3)),
+        "feedback_error": None if feedback.get("success") else _error_line(feedback),
         "seconds": seconds,
     }
 

@@ -218,3 +218,39 @@ def test_workspace_outside_the_repository(fixture_class):
     assert REPO not in out.parents
     assert not list(REPO.glob("gradebook.db")) and not (FIXTURE / LECTURE / "gradebook.db").exists()
     assert sorted(p.name for p in (FIXTURE / LECTURE).iterdir()) == [f"{LECTURE}.ipynb"]
+
+
+def test_release_failure_is_one_line_naming_nbgrader_s_complaint(tmp_path):
+    nb = read(FIXTURE / LECTURE / f"{LECTURE}.ipynb")
+    ex1, _ = exercises(nb)
+    nb.cells[ex1.cell + 1].metadata["nbgrader"]["grade_id"] = ex1.grade_id  # duplicate id
+    write(nb, tmp_path / "sol" / "00_bad" / "00_bad.ipynb")
+    done = subprocess.run(
+        [sys.executable, "-m", "autograder", "--solutions", str(tmp_path / "sol"),
+         "--course", str(tmp_path / "course"), "release"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "autograder: error: release of 00_bad failed: generate_assignment failed: "
+        "jsonschema.exceptions.ValidationError: Duplicate grade id: ex1_scores"
+    )
+    assert not (tmp_path / "course").exists()
+
+
+def test_missing_lecture_gets_a_zero_row(tmp_path):
+    from autograder.grade import Exercise, _row, write_csv
+
+    exs = {"01_a": [Exercise("t1", 1.0), Exercise("t2", 2.0)], "02_b": [Exercise("u1", 4.0)]}
+    rows = [
+        _row("ann", "01_a", exs["01_a"], {"status": "ok", "scores": {"t1": 1.0, "t2": 0.5}, "errors": []}, tmp_path),
+        _row("ann", "02_b", exs["02_b"], None, tmp_path),
+        _row("bo", "01_a", exs["01_a"], {"status": "error", "message": "grading took too long"}, tmp_path),
+    ]
+    write_csv(rows, exs, tmp_path / "s.csv")
+    assert (tmp_path / "s.csv").read_text().splitlines() == [
+        "student,lecture,t1,t2,u1,total,max,status,notes",
+        "ann,01_a,1,0.50,,1.50,3,graded,",
+        "ann,02_b,,,0,0,4,missing,no notebook handed in",
+        "bo,01_a,0,0,,0,3,error,grading took too long",
+    ]
