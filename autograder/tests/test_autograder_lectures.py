@@ -23,6 +23,8 @@ On a busy 2-core machine the file takes about a minute per lecture, less when id
 from __future__ import annotations
 
 import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import nbformat
@@ -149,23 +151,33 @@ def test_no_solution_or_hidden_test_in_course(lecture, fresh):
             assert not leaked, f"{path} contains solution lines: {leaked[:5]}"
 
 
+def _execute(path: str) -> str:
+    """Run a notebook as a learner would (normal mode, errors allowed); the executed JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMER_LAB_GRADING"}
+    os.environ.clear()
+    os.environ.update(env)  # this runs in a pool process: its environment is its own
+    nb = read(Path(path))
+    NotebookClient(
+        nb, timeout=300, allow_errors=True, kernel_name="python3",
+        resources={"metadata": {"path": str(Path(path).parent)}},
+    ).execute()
+    return nbformat.writes(nb)
+
+
+@pytest.fixture(scope="module")
+def executed(fresh) -> dict[str, nbformat.NotebookNode]:
+    """Every learner notebook executed, two at a time (they are independent)."""
+    paths = [str(fresh[lec] / f"{lec}.ipynb") for lec in LECTURES]
+    with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
+        texts = list(pool.map(_execute, paths))
+    return {lec: nbformat.reads(t, as_version=4) for lec, t in zip(LECTURES, texts, strict=True)}
+
+
 @pytest.mark.parametrize("lecture", LECTURES)
-def test_learner_notebook_runs_to_the_end_failing_only_in_exercise_tests(lecture, fresh):
-    """Executed like a learner who has not started (grading mode keeps it quick): every
-    error is in a graded test cell and is the exercise's own NotImplementedError."""
-    path = fresh[lecture] / f"{lecture}.ipynb"
-    nb = read(path)
-    env = dict(os.environ, TRANSFORMER_LAB_GRADING="1")
-    client = NotebookClient(
-        nb, timeout=120, allow_errors=True, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    )
-    old = dict(os.environ)
-    os.environ.update(env)
-    try:
-        client.execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+def test_learner_notebook_runs_to_the_end_failing_only_in_exercise_tests(lecture, executed):
+    """Executed like a learner who has not started: every error is in a graded test cell
+    and is the exercise's own NotImplementedError, and the last cell ran."""
+    nb = executed[lecture]
     test_cells = set(graded_points(nb))
     errors = []
     for cell in nb.cells:
