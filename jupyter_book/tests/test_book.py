@@ -133,7 +133,7 @@ def test_test_cells_show_their_code_but_no_output(built_site, lectures, build_mo
         assert len(tagged) == len(tests), (
             f"{notebook.stem}: {len(tests)} nbgrader test cells, {len(tagged)} tagged cells on the page"
         )
-        for cell_div, cell in zip(tagged, tests):
+        for cell_div, cell in zip(tagged, tests, strict=True):
             # the code of the test is on the page (a learner sees what will be checked) ...
             first = next((ln for ln in cell.source.splitlines() if len(ln.strip()) > 8), None)
             if first:

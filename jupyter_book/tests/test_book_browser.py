@@ -139,6 +139,8 @@ def check_page(browser, base_url: str, path: str, screenshot: Path) -> dict:
 def rendered(built_site, lectures, server, browser) -> dict[str, dict]:
     """Every page opened once: {path: what was seen}; screenshots written on the way."""
     shots = built_site.parent / "screenshots"
+    if shots.exists():  # no stale pictures of pages that are gone
+        shutil.rmtree(shots)
     results = {}
     for path in _pages(built_site, lectures):
         shot = shots / f"{Path(path).stem}.png"
