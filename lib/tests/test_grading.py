@@ -169,6 +169,17 @@ def test_blocked_layer_norm_builtin_and_functional():
     assert torch.layer_norm(x, (4,)).shape == x.shape
 
 
+def test_blocked_tensor_method_and_torch_function():
+    x = torch.randn(2, 3)
+    with blocked(torch.Tensor.softmax, torch.softmax):
+        with pytest.raises(ReferenceBlocked, match="torch.Tensor.softmax"):
+            x.softmax(-1)
+        with pytest.raises(ReferenceBlocked, match="torch.softmax"):
+            torch.softmax(x, -1)
+        assert torch.exp(x).shape == x.shape
+    assert torch.allclose(x.softmax(-1), torch.softmax(x, -1))
+
+
 def test_blocked_classes_block_forward_and_aliases_of_forward():
     x = torch.randn(2, 3, 8)
     mha = nn.MultiheadAttention(8, 2, batch_first=True)

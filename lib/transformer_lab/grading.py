@@ -309,6 +309,9 @@ def _ref_name(obj: Any) -> str:
     if _is_builtin(obj):
         # builtins: name them where learners meet them
         short = getattr(obj, "__name__", "")
+        owner = getattr(obj, "__objclass__", None)
+        if owner is not None and issubclass(torch.Tensor, owner):
+            return f"torch.Tensor.{short}"
         for public in ("torch.nn.functional", "torch"):
             mod = sys.modules.get(public)
             if mod is not None and short and getattr(mod, short, None) is obj:
