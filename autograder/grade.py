@@ -138,6 +138,7 @@ def grade(
     log_file = out / "grading.log"
 
     # 1. the gradebook template of each lecture (generate_assignment in a scratch root)
+    shutil.rmtree(work / "_release_tmp", ignore_errors=True)  # left by an interrupted run
     released = generate(lectures, Path(solutions), work / "_release_tmp", workers) if lectures else {}
     exercises = {}
     for lec, release_dir in released.items():
