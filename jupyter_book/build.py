@@ -264,6 +264,18 @@ def stage(course: Path, execute: str) -> list[tuple[str, str]]:
     return lectures
 
 
+def build_env(environ) -> dict:
+    """The environment the notebooks run in: normal mode (TRANSFORMER_LAB_GRADING removed, so
+    claim checks and widgets run in full) and the library importable from a plain checkout."""
+    env = dict(environ)
+    env.pop("TRANSFORMER_LAB_GRADING", None)
+    env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT / "lib"), env.get("PYTHONPATH", "")) if p
+    )
+    return env
+
+
 def jupyter_book_command() -> str:
     local = Path(sys.executable).parent / "jupyter-book"
     found = str(local) if local.is_file() else shutil.which("jupyter-book")
@@ -282,12 +294,7 @@ def build(course: Path = ROOT / "course", execute: str = "force", out: Path = BU
     print(f"[book] staged {len(lectures)} lecture(s) from {course}: "
           + ", ".join(name for name, _ in lectures), flush=True)
 
-    env = dict(os.environ)
-    env.pop("TRANSFORMER_LAB_GRADING", None)  # normal mode: full plots and widgets
-    env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT / "lib"), env.get("PYTHONPATH", "")) if p
-    )
+    env = build_env(os.environ)
     html = out / "html"
     if html.exists():  # no stale pages from lectures that are gone
         shutil.rmtree(html)

@@ -110,3 +110,10 @@ def test_leak_search_sees_through_syntax_highlighting(tmp_path):
     assert needles[0][2] in page_text(page)
     assert needles[1][2] not in page_text(page)
     assert BeautifulSoup("<p>x</p>", "html.parser").get_text() == "x"
+
+
+def test_notebooks_run_in_normal_mode(build_module):
+    env = build_module.build_env({"TRANSFORMER_LAB_GRADING": "1", "PATH": "/usr/bin"})
+    assert "TRANSFORMER_LAB_GRADING" not in env
+    assert env["PATH"] == "/usr/bin"
+    assert env["PYTHONPATH"].split(":")[0].endswith("lib")
