@@ -15,6 +15,9 @@ Two expensive things are shared by every test in this file (module-scoped):
                exercise's body is an infinite loop (flat layout)
   ===========  =============================================================
 
+The learner notebooks' own run is checked on the ``untouched`` student's graded
+copy; ``--runslow`` also executes them in normal mode (full claim checks).
+
 Each exercise is graded on its own, so the hostile student's exercises are
 checked one by one; ``wrong`` differs from the solutions in one exercise only.
 On a busy 2-core machine the file takes about a minute per lecture, less when idle.
@@ -107,9 +110,14 @@ def _public_lines(nb) -> list[str]:
     return lines
 
 
+def _autograded(report, student: str, lecture: str):
+    work = report.out / "work" / lecture / student
+    return read(work / "autograded" / student / lecture / f"{lecture}.ipynb")
+
+
 def _errors(report, student: str, lecture: str) -> dict[str, set[str]]:
     """grade id → the error names its cell raised in the autograded notebook."""
-    nb = read(report.out / "work" / lecture / student / "autograded" / student / lecture / f"{lecture}.ipynb")
+    nb = _autograded(report, student, lecture)
     found: dict[str, set[str]] = {}
     for cell in nb.cells:
         gid = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
@@ -173,11 +181,9 @@ def executed(fresh) -> dict[str, nbformat.NotebookNode]:
     return {lec: nbformat.reads(t, as_version=4) for lec, t in zip(LECTURES, texts, strict=True)}
 
 
-@pytest.mark.parametrize("lecture", LECTURES)
-def test_learner_notebook_runs_to_the_end_failing_only_in_exercise_tests(lecture, executed):
-    """Executed like a learner who has not started: every error is in a graded test cell
-    and is the exercise's own NotImplementedError, and the last cell ran."""
-    nb = executed[lecture]
+def _check_runs_to_the_end(lecture: str, nb) -> None:
+    """Every error is in a graded test cell and is the exercise's own NotImplementedError,
+    every test cell failed so, and the last code cell ran."""
     test_cells = set(graded_points(nb))
     errors = []
     for cell in nb.cells:
@@ -191,6 +197,20 @@ def test_learner_notebook_runs_to_the_end_failing_only_in_exercise_tests(lecture
     assert failed_tests == test_cells, f"exercise tests that did not fail: {test_cells - failed_tests}"
     last = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()][-1]
     assert last.get("execution_count") is not None, "the notebook did not run to its last cell"
+
+
+@pytest.mark.parametrize("lecture", LECTURES)
+def test_learner_notebook_runs_to_the_end_failing_only_in_exercise_tests(lecture, graded):
+    """The learner notebook as nbgrader executed it for the ``untouched`` student
+    (nbclient, errors allowed, grading mode)."""
+    _check_runs_to_the_end(lecture, _autograded(graded, "untouched", lecture))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lecture", LECTURES)
+def test_learner_notebook_runs_to_the_end_in_normal_mode(lecture, executed):
+    """The same, executed as a learner runs it: normal mode, full claim checks and widgets."""
+    _check_runs_to_the_end(lecture, executed[lecture])
 
 
 # --------------------------------------------------------------------------- grading a class
