@@ -292,6 +292,7 @@ def run(args) -> dict:
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "python": platform.python_version(),
             "platform": platform.platform(),
             "memory_method": meter.method,
@@ -419,6 +420,14 @@ def plot_results(report: dict, path: Path) -> Path:
     return path
 
 
+def _num(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.0f}x" if x >= 10 else f"{x:.1f}x"
+
+
 def summary_table(report: dict) -> str:
     """Markdown table: time (ms) and memory (MiB) per implementation, with ratios to sdpa."""
     rows = report["results"]
@@ -435,10 +444,10 @@ def summary_table(report: dict) -> str:
                 if r is None:
                     cells.append("-")
                     continue
-                t = f"{r['time_ms']:.3g} ({r['time_vs_sdpa']:.2g}x)"
-                m = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.3g}"
+                t = f"{_num(r['time_ms'])} ({_ratio(r['time_vs_sdpa'])})"
+                m = "n/a" if r["peak_mib"] is None else _num(r["peak_mib"])
                 if r.get("mem_vs_sdpa") is not None:
-                    m += f" ({r['mem_vs_sdpa']:.2g}x)"
+                    m += f" ({_ratio(r['mem_vs_sdpa'])})"
                 cells.append(f"{t}; {m}")
             lines.append(f"| {L} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -464,7 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny lengths, 2 repeats, seconds")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--silent", action="store_true")
+    p.add_argument("--show", type=Path, default=None, metavar="JSON",
+                   help="print the tables of an earlier run's attention.json and stop")
     args = p.parse_args(argv)
+    if args.show:
+        print(summary_table(json.loads(args.show.read_text())))
+        return 0
     if args.quick:
         args.lengths, args.repeats, args.warmup = [64, 128], 2, 1
         args.batch, args.heads, args.head_dim = 1, 2, 16

@@ -124,17 +124,22 @@ def notebook_title(nb, fallback: str) -> str:
     return fallback
 
 
-def make_toc(lecture_names: list[str]) -> dict:
-    """The ``_toc.yml`` contents: intro page, then one chapter per lecture."""
+def short_title(title: str) -> str:
+    """"Lecture 01 — Attention: queries" / "03 — Positions" -> the title without its number."""
+    return re.sub(r"^(lecture\s+)?\d+\s*[—–:.\-]*\s*", "", title, flags=re.IGNORECASE) or title
+
+
+def make_toc(lectures: list[tuple[str, str]]) -> dict:
+    """The ``_toc.yml`` contents: intro page, then one chapter per (folder name, title) lecture,
+    shown in the sidebar as "NN · title" whatever numbering the notebook's heading uses."""
+    chapters = []
+    for name, title in lectures:
+        number = name.split("_", 1)[0]
+        chapters.append({"file": f"lectures/{name}", "title": f"{number} · {short_title(title)}"})
     return {
         "format": "jb-book",
         "root": "intro",
-        "parts": [
-            {
-                "caption": "Lectures",
-                "chapters": [{"file": f"lectures/{name}"} for name in lecture_names],
-            }
-        ],
+        "parts": [{"caption": "Lectures", "chapters": chapters}],
     }
 
 
@@ -143,7 +148,9 @@ def lecture_table(lectures: list[tuple[str, str]]) -> str:
     rows = ["| # | lecture | notebook |", "|---|---|---|"]
     for name, title in lectures:
         number = name.split("_", 1)[0]
-        rows.append(f"| {number} | [{title}](lectures/{name}.ipynb) | `course/{name}/{name}.ipynb` |")
+        rows.append(
+            f"| {number} | [{short_title(title)}](lectures/{name}.ipynb) | `course/{name}/{name}.ipynb` |"
+        )
     return "\n".join(rows)
 
 
@@ -255,7 +262,7 @@ def stage(course: Path, execute: str) -> list[tuple[str, str]]:
     config = yaml.safe_load((BOOK / "_config.yml").read_text())
     config["execute"]["execute_notebooks"] = execute
     (WORK / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (WORK / "_toc.yml").write_text(yaml.safe_dump(make_toc([n for n, _ in lectures]), sort_keys=False))
+    (WORK / "_toc.yml").write_text(yaml.safe_dump(make_toc(lectures), sort_keys=False))
     intro = (BOOK / "intro.md").read_text()
     intro = LECTURE_LIST_MARKER.sub(lambda _: lecture_table(lectures), intro)
     (WORK / "intro.md").write_text(intro)

@@ -71,14 +71,21 @@ def region_lines(notebook: Path) -> tuple[dict[str, list[str]], set[str]]:
 
 
 def secret_needles(solutions: Path) -> list[tuple[str, str, str]]:
-    """(notebook, kind, line) for every non-trivial line that only a solution or hidden test has."""
-    needles = []
+    """(notebook, kind, line) for every non-trivial line that only a solution or hidden test has:
+    a line that the lectures also show elsewhere (in any cell, outside the regions, even as part
+    of a longer line) is public and proves nothing."""
+    inside_by_nb, public = {}, []
     for notebook in sorted(solutions.glob("*/*.ipynb")):
         inside, outside = region_lines(notebook)
+        inside_by_nb[notebook.name] = inside
+        public.extend(outside)
+    public_text = "\n".join(public)
+    needles = []
+    for name, inside in inside_by_nb.items():
         for kind, lines in inside.items():
             for line in lines:
-                if len(line) >= MIN_NEEDLE and not line.startswith("#") and line not in outside:
-                    needles.append((notebook.name, kind, line))
+                if len(line) >= MIN_NEEDLE and not line.startswith("#") and line not in public_text:
+                    needles.append((name, kind, line))
     return needles
 
 

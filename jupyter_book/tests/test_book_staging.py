@@ -43,9 +43,12 @@ def test_lectures_are_found_by_folder_and_listed_in_order(tmp_path, build_module
     (tmp_path / "03_missing_notebook" / "other.ipynb").write_text("{}")
     found = build_module.find_lectures(tmp_path)
     assert [p.stem for p in found] == ["01_attention", "02_blocks"]
-    toc = build_module.make_toc([p.stem for p in found])
+    toc = build_module.make_toc([(p.stem, "Lecture 07: Low-rank attention") for p in found])
     assert toc["root"] == "intro"
-    assert toc["parts"][0]["chapters"] == [{"file": "lectures/01_attention"}, {"file": "lectures/02_blocks"}]
+    assert toc["parts"][0]["chapters"] == [
+        {"file": "lectures/01_attention", "title": "01 · Low-rank attention"},
+        {"file": "lectures/02_blocks", "title": "02 · Low-rank attention"},
+    ]
     with pytest.raises(SystemExit, match="no lecture notebooks"):
         build_module.find_lectures(tmp_path / "notes")
     with pytest.raises(SystemExit, match="make release"):
@@ -55,7 +58,10 @@ def test_lectures_are_found_by_folder_and_listed_in_order(tmp_path, build_module
 def test_title_and_lecture_table(build_module):
     assert build_module.notebook_title(_notebook(), "x") == "Lecture 07: Low-rank attention"
     assert build_module.notebook_title(nbformat.v4.new_notebook(), "fallback") == "fallback"
-    table = build_module.lecture_table([("07_low_rank", "Low-rank attention")])
+    for title in ("Lecture 07 — Low-rank attention", "07 — Low-rank attention",
+                  "Lecture 7: Low-rank attention", "Low-rank attention"):
+        assert build_module.short_title(title) == "Low-rank attention"
+    table = build_module.lecture_table([("07_low_rank", "Lecture 07 — Low-rank attention")])
     assert "| 07 | [Low-rank attention](lectures/07_low_rank.ipynb) |" in table
 
 
