@@ -124,6 +124,16 @@ def notebook_title(nb, fallback: str) -> str:
     return fallback
 
 
+def page_source(name: str) -> str:
+    """Where lecture ``name`` (e.g. ``01_attention``) is staged, without suffix."""
+    return f"lectures/{name}/{name}"
+
+
+def page_path(name: str) -> str:
+    """The built page of lecture ``name``, relative to the site root."""
+    return f"{page_source(name)}.html"
+
+
 def short_title(title: str) -> str:
     """"Lecture 01 — Attention: queries" / "03 — Positions" -> the title without its number."""
     return re.sub(r"^(lecture\s+)?\d+\s*[—–:.\-]*\s*", "", title, flags=re.IGNORECASE) or title
@@ -135,7 +145,7 @@ def make_toc(lectures: list[tuple[str, str]]) -> dict:
     chapters = []
     for name, title in lectures:
         number = name.split("_", 1)[0]
-        chapters.append({"file": f"lectures/{name}", "title": f"{number} · {short_title(title)}"})
+        chapters.append({"file": page_source(name), "title": f"{number} · {short_title(title)}"})
     return {
         "format": "jb-book",
         "root": "intro",
@@ -149,7 +159,7 @@ def lecture_table(lectures: list[tuple[str, str]]) -> str:
     for name, title in lectures:
         number = name.split("_", 1)[0]
         rows.append(
-            f"| {number} | [{short_title(title)}](lectures/{name}.ipynb) | `course/{name}/{name}.ipynb` |"
+            f"| {number} | [{short_title(title)}]({page_source(name)}.ipynb) | `course/{name}/{name}.ipynb` |"
         )
     return "\n".join(rows)
 
@@ -255,8 +265,13 @@ def stage(course: Path, execute: str) -> list[tuple[str, str]]:
     (WORK / "lectures").mkdir(parents=True)
     lectures = []
     for path in find_lectures(course):
+        # the lecture's whole folder (figures or small files next to the notebook keep working),
+        # then the prepared notebook over the original
+        target = WORK / "lectures" / path.stem
+        shutil.copytree(path.parent, target, ignore=shutil.ignore_patterns(
+            ".ipynb_checkpoints", "__pycache__", "*.pyc"))
         nb = nbformat.read(path, as_version=4)
-        nbformat.write(prepare_notebook(nb), WORK / "lectures" / path.name)
+        nbformat.write(prepare_notebook(nb), target / path.name)
         lectures.append((path.stem, notebook_title(nb, path.stem)))
 
     config = yaml.safe_load((BOOK / "_config.yml").read_text())
@@ -314,7 +329,7 @@ def build(course: Path = ROOT / "course", execute: str = "force", out: Path = BU
     t_build = time.perf_counter() - t1
     if result.returncode != 0:
         raise SystemExit(f"error: jupyter-book build failed (exit {result.returncode})")
-    missing = [n for n, _ in lectures if not (html / "lectures" / f"{n}.html").is_file()]
+    missing = [n for n, _ in lectures if not (html / page_path(n)).is_file()]
     if missing:
         raise SystemExit(f"error: no page was built for {missing}")
     strip_thebe(html)

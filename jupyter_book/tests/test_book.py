@@ -89,12 +89,12 @@ def secret_needles(solutions: Path) -> list[tuple[str, str, str]]:
     return needles
 
 
-def test_every_lecture_has_a_page_in_the_toc(built_site, lectures):
+def test_every_lecture_has_a_page_in_the_toc(built_site, lectures, build_module):
     intro = (built_site / "intro.html").read_text(encoding="utf-8")
     for notebook in lectures:
-        page = built_site / "lectures" / f"{notebook.stem}.html"
+        page = built_site / build_module.page_path(notebook.stem)
         assert page.is_file(), f"no page for {notebook.stem}"
-        assert f"lectures/{notebook.stem}.html" in intro, (
+        assert build_module.page_path(notebook.stem) in intro, (
             f"{notebook.stem} is missing from the table of contents / lecture list of intro.html"
         )
 
@@ -133,7 +133,7 @@ def test_test_cells_show_their_code_but_no_output(built_site, lectures, build_mo
         nb = nbformat.read(notebook, as_version=4)
         tests = [c for c in nb.cells if build_module.is_test_cell(c)]
         soup = BeautifulSoup(
-            (built_site / "lectures" / f"{notebook.stem}.html").read_text(encoding="utf-8"),
+            (built_site / build_module.page_path(notebook.stem)).read_text(encoding="utf-8"),
             "html.parser",
         )
         tagged = soup.select("div.cell.tag_raises-exception")
@@ -154,10 +154,10 @@ def test_test_cells_show_their_code_but_no_output(built_site, lectures, build_mo
             )
 
 
-def test_no_traceback_in_any_output(built_site, lectures):
+def test_no_traceback_in_any_output(built_site, lectures, build_module):
     for notebook in lectures:
         soup = BeautifulSoup(
-            (built_site / "lectures" / f"{notebook.stem}.html").read_text(encoding="utf-8"),
+            (built_site / build_module.page_path(notebook.stem)).read_text(encoding="utf-8"),
             "html.parser",
         )
         outputs = soup.select(".cell_output")
@@ -168,10 +168,10 @@ def test_no_traceback_in_any_output(built_site, lectures):
                 assert bad not in text, f"{notebook.stem}: an output shows {bad!r}:\n{text[:500]}"
 
 
-def test_lectures_were_executed_with_plots(built_site, lectures):
+def test_lectures_were_executed_with_plots(built_site, lectures, build_module):
     for notebook in lectures:
         soup = BeautifulSoup(
-            (built_site / "lectures" / f"{notebook.stem}.html").read_text(encoding="utf-8"),
+            (built_site / build_module.page_path(notebook.stem)).read_text(encoding="utf-8"),
             "html.parser",
         )
         nb = nbformat.read(notebook, as_version=4)
@@ -194,9 +194,9 @@ def test_site_loads_nothing_from_a_cdn(built_site, build_module):
     assert (built_site / "vendor" / "requirejs" / "require.js").is_file()
 
 
-def test_pages_use_the_local_mathjax(built_site, lectures):
+def test_pages_use_the_local_mathjax(built_site, lectures, build_module):
     for notebook in lectures:
-        text = (built_site / "lectures" / f"{notebook.stem}.html").read_text(encoding="utf-8")
+        text = (built_site / build_module.page_path(notebook.stem)).read_text(encoding="utf-8")
         assert re.search(r'<script[^>]*src="[^"]*vendor/mathjax/es5/tex-chtml\.js', text), (
             f"{notebook.stem}: MathJax is not loaded from vendor/"
         )

@@ -78,8 +78,8 @@ def browser():
             b.close()
 
 
-def _pages(built_site: Path, lectures: list[Path]) -> list[str]:
-    return ["intro.html"] + [f"lectures/{nb.stem}.html" for nb in lectures]
+def _pages(build_module, lectures: list[Path]) -> list[str]:
+    return ["intro.html"] + [build_module.page_path(nb.stem) for nb in lectures]
 
 
 def check_page(browser, base_url: str, path: str, screenshot: Path) -> dict:
@@ -136,14 +136,14 @@ def check_page(browser, base_url: str, path: str, screenshot: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def rendered(built_site, lectures, server, browser) -> dict[str, dict]:
+def rendered(built_site, lectures, server, browser, build_module) -> dict[str, dict]:
     """Every page opened once: {path: what was seen}; screenshots written on the way."""
     shots = built_site.parent / "screenshots"
     if shots.exists():  # no stale pictures of pages that are gone
         shutil.rmtree(shots)
     results = {}
-    for path in _pages(built_site, lectures):
-        shot = shots / f"{Path(path).stem}.png"
+    for path in _pages(build_module, lectures):
+        shot = shots / f"{Path(path).stem}.png"  # intro.png, 01_attention.png, ...
         results[path] = check_page(browser, server, path, shot)
         results[path]["screenshot"] = shot
     return results

@@ -46,8 +46,8 @@ def test_lectures_are_found_by_folder_and_listed_in_order(tmp_path, build_module
     toc = build_module.make_toc([(p.stem, "Lecture 07: Low-rank attention") for p in found])
     assert toc["root"] == "intro"
     assert toc["parts"][0]["chapters"] == [
-        {"file": "lectures/01_attention", "title": "01 · Low-rank attention"},
-        {"file": "lectures/02_blocks", "title": "02 · Low-rank attention"},
+        {"file": "lectures/01_attention/01_attention", "title": "01 · Low-rank attention"},
+        {"file": "lectures/02_blocks/02_blocks", "title": "02 · Low-rank attention"},
     ]
     with pytest.raises(SystemExit, match="no lecture notebooks"):
         build_module.find_lectures(tmp_path / "notes")
@@ -62,7 +62,8 @@ def test_title_and_lecture_table(build_module):
                   "Lecture 7: Low-rank attention", "Low-rank attention"):
         assert build_module.short_title(title) == "Low-rank attention"
     table = build_module.lecture_table([("07_low_rank", "Lecture 07 — Low-rank attention")])
-    assert "| 07 | [Low-rank attention](lectures/07_low_rank.ipynb) |" in table
+    assert "| 07 | [Low-rank attention](lectures/07_low_rank/07_low_rank.ipynb) |" in table
+    assert build_module.page_path("07_low_rank") == "lectures/07_low_rank/07_low_rank.html"
 
 
 def test_cdn_filter_and_thebe_removal(tmp_path, build_module):
