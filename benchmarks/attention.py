@@ -18,7 +18,8 @@ and with a causal mask:
     mha_fast      ``transformer_lab.attention.MultiHeadAttention(fast=True)``  (mask = causal_mask)
     mha_readable  ``MultiHeadAttention(fast=False)``
 
-Time is the median of ``--repeats`` calls after a warm-up call. Every result is also given as a
+Time is the median of ``--repeats`` samples after a warm-up call (3x as many at L <= 512, half
+but at least 3 at L >= 2048; the minimum is kept too). Every result is also given as a
 ratio to ``sdpa`` at the same L and masking, measured in the same run (and, for modules, to
 ``torch_mha``). The readable paths store (B, H, L, L) scores, so they stop at ``--naive-max``.
 
@@ -250,7 +251,8 @@ def run(args) -> dict:
     load_before = load_average()
     t_start = time.perf_counter()
     for L in args.lengths:
-        repeats = args.repeats if L < 2048 else max(3, args.repeats // 2)
+        # short calls are cheap and the noisiest: more samples there, fewer at long L
+        repeats = args.repeats * 3 if L <= 512 else args.repeats if L < 2048 else max(3, args.repeats // 2)
         for causal in (False, True):
             todo = [i for i in impls if not (i in NAIVE and L > args.naive_max)]
             with torch.inference_mode():
@@ -266,6 +268,7 @@ def run(args) -> dict:
                     "L": L,
                     "causal": causal,
                     "time_ms": statistics.median(times[impl]) * 1e3,
+                    "time_min_ms": min(times[impl]) * 1e3,
                     "times_ms": [round(t * 1e3, 4) for t in times[impl]],
                     "peak_mib": peaks[impl],
                     "scores_mib": args.batch * args.heads * L * L * torch.finfo(dtype).bits / 8 / MIB,
@@ -297,7 +300,8 @@ def run(args) -> dict:
             "platform": platform.platform(),
             "memory_method": meter.method,
             "timing": "forward, inference_mode, after warm-up; median of --repeats samples "
-                      "(half, at least 3, at L >= 2048); implementations interleaved round-robin; "
+                      "(3x as many at L <= 512, half but at least 3 at L >= 2048); "
+                      "implementations interleaved round-robin; "
                       f"a sample loops a fast call to ~{args.sample_ms:g} ms and divides",
             "quick": args.quick,
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -351,7 +355,7 @@ def device_name(device: torch.device) -> str:
 # --------------------------------------------------------------------------- outputs
 
 
-CSV_FIELDS = ["impl", "level", "L", "causal", "time_ms", "peak_mib", "scores_mib",
+CSV_FIELDS = ["impl", "level", "L", "causal", "time_ms", "time_min_ms", "peak_mib", "scores_mib",
               "time_vs_sdpa", "mem_vs_sdpa", "time_vs_torch_mha", "mem_vs_torch_mha"]
 
 
