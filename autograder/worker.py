@@ -34,7 +34,170 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .course import COURSE_ID, config_file_text, nbgrader_config
+from .course import COURSE_ID, REPO, config_file_text, nbgrader_config
+from .sandbox import Limits, available, kill_uid, sandbox_uid
+
+# What the current grade task runs under (set by ``_grade``; one task at a time per worker).
+_LIMITS = Limits()
+_SPEC: dict[str, Any] = {}
+#: Things that went wrong in the current notebook, in words (become the result's notes).
+_EVENTS: list[str] = []
+
+def autograde_preprocessors() -> list[str]:
+    """nbgrader's own autograde steps, with its Execute replaced by :class:`SandboxExecute`."""
+    from nbgrader.converters import Autograde
+    from nbgrader.preprocessors import Execute
+
+    steps = Autograde.class_traits()["autograde_preprocessors"].default()
+    return [
+        "autograder.worker.SandboxExecute" if pp is Execute else f"{pp.__module__}.{pp.__name__}"
+        for pp in steps
+    ]
+
+
+def _note(text: str) -> None:
+    if text not in _EVENTS:
+        _EVENTS.append(text)
+
+
+_SIGNALS = {
+    6: "SIGABRT (aborted, e.g. out of memory in C++)",
+    9: "SIGKILL (killed, e.g. out of memory)",
+    11: "SIGSEGV (segmentation fault)",
+    7: "SIGBUS (bus error)",
+    15: "SIGTERM",
+}
+
+
+def _exit_words(code: int | None) -> str:
+    if code is None:
+        return "it stopped answering"
+    if code < 0:
+        return "killed by signal " + _SIGNALS.get(-code, str(-code))
+    return f"it exited with status {code} (os._exit or similar)"
+
+
+def _load_sandbox_classes():
+    """Defined lazily: nbgrader and jupyter_client are only imported in the worker."""
+    from jupyter_client.manager import AsyncKernelManager
+    from nbclient.exceptions import DeadKernelError
+    from nbformat.notebooknode import NotebookNode
+    from nbgrader.preprocessors import Execute
+
+    class SandboxKernelManager(AsyncKernelManager):
+        """Starts the kernel through ``python -m autograder.sandbox`` (see sandbox.py)."""
+
+        def format_kernel_cmd(self, extra_arguments=None):
+            cmd = super().format_kernel_cmd(extra_arguments)
+            spec = json.dumps(_SPEC or {"limits": _LIMITS.to_dict(), "isolate": False})
+            return [sys.executable, "-m", "autograder.sandbox", spec, "--", *cmd]
+
+    def _error(ename: str, evalue: str) -> NotebookNode:
+        return NotebookNode(output_type="error", ename=ename, evalue=evalue,
+                            traceback=[f"{ename}: {evalue}"])
+
+    class SandboxExecute(Execute):
+        """nbgrader's Execute with the grader's limits: a wall clock for the whole
+        notebook, output kept per cell capped, a dead kernel recorded on its cell
+        (the cells after it are not run: 0 points) instead of failing the notebook,
+        and every process of the sandbox uid killed afterwards."""
+
+        def __init__(self, **kw):
+            kw["kernel_manager_class"] = SandboxKernelManager
+            super().__init__(**kw)
+
+        def preprocess(self, nb, resources=None, km=None):
+            self.kernel_manager_class = SandboxKernelManager
+            self._deadline = time.monotonic() + _LIMITS.notebook_timeout
+            self._dead: str | None = None
+            self._out_bytes: dict[int, int] = {}
+            self._cut: set[int] = set()
+            try:
+                return super().preprocess(nb, resources, km)
+            finally:
+                _cleanup_processes(self)
+
+        def _get_timeout(self, cell):
+            timeout = super()._get_timeout(cell)
+            remaining = max(1, int(self._deadline - time.monotonic()))
+            return min(timeout, remaining) if timeout else remaining
+
+        def preprocess_cell(self, cell, resources, index):
+            if cell.cell_type != "code" or not cell.source.strip():
+                return cell, self.resources
+            if self._dead is not None:
+                cell.outputs = [_error("KernelDied", f"not run: the kernel died in an earlier cell ({self._dead})")]
+                return cell, self.resources
+            if time.monotonic() >= self._deadline:
+                cell.outputs = [_error("NotebookTimeLimit", "not run: the notebook used up its "
+                                       f"{_LIMITS.notebook_timeout} s time limit")]
+                _note(f"the notebook ran out of its {_LIMITS.notebook_timeout} s time limit; "
+                      "later cells were not run")
+                return cell, self.resources
+            try:
+                return super().preprocess_cell(cell, resources, index)
+            except DeadKernelError:
+                code = None
+                try:
+                    code = self.km.provisioner.process.poll()
+                except Exception:  # noqa: BLE001
+                    pass
+                name = cell.metadata.get("nbgrader", {}).get("grade_id") or f"cell {index}"
+                self._dead = name
+                words = _exit_words(code)
+                cell.outputs.append(_error("KernelDied", f"the kernel died in this cell: {words}"))
+                _note(f"the kernel died in {name}: {words}; the cells after it were not run")
+                return cell, self.resources
+
+        def output(self, outs, msg, display_id, cell_index):
+            content = msg.get("content", {})
+            size = len(content.get("text", "") or "") + sum(
+                len(v) if isinstance(v, str) else len(json.dumps(v)) for v in (content.get("data") or {}).values()
+            ) + sum(len(t) for t in content.get("traceback", []) or [])
+            used = self._out_bytes.get(cell_index, 0) + size
+            self._out_bytes[cell_index] = used
+            if used > _LIMITS.output_bytes:
+                if cell_index not in self._cut:
+                    self._cut.add(cell_index)
+                    outs.append(NotebookNode(output_type="stream", name="stderr", text=(
+                        f"\n[output cut: this cell printed more than {_LIMITS.output_bytes} bytes, "
+                        "the grader's limit]\n")))
+                    _note(f"output over the {_LIMITS.output_bytes // 1024} KiB per-cell limit was cut")
+                if msg.get("msg_type") == "error":  # keep the error itself: it decides the grade
+                    content = dict(content, traceback=(content.get("traceback") or [])[-3:])
+                    outs.append(NotebookNode(output_type="error", ename=content.get("ename", ""),
+                                             evalue=str(content.get("evalue", ""))[:1000],
+                                             traceback=[str(t)[:1000] for t in content["traceback"]]))
+                return None
+            return super().output(outs, msg, display_id, cell_index)
+
+    return SandboxKernelManager, SandboxExecute
+
+
+def _cleanup_processes(client=None) -> None:
+    """Kill what the notebook left running: every process of the sandbox uid, or
+    (not isolated) the kernel's process group."""
+    if _SPEC.get("isolate"):
+        n = kill_uid(int(_SPEC["uid"]))
+        if n:
+            _note(f"{n} process(es) the notebook started were still running after it and were killed")
+    elif client is not None:
+        try:
+            pid = client.km.provisioner.process.pid
+            import os
+            import signal
+
+            os.killpg(pid, signal.SIGKILL)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+def __getattr__(name: str):
+    if name in ("SandboxExecute", "SandboxKernelManager"):
+        km, ex = _load_sandbox_classes()
+        globals().update(SandboxKernelManager=km, SandboxExecute=ex)
+        return globals()[name]
+    raise AttributeError(name)
 
 
 def _api(root: Path, timeout: int | None = None):
@@ -42,6 +205,7 @@ def _api(root: Path, timeout: int | None = None):
     from nbgrader.coursedir import CourseDirectory
 
     config = nbgrader_config(root, timeout)
+    config.Autograde.autograde_preprocessors = autograde_preprocessors()
     (root / "nbgrader_config.py").write_text(config_file_text(config))
     coursedir = CourseDirectory(config=config)
     return NbGraderAPI(coursedir=coursedir, config=config), config
@@ -115,18 +279,34 @@ def _cell_errors(notebook_path: Path) -> list[dict[str, str]]:
 def _grade(task: dict[str, Any]) -> dict[str, Any]:
     from nbgrader.api import Gradebook
 
+    global _LIMITS, _SPEC
     root = Path(task["root"])
     lecture, student = task["lecture"], task["student"]
-    api, config = _api(root, task.get("timeout"))
+    limits = dict(task.get("limits") or {})
+    if task.get("timeout"):
+        limits["cell_timeout"] = int(task["timeout"])
+    _LIMITS = Limits.from_env(**limits)
+    _SPEC = sandbox_spec(root, _LIMITS)
+    _cleanup_processes()  # anything a previous task left behind
+    _EVENTS.clear()
+    if not _SPEC["isolate"]:
+        _note(available()[1])
+    gradebook = root / "gradebook.db"
+    if gradebook.exists():
+        gradebook.chmod(0o600)  # the hidden tests: root only, whatever else happens
+    api, config = _api(root, _LIMITS.cell_timeout)
     t0 = time.perf_counter()
     result = api.autograde(lecture, student, force=True, create=True)
     seconds = time.perf_counter() - t0
+    _cleanup_processes()
     if not result.get("success"):
         return {
             "status": "error",
             "message": "nbgrader autograde failed: " + _error_line(result),
             "log": _log_tail(result, 40),
             "seconds": seconds,
+            "notes": list(_EVENTS),
+            "isolated": bool(_SPEC["isolate"]),
         }
     scores: dict[str, float] = {}
     max_scores: dict[str, float] = {}
@@ -148,6 +328,33 @@ def _grade(task: dict[str, Any]) -> dict[str, Any]:
         "feedback": str(html) if feedback.get("success") and html.exists() else None,
         "feedback_error": None if feedback.get("success") else _error_line(feedback),
         "seconds": seconds,
+        "notes": list(_EVENTS),
+        "isolated": bool(_SPEC["isolate"]),
+        "limits": _LIMITS.to_dict(),
+    }
+
+
+def sandbox_spec(root: Path, limits: Limits) -> dict[str, Any]:
+    """What ``python -m autograder.sandbox`` needs to start this task's kernel."""
+    import importlib.util
+
+    isolate = available()[0]
+    keep = [sys.prefix, sys.base_prefix]
+    found = importlib.util.find_spec("transformer_lab")
+    if found is not None and found.submodule_search_locations:
+        keep.append(str(Path(list(found.submodule_search_locations)[0]).parent))
+    keep = [str(Path(k).resolve()) for k in keep]
+    hide = []
+    workspace = Path(root).resolve().parents[2]  # OUT/work/<lecture>/<student>
+    if not any(k == str(workspace) or k.startswith(str(workspace) + "/") for k in keep):
+        hide.append(str(workspace))
+    return {
+        "isolate": isolate,
+        "uid": sandbox_uid(),
+        "limits": limits.to_dict(),
+        "repo": str(REPO),
+        "keep": keep,
+        "hide": hide,
     }
 
 
