@@ -1,10 +1,15 @@
 """The instructor's command: ``python -m autograder`` (console script ``autograder``).
 
     python -m autograder release [--lecture NN_topic] [--check]
-    python -m autograder grade SUBMISSIONS --lecture NN_topic|all [--out DIR] [--timeout SECONDS]
+    python -m autograder grade SUBMISSIONS [--lecture NN_topic|all] [--out DIR] [--workers N]
+        [--timeout SECONDS] [--secret-file PATH] [--extra-tests DIR] [--force]
 
-Bad input (a missing folder, an unknown lecture, no notebooks) is reported in
-one line naming what was expected and what came, with exit status 2.
+SUBMISSIONS: a folder (per-student folders, nbgrader's submitted/, LMS downloads),
+a .zip of one, or a single notebook (a learner's self-check).
+
+Bad input (a missing folder, an unknown lecture, a student id twice, a workspace
+of another course) is reported in one line naming what was expected and what
+came, with exit status 2, before anything is graded or written.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from .course import (
     COURSE,
     DEFAULT_OUT,
     DEFAULT_TIMEOUT,
+    SELFCHECK_OUT,
     SOLUTIONS,
     UsageError,
     lectures_in,
@@ -46,17 +52,38 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "submissions",
         type=Path,
-        help="folder with one subfolder per student: <student>/<NN_topic>/<NN_topic>.ipynb "
-        "or <student>/<NN_topic>.ipynb",
+        help="a folder of submissions (<student>/<NN_topic>.ipynb, nbgrader's submitted/, "
+        "LMS downloads <id>_..._<NN_topic>.ipynb), a .zip of one, or one notebook",
     )
-    g.add_argument("--lecture", required=True, help="NN_topic, or all")
+    g.add_argument("--lecture", default="all", help="NN_topic, or all (default)")
     g.add_argument(
         "--out",
         type=Path,
-        default=DEFAULT_OUT,
-        help="grading workspace: scores.csv, feedback/, work/ "
-        "(default: autograder/_work/grades in the repository, git-ignored)",
+        default=None,
+        help="grading workspace: scores.csv, feedback/, report/, work/ (default: "
+        "autograder/_work/grades, or autograder/_work/selfcheck for one notebook; git-ignored)",
     )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="notebooks graded side by side (default: one per CPU core)",
+    )
+    g.add_argument(
+        "--secret-file",
+        type=Path,
+        default=None,
+        help="file whose first line is the course secret seeding the hidden tests "
+        "(default: env TRANSFORMER_LAB_SECRET); keep it outside the repository",
+    )
+    g.add_argument(
+        "--extra-tests",
+        type=Path,
+        default=None,
+        help="folder of <NN_topic>.py files with your own hidden tests ('# %%%% <grade_id> [points=N]' cells)",
+    )
+    g.add_argument("--force", action="store_true", help="grade every notebook again, changed or not")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument(
         "--timeout",
         type=int,
@@ -99,26 +126,48 @@ def lectures_in_course(course: Path) -> list[str]:
 
 
 def _grade(args) -> int:
-    from .grade import grade
+    from .grade import grade, read_secret
 
     t0 = time.perf_counter()
+    single = args.submissions.suffix == ".ipynb" and args.submissions.is_file()
+    out = args.out if args.out is not None else (SELFCHECK_OUT if single else DEFAULT_OUT)
     report = grade(
         args.submissions,
         args.lecture,
-        out=args.out,
+        out=out,
         timeout=args.timeout,
         solutions=args.solutions,
         course=args.course,
+        workers=args.workers,
+        secret=read_secret(args.secret_file),
+        extra_tests=args.extra_tests,
+        force=args.force,
+        progress=False if args.no_progress else None,
     )
     for line in report.warnings:
         print(f"warning: {line}", file=sys.stderr)
+    if single:
+        (student, lecture), = report.graded or [("self", next(iter(report.exercises)))]
+        r = report.row(student, lecture)
+        for ex in report.exercises[lecture]:
+            print(f"  {ex.grade_id:<40} {r.scores.get(ex.grade_id, 0):g}/{ex.points:g}")
+        print(f"score:    {r.total:g}/{r.max:g} ({r.status}{', ' + r.notes if r.notes else ''})")
+        print(f"feedback: {r.feedback or '(none written)'}")
+        return 0
+    graded = set(report.graded)
     width = max(len(r.student) for r in report.rows)
     for r in report.rows:
         notes = f"  ({r.notes})" if r.notes else ""
-        print(f"{r.student:<{width}}  {r.lecture}  {r.total:g}/{r.max:g}  {r.status}{notes}")
+        mark = "" if (r.student, r.lecture) in graded else "  [unchanged]"
+        print(f"{r.student:<{width}}  {r.lecture}  {r.total:g}/{r.max:g}  {r.status}{notes}{mark}")
     print(f"scores:   {report.csv_path}")
     print(f"feedback: {report.out / 'feedback'}")
-    print(f"graded {len(report.rows)} notebook(s) in {time.perf_counter() - t0:.0f} s")
+    if report.report_path:
+        print(f"report:   {report.report_path}")
+    print(
+        f"graded {len(graded)} notebook(s), {len(report.rows) - len(graded)} unchanged, "
+        f"in {time.perf_counter() - t0:.0f} s"
+    )
     return 0
 
 

@@ -33,12 +33,19 @@ SOLUTIONS = REPO / "solutions"
 COURSE = REPO / "course"
 #: Where `grade` writes unless told otherwise (git-ignored).
 DEFAULT_OUT = REPO / "autograder" / "_work" / "grades"
+#: Where a learner's ``grade my.ipynb`` writes unless told otherwise (git-ignored).
+SELFCHECK_OUT = REPO / "autograder" / "_work" / "selfcheck"
 
 COURSE_ID = "transformer-lab"
 SOURCE_DIRNAME = "solutions"
 RELEASE_DIRNAME = "course"
 DEFAULT_TIMEOUT = 60  # seconds per notebook cell while grading
 GRADING_ENV = "TRANSFORMER_LAB_GRADING"
+#: The course secret that seeds the hidden tests' inputs (``grading.hidden_rng``).
+SECRET_ENV = "TRANSFORMER_LAB_SECRET"
+HIDDEN_BEGIN, HIDDEN_END = "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"
+#: What the feedback shows in place of a cell's hidden tests.
+HIDDEN_PLACEHOLDER = "# (hidden tests ran here; their code is not shown)"
 
 #: A lecture folder: two digits, underscore, lower-case topic (``01_attention``).
 LECTURE_RE = re.compile(r"^\d\d_[a-z0-9][a-z0-9_]*$")
@@ -93,6 +100,15 @@ def nbgrader_config(root: Path, timeout: int | None = None) -> Config:
     c.CourseDirectory.ignore = list(IGNORE)
     # The release stub: defining the function works, calling it raises.
     c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
+    # The feedback shows each test cell's pass/fail and error message, never the hidden tests' code.
+    from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
+    from nbgrader.preprocessors import GetGrades
+
+    c.GenerateFeedback.preprocessors = [
+        GetGrades,
+        __getattr__("HideHiddenTests"),
+        CSSHTMLHeaderPreprocessor,
+    ]
     if timeout is not None:
         # per cell; nbgrader's Execute subclasses nbconvert's ExecutePreprocessor
         c.ExecutePreprocessor.timeout = int(timeout)
@@ -101,13 +117,72 @@ def nbgrader_config(root: Path, timeout: int | None = None) -> Config:
     return c
 
 
+def _hide_hidden_region(source: str) -> tuple[str, bool]:
+    lines, inside, found = [], False, False
+    for line in source.split("\n"):
+        if HIDDEN_BEGIN in line:
+            inside, found = True, True
+        elif HIDDEN_END in line:
+            inside = False
+            lines.append(line[: len(line) - len(line.lstrip())] + HIDDEN_PLACEHOLDER)
+        elif not inside:
+            lines.append(line)
+    if inside:  # no END marker: hide to the end of the cell
+        lines.append(HIDDEN_PLACEHOLDER)
+    return "\n".join(lines), found
+
+
+def _make_hide_hidden_tests():
+    # built on first use, so that importing this module (the command's start-up) skips nbconvert
+    from nbconvert.preprocessors import Preprocessor
+    from traitlets import Bool
+
+    class HideHiddenTests(Preprocessor):
+        """Feedback preprocessor: drop the ``### BEGIN/END HIDDEN TESTS`` region of every code cell
+        (a one-line placeholder stays) and shorten the traceback of a cell that had hidden tests
+        to ``ErrorName: message``, so the student sees pass/fail and the error, not the test code."""
+
+        enabled = Bool(True).tag(config=True)
+
+        def preprocess_cell(self, cell, resources, index):
+            if cell.get("cell_type") != "code":
+                return cell, resources
+            cell.source, found = _hide_hidden_region(cell.source)
+            if found:
+                for out in cell.get("outputs", []):
+                    if out.get("output_type") == "error":
+                        out["traceback"] = [f"{out.get('ename', '')}: {out.get('evalue', '')}"]
+            return cell, resources
+
+    HideHiddenTests.__module__ = __name__
+    HideHiddenTests.__qualname__ = "HideHiddenTests"
+    return HideHiddenTests
+
+
+def __getattr__(name: str):
+    if name == "HideHiddenTests":
+        if "_HideHiddenTests" not in globals():
+            globals()["_HideHiddenTests"] = _make_hide_hidden_tests()
+        return globals()["_HideHiddenTests"]
+    raise AttributeError(name)
+
+
+def _py(value) -> str:
+    """Python source for a config value (classes as imports, so the file can be loaded)."""
+    if isinstance(value, type):
+        return f"__import__('importlib').import_module({value.__module__!r}).{value.__qualname__}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_py(v) for v in value) + "]"
+    return repr(value)
+
+
 def config_file_text(config: Config) -> str:
     """``nbgrader_config.py`` text for a scratch root, so an instructor can rerun nbgrader there."""
     lines = ["# Written by `python -m autograder`; nbgrader reads it from its working directory.",
              "c = get_config()  # noqa: F821"]
     for section in sorted(config):
         for key in sorted(config[section]):
-            lines.append(f"c.{section}.{key} = {config[section][key]!r}")
+            lines.append(f"c.{section}.{key} = {_py(config[section][key])}")
     return "\n".join(lines) + "\n"
 
 

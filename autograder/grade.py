@@ -1,10 +1,13 @@
-"""``python -m autograder grade``: autograde a class, write feedback and a CSV of scores.
+"""``python -m autograder grade``: autograde a class, write feedback, a CSV of scores and a report.
 
 The grading workspace (``--out``, never inside ``solutions/`` or ``course/``)::
 
     OUT/
-      scores.csv                        one row per (student, lecture)
+      .autograder-workspace.json        marker: course id and lectures (checked on every run)
+      state.json                        every grade so far, with the hash of the notebook it graded
+      scores.csv                        one row per (student, lecture), rendered from state.json
       feedback/<student>/<NN_topic>.html
+      report/                           class report (report.md, PNGs, summary.json)
       grading.log                       what nbgrader said
       work/<NN_topic>/_release/         generate_assignment ran here (its gradebook
                                         is the template for every submission)
@@ -12,35 +15,57 @@ The grading workspace (``--out``, never inside ``solutions/`` or ``course/``)::
                                         gradebook copy, submitted/, autograded/,
                                         feedback/, result.json
 
+Resumable: a submission is graded again only when its notebook's bytes changed, or
+when what grades it changed (the lecture's source, ``--extra-tests``, the secret,
+the limits). Grades are never dropped: rows of students absent from this run stay.
+``state.json``, ``scores.csv`` and each feedback page are replaced atomically at the
+end, so an interrupted run leaves the previous results as they were.
+
 Each submission is graded in its own root, so submissions cannot disturb each
 other and workers can run side by side. Notebooks run with
 ``TRANSFORMER_LAB_GRADING=1`` (claim checks and widgets shrink, exercise tests
-run in full) and a per-cell timeout (``ExecutePreprocessor.timeout``): a cell
-that overruns is interrupted, counts as failed, and the notebook goes on.
+run in full) and a per-cell timeout (``ExecutePreprocessor.timeout``).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import inspect
+import io
 import json
+import os
+import re
 import shutil
-from dataclasses import dataclass, field
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nbformat
 
 from .course import (
     COURSE,
+    COURSE_ID,
     DEFAULT_OUT,
     DEFAULT_TIMEOUT,
+    HIDDEN_BEGIN,
+    HIDDEN_END,
     IGNORE,
+    SECRET_ENV,
     SOLUTIONS,
     UsageError,
+    lectures_in,
     resolve_lectures,
 )
 from .release import generate
 from .runner import run_tasks
-from .submissions import Submission, find_submissions
+from .submissions import Submission, extract_zip, find_submissions, lecture_cell_ids
+
+MARKER = ".autograder-workspace.json"
+STATE = "state.json"
+#: Bump when grading itself changes, so every workspace regrades once.
+GRADER_VERSION = 2
 
 
 @dataclass
@@ -61,6 +86,7 @@ class Row:
     status: str  # "graded", "error", "missing"
     notes: str = ""
     feedback: Path | None = None
+    failures: list[dict] = field(default_factory=list)  # failed test cells (for the report)
 
 
 @dataclass
@@ -70,9 +96,14 @@ class Report:
     csv_path: Path
     out: Path
     warnings: list[str] = field(default_factory=list)
+    graded: list[tuple[str, str]] = field(default_factory=list)  # (student, lecture) graded this run
+    report_path: Path | None = None
 
     def row(self, student: str, lecture: str) -> Row:
         return next(r for r in self.rows if r.student == student and r.lecture == lecture)
+
+
+# --------------------------------------------------------------------------- small helpers
 
 
 def graded_cells(notebook: Path) -> list[Exercise]:
@@ -89,6 +120,202 @@ def graded_cells(notebook: Path) -> list[Exercise]:
 def _inside(path: Path, folder: Path) -> bool:
     path, folder = path.resolve(), folder.resolve()
     return path == folder or folder in path.parents
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the usual file mode instead
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _folder_hash(folder: Path) -> str:
+    skip = shutil.ignore_patterns(*IGNORE)
+    parts: list[bytes | str] = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(skip("", [p]) for p in rel.parts):
+            parts += [rel.as_posix(), path.read_bytes()]
+    return _sha(*parts)
+
+
+def read_secret(secret_file: Path | None) -> str | None:
+    """The course secret: ``--secret-file`` (first line), else env ``TRANSFORMER_LAB_SECRET``."""
+    if secret_file is None:
+        return os.environ.get(SECRET_ENV) or None
+    path = Path(secret_file)
+    if not path.is_file():
+        raise UsageError(f"--secret-file {path} does not exist: expected a file holding the course secret")
+    from .course import REPO
+
+    if _inside(path, REPO):
+        raise UsageError(
+            f"--secret-file {path} is inside the repository {REPO}: expected a file outside it "
+            "(the repository is public)"
+        )
+    lines = path.read_text(encoding="utf-8").strip().splitlines()
+    if not lines or not lines[0].strip():
+        raise UsageError(f"--secret-file {path} is empty: expected the course secret on its first line")
+    return lines[0].strip()
+
+
+# --------------------------------------------------------------------------- extra tests
+
+EXTRA_HEADER = re.compile(r"^# %%\s*(?P<id>\S+)?(?P<rest>.*)$")
+GRADE_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def load_extra_tests(folder: Path | None, known: list[str]) -> dict[str, list[dict]]:
+    """``DIR/<NN_topic>.py`` files → lecture → extra graded cells (``{"grade_id", "points", "source"}``).
+
+    A file is split into cells at lines ``# %% <grade_id> [points=N]`` (points default 1).
+    Each cell runs after the whole notebook, in the student's kernel (the notebook's
+    names are defined), as a locked graded cell whose code the feedback hides.
+    """
+    if folder is None:
+        return {}
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(
+            f"--extra-tests {folder} is not a folder: expected a folder of <NN_topic>.py files"
+        )
+    extras: dict[str, list[dict]] = {}
+    for path in sorted(folder.glob("*.py")):
+        lecture = path.stem
+        if lecture not in known:
+            raise UsageError(
+                f"--extra-tests file {path.name} names no lecture: expected <NN_topic>.py with "
+                f"NN_topic one of {', '.join(known)}"
+            )
+        cells: list[dict] = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            m = EXTRA_HEADER.match(line)
+            if m:
+                gid = m["id"] or ""
+                points = re.search(r"points\s*=\s*([0-9.]+)", m["rest"] or "")
+                if not GRADE_ID_RE.match(gid):
+                    raise UsageError(
+                        f"{path}:{n}: expected '# %% <grade_id> [points=N]' with a grade id of "
+                        f"letters, digits, _ and -; got {line.strip()!r}"
+                    )
+                cells.append({"grade_id": gid, "points": float(points[1]) if points else 1.0, "lines": []})
+            elif cells:
+                cells[-1]["lines"].append(line)
+            elif line.strip() and not line.lstrip().startswith("#"):
+                raise UsageError(
+                    f"{path}:{n}: code before the first '# %% <grade_id> [points=N]' line: "
+                    "expected every test inside a cell"
+                )
+        for cell in cells:
+            cell["source"] = "\n".join(cell.pop("lines")).strip("\n")
+        if cells:
+            extras[lecture] = cells
+    if not extras:
+        raise UsageError(f"--extra-tests {folder} holds no tests: expected <NN_topic>.py files with '# %% <grade_id>' cells")
+    return extras
+
+
+def extra_cell(test: dict) -> nbformat.NotebookNode:
+    """An nbgrader test cell (locked, graded) for one extra test; its code is a hidden-test region."""
+    source = f"### {HIDDEN_BEGIN}\n{test['source']}\n### {HIDDEN_END}"
+    cell = nbformat.v4.new_code_cell(source)
+    cell.id = re.sub(r"[^A-Za-z0-9-]", "-", test["grade_id"])[:64]
+    cell.metadata["nbgrader"] = {
+        "grade": True,
+        "grade_id": test["grade_id"],
+        "locked": True,
+        "points": test["points"],
+        "schema_version": 3,
+        "solution": False,
+        "task": False,
+    }
+    return cell
+
+
+def append_extra_cells(notebook: Path, tests: list[dict]) -> None:
+    """Append the extra test cells to a notebook (replacing cells with the same grade ids)."""
+    nb = nbformat.read(str(notebook), as_version=4)
+    ids = {t["grade_id"] for t in tests}
+    nb.cells = [
+        c for c in nb.cells if c.get("metadata", {}).get("nbgrader", {}).get("grade_id") not in ids
+    ]
+    nb.cells += [extra_cell(t) for t in tests]
+    nbformat.write(nb, str(notebook))
+
+
+# --------------------------------------------------------------------------- the workspace
+
+
+def check_workspace(out: Path, known: list[str]) -> dict:
+    """Refuse an ``--out`` that is not this course's workspace; return its state (empty if new)."""
+    marker = out / MARKER
+    if not out.exists():
+        return {}
+    if not out.is_dir():
+        raise UsageError(f"--out {out} is a file: expected a grading workspace folder")
+    if not marker.is_file():
+        if any(out.iterdir()):
+            raise UsageError(
+                f"--out {out} is not empty and is not an autograder workspace (no {MARKER}): "
+                "expected a new or empty folder, or the --out of an earlier run"
+            )
+        return {}
+    try:
+        info = json.loads(marker.read_text())
+        course, lectures = info["course"], list(info["lectures"])
+    except Exception:  # noqa: BLE001
+        raise UsageError(f"--out {out}: {MARKER} is unreadable: expected a workspace written by autograder") from None
+    if course != COURSE_ID:
+        raise UsageError(
+            f"--out {out} is a workspace of course {course!r}: expected one of {COURSE_ID!r} (use another --out)"
+        )
+    foreign = [lec for lec in lectures if lec not in known]
+    if foreign:
+        raise UsageError(
+            f"--out {out} holds grades of lectures {', '.join(foreign)}: expected a workspace of "
+            f"{', '.join(known)} (another course's solutions? use another --out)"
+        )
+    state_file = out / STATE
+    if not state_file.is_file():
+        return {}
+    try:
+        return json.loads(state_file.read_text())
+    except Exception:  # noqa: BLE001
+        raise UsageError(f"--out {out}: {STATE} is unreadable: expected the state of an earlier run") from None
+
+
+def _row_to_json(row: Row) -> dict:
+    d = asdict(row)
+    d["feedback"] = str(row.feedback) if row.feedback else None
+    return d
+
+
+def _row_from_json(d: dict) -> Row:
+    d = dict(d)
+    d["feedback"] = Path(d["feedback"]) if d.get("feedback") else None
+    return Row(**d)
+
+
+# --------------------------------------------------------------------------- grading
 
 
 def _notes(result: dict) -> str:
@@ -111,76 +338,48 @@ def _notes(result: dict) -> str:
     return "; ".join(parts)
 
 
-def grade(
-    submissions: Path,
-    lecture: str | None = "all",
-    out: Path | None = None,
-    timeout: int = DEFAULT_TIMEOUT,
-    solutions: Path = SOLUTIONS,
-    course: Path = COURSE,
-    workers: int = 1,
-) -> Report:
-    """Grade every student's notebook(s) in ``submissions``; returns the report (CSV written)."""
-    if timeout is None or timeout <= 0:
-        raise UsageError(f"--timeout must be a positive number of seconds; got {timeout}")
-    lectures = resolve_lectures(lecture, Path(solutions))
-    warnings: list[str] = []
-    subs = find_submissions(Path(submissions), lectures, warnings)
-    if lecture in (None, "", "all"):  # only the lectures somebody handed in
-        lectures = [lec for lec in lectures if any(s.lecture == lec for s in subs)]
-    out = Path(out) if out is not None else DEFAULT_OUT
-    for protected in (Path(solutions), Path(course)):
-        if _inside(out, protected):
-            raise UsageError(f"--out must be outside {protected}; got {out}")
-    out = out.resolve()
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    log_file = out / "grading.log"
-
-    # 1. the gradebook template of each lecture (generate_assignment in a scratch root)
-    shutil.rmtree(work / "_release_tmp", ignore_errors=True)  # left by an interrupted run
-    released = generate(lectures, Path(solutions), work / "_release_tmp", workers) if lectures else {}
-    exercises = {}
-    for lec, release_dir in released.items():
-        template = work / lec / "_release"
-        if template.exists():
-            shutil.rmtree(template)
-        shutil.move(str(release_dir.parent.parent), str(template))
-        shutil.rmtree(template / "solutions")  # the gradebook holds what grading needs
-        exercises[lec] = graded_cells(template / "course" / lec / f"{lec}.ipynb")
-    shutil.rmtree(work / "_release_tmp", ignore_errors=True)
-
-    # 2. one nbgrader root per submission
-    tasks, task_subs = [], []
-    for sub in subs:
-        tasks.append(_prepare(sub, work, timeout))
-        task_subs.append(sub)
-    n_cells = {lec: _n_code_cells(work / lec / "_release" / "course" / lec) for lec in lectures}
-    budget = sum(timeout * (n_cells[s.lecture] + 2) + 120 for s in task_subs)
-    results = run_tasks(
-        tasks, grading=True, wall_timeout=budget, log_file=log_file, workers=workers
-    )
-
-    # 3. rows, feedback, CSV
-    rows = []
-    by_key = {(s.student, s.lecture): r for s, r in zip(task_subs, results, strict=True)}
-    students = sorted({s.student for s in subs})
-    for student in students:
-        for lec in lectures:
-            rows.append(_row(student, lec, exercises[lec], by_key.get((student, lec)), out))
-    csv_path = out / "scores.csv"
-    write_csv(rows, exercises, csv_path)
-    return Report(rows, exercises, csv_path, out, warnings)
+_LINE_RE = re.compile(r"(?:Cell In\[\d+\], line |line )(\d+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _n_code_cells(folder: Path) -> int:
-    return sum(
-        sum(1 for c in nbformat.read(str(nb), as_version=4).cells if c.cell_type == "code")
-        for nb in folder.glob("*.ipynb")
-    )
+def _failures(autograded: Path) -> list[dict]:
+    """The failed graded cells of an autograded notebook: cell, error kind, message, and
+    whether the error came from the hidden tests (line of the error inside the hidden region)."""
+    try:
+        nb = nbformat.read(str(autograded), as_version=4)
+    except Exception:  # noqa: BLE001
+        return []
+    found = []
+    for cell in nb.cells:
+        meta = cell.get("metadata", {}).get("nbgrader", {})
+        if cell.get("cell_type") != "code" or not meta.get("grade"):
+            continue
+        for out in cell.get("outputs", []):
+            if out.get("output_type") != "error":
+                continue
+            lines = cell.source.split("\n")
+            begin = next((i for i, ln in enumerate(lines, 1) if HIDDEN_BEGIN in ln), None)
+            end = next((i for i, ln in enumerate(lines, 1) if HIDDEN_END in ln), len(lines) + 1)
+            part = "visible" if begin is None else "?"
+            if begin is not None:
+                tb = _ANSI.sub("", "\n".join(out.get("traceback", [])))
+                # the first frame is the cell itself ("Cell In[7], line 12")
+                m = _LINE_RE.search(tb)
+                if m:
+                    part = "hidden" if begin < int(m[1]) < end else "visible"
+            evalue = str(out.get("evalue", "")).strip().splitlines()
+            found.append(
+                {
+                    "cell": meta.get("grade_id", "?"),
+                    "ename": out.get("ename", "") or "Error",
+                    "evalue": (evalue[0] if evalue else "")[:200],
+                    "part": part,
+                }
+            )
+    return found
 
 
-def _prepare(sub: Submission, work: Path, timeout: int) -> dict:
+def _prepare(sub: Submission, work: Path, timeout: int, extra: list[dict]) -> dict:
     template = work / sub.lecture / "_release"
     root = work / sub.lecture / sub.student
     if root.exists():
@@ -195,7 +394,13 @@ def _prepare(sub: Submission, work: Path, timeout: int) -> dict:
             target = dest / path.relative_to(released)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
-    shutil.copyfile(sub.notebook, dest / f"{sub.lecture}.ipynb")
+    notebook = dest / f"{sub.lecture}.ipynb"
+    shutil.copyfile(sub.notebook, notebook)
+    if extra:
+        try:
+            append_extra_cells(notebook, extra)
+        except Exception:  # noqa: BLE001 - not a notebook: nbgrader reports it
+            pass
     return {
         "op": "grade",
         "root": str(root),
@@ -216,24 +421,238 @@ def _row(student: str, lecture: str, exercises: list[Exercise], result: dict | N
     feedback = None
     if result.get("feedback"):
         feedback = out / "feedback" / student / f"{lecture}.html"
-        feedback.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(result["feedback"], feedback)
     return Row(
         student, lecture, scores, sum(scores.values()), max_total, "graded", _notes(result), feedback
     )
 
 
+def _progress(roots: list[Path], stop: threading.Event, enabled: bool | None) -> None:
+    from tqdm.auto import tqdm
+
+    disable = None if enabled is None else not enabled  # None: only on a terminal
+    with tqdm(total=len(roots), desc="grading", unit="notebook", disable=disable) as bar:
+        done = 0
+        while True:
+            now = sum((r / "result.json").exists() for r in roots)
+            if now > done:
+                bar.update(now - done)
+                done = now
+            if stop.wait(0.5):
+                now = sum((r / "result.json").exists() for r in roots)
+                bar.update(now - done)
+                return
+
+
+def _run(tasks, *, wall_timeout, log_file, workers, secret, limits, progress):
+    """run_tasks with the course secret in the environment the workers inherit, and a progress bar."""
+    kwargs = {}
+    if limits is not None and "limits" in inspect.signature(run_tasks).parameters:
+        kwargs["limits"] = limits
+    saved = os.environ.get(SECRET_ENV)
+    if secret is not None:
+        os.environ[SECRET_ENV] = secret
+    stop = threading.Event()
+    bar = threading.Thread(
+        target=_progress, args=([Path(t["root"]) for t in tasks], stop, progress), daemon=True
+    )
+    bar.start()
+    try:
+        return run_tasks(
+            tasks, grading=True, wall_timeout=wall_timeout, log_file=log_file, workers=workers, **kwargs
+        )
+    finally:
+        stop.set()
+        bar.join()
+        if saved is None:
+            os.environ.pop(SECRET_ENV, None)
+        else:
+            os.environ[SECRET_ENV] = saved
+
+
+def grade(
+    submissions: Path,
+    lecture: str | None = "all",
+    out: Path | None = None,
+    timeout: int = DEFAULT_TIMEOUT,
+    solutions: Path = SOLUTIONS,
+    course: Path = COURSE,
+    workers: int | None = None,
+    secret: str | None = None,
+    extra_tests: Path | None = None,
+    limits=None,
+    force: bool = False,
+    progress: bool | None = False,
+    report: bool = True,
+) -> Report:
+    """Grade the class in ``submissions`` (folder, .zip or one notebook) into the workspace ``out``.
+
+    Returns the report of the whole workspace (rows of earlier runs included);
+    ``Report.graded`` lists what this run graded. Everything is checked before
+    the workspace is touched; bad input raises :class:`UsageError`.
+    """
+    if timeout is None or timeout <= 0:
+        raise UsageError(f"--timeout must be a positive number of seconds; got {timeout}")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1; got {workers}")
+    solutions = Path(solutions)
+    known = lectures_in(solutions)
+    lectures = resolve_lectures(lecture, solutions)
+    out = Path(out) if out is not None else DEFAULT_OUT
+    for protected in (solutions, Path(course)):
+        if _inside(out, protected):
+            raise UsageError(f"--out must be outside {protected}; got {out}")
+    out = out.resolve()
+    state = check_workspace(out, known)
+    extras = load_extra_tests(extra_tests, known)
+    for lec, tests in extras.items():
+        have = lecture_cell_ids(solutions, [lec])[lec]
+        seen: set[str] = set()
+        for t in tests:
+            if t["grade_id"] in have or t["grade_id"] in seen:
+                raise UsageError(
+                    f"--extra-tests {lec}.py: grade id {t['grade_id']!r} is already used: expected new ids"
+                )
+            seen.add(t["grade_id"])
+    warnings: list[str] = []
+    submissions = Path(submissions)
+    with tempfile.TemporaryDirectory(prefix="tlab-subs-") as unzip:
+        if submissions.is_file() and submissions.suffix.lower() == ".zip":
+            folder = extract_zip(submissions, Path(unzip))
+        else:
+            folder = submissions
+        ids = lecture_cell_ids(solutions, lectures)
+        subs = find_submissions(folder, lectures, warnings, ids)
+        return _grade(
+            subs, lecture, lectures, known, out, state, timeout, solutions, workers, secret,
+            extras, limits, force, progress, report, warnings,
+        )
+
+
+def _grade(subs, lecture, lectures, known, out, state, timeout, solutions, workers, secret,
+           extras, limits, force, progress, report, warnings) -> Report:
+    if lecture in (None, "", "all"):  # only the lectures somebody handed in
+        lectures = [lec for lec in lectures if any(s.lecture == lec for s in subs)]
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    old_lectures = state.get("lectures", {})
+    marker_lectures = sorted(set(old_lectures) | set(lectures))
+    _atomic_write(out / MARKER, json.dumps({"course": COURSE_ID, "lectures": marker_lectures}, indent=1))
+    log_file = out / "grading.log"
+
+    # what grades a lecture: its source, its extra tests, the secret, the limits
+    secret_digest = _sha("tlab-secret", secret) if secret else "public"
+    keys = {
+        lec: _sha(
+            str(GRADER_VERSION), _folder_hash(solutions / lec), json.dumps(extras.get(lec, [])),
+            secret_digest, str(timeout), repr(limits),
+        )
+        for lec in lectures
+    }
+
+    # 1. the gradebook template of each lecture whose key changed (or that has none yet)
+    stale = [
+        lec for lec in lectures
+        if force or old_lectures.get(lec, {}).get("key") != keys[lec]
+        or not (work / lec / "_release" / "gradebook.db").is_file()
+    ]
+    shutil.rmtree(work / "_release_tmp", ignore_errors=True)  # left by an interrupted run
+    exercises = {lec: [Exercise(*e) for e in info["exercises"]] for lec, info in old_lectures.items()}
+    if stale:
+        released = generate(stale, solutions, work / "_release_tmp", workers, extra=extras)
+        for lec, release_dir in released.items():
+            template = work / lec / "_release"
+            if template.exists():
+                shutil.rmtree(template)
+            shutil.move(str(release_dir.parent.parent), str(template))
+            shutil.rmtree(template / "solutions")  # the gradebook holds what grading needs
+            exercises[lec] = graded_cells(template / "course" / lec / f"{lec}.ipynb")
+        shutil.rmtree(work / "_release_tmp", ignore_errors=True)
+
+    # 2. one nbgrader root per submission that changed
+    records = dict(state.get("graded", {}))
+    todo = []
+    hashes = {}
+    for sub in subs:
+        h = _sha(sub.notebook.read_bytes())
+        hashes[(sub.student, sub.lecture)] = h
+        old = records.get(f"{sub.lecture}/{sub.student}")
+        if force or sub.lecture in stale or old is None or old.get("hash") != h or old.get("key") != keys[sub.lecture]:
+            todo.append(sub)
+    tasks = [_prepare(sub, work, timeout, extras.get(sub.lecture, [])) for sub in todo]
+    results = []
+    if tasks:
+        n_cells = {lec: _n_code_cells(work / lec / "_release" / "course" / lec) for lec in lectures}
+        budget = sum(timeout * (n_cells[s.lecture] + 2) + 120 for s in todo)
+        results = _run(
+            tasks, wall_timeout=budget, log_file=log_file, workers=workers, secret=secret,
+            limits=limits, progress=progress,
+        )
+
+    # 3. rows and feedback of what was graded; "missing" only where there is no grade yet
+    feedback_files = {}
+    for sub, result in zip(todo, results, strict=True):
+        row = _row(sub.student, sub.lecture, exercises[sub.lecture], result, out)
+        if result.get("status") == "ok":
+            root = work / sub.lecture / sub.student
+            row.failures = _failures(root / "autograded" / sub.student / sub.lecture / f"{sub.lecture}.ipynb")
+        if row.feedback is not None:
+            feedback_files[row.feedback] = Path(result["feedback"]).read_bytes()
+        records[f"{sub.lecture}/{sub.student}"] = {
+            "hash": hashes[(sub.student, sub.lecture)], "key": keys[sub.lecture], "row": _row_to_json(row),
+        }
+    students = sorted({s.student for s in subs})
+    for student in students:
+        for lec in lectures:
+            name = f"{lec}/{student}"
+            if name not in records:
+                row = _row(student, lec, exercises[lec], None, out)
+                records[name] = {"hash": None, "key": keys[lec], "row": _row_to_json(row)}
+
+    # 4. write: feedback pages, then the state, then the CSV and report (each atomically)
+    for path, data in feedback_files.items():
+        _atomic_write(path, data)
+    all_lectures = [lec for lec in known if lec in exercises]
+    new_state = {
+        "course": COURSE_ID,
+        "lectures": {
+            lec: {"key": keys.get(lec, old_lectures.get(lec, {}).get("key")),
+                  "exercises": [[e.grade_id, e.points] for e in exercises[lec]]}
+            for lec in all_lectures
+        },
+        "graded": records,
+    }
+    _atomic_write(out / STATE, json.dumps(new_state, indent=1, sort_keys=True))
+    rows = [_row_from_json(r["row"]) for r in records.values()]
+    rows.sort(key=lambda r: (r.student, all_lectures.index(r.lecture) if r.lecture in all_lectures else 99))
+    ordered = {lec: exercises[lec] for lec in all_lectures}
+    csv_path = out / "scores.csv"
+    write_csv(rows, ordered, csv_path)
+    result = Report(rows, ordered, csv_path, out, warnings, [(s.student, s.lecture) for s in todo])
+    if report:
+        from .report import write_report
+
+        result.report_path = write_report(result, out / "report")
+    return result
+
+
+def _n_code_cells(folder: Path) -> int:
+    return sum(
+        sum(1 for c in nbformat.read(str(nb), as_version=4).cells if c.cell_type == "code")
+        for nb in folder.glob("*.ipynb")
+    )
+
+
 def write_csv(rows: list[Row], exercises: dict[str, list[Exercise]], path: Path) -> None:
-    """``student, lecture, <one column per graded cell>, total, max, status, notes``."""
+    """``student, lecture, <one column per graded cell>, total, max, status, notes`` (atomically)."""
     columns = [e.grade_id for lec in exercises for e in exercises[lec]]
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["student", "lecture", *columns, "total", "max", "status", "notes"])
-        for r in rows:
-            cells = [_num(r.scores[c]) if c in r.scores else "" for c in columns]
-            writer.writerow(
-                [r.student, r.lecture, *cells, _num(r.total), _num(r.max), r.status, r.notes]
-            )
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["student", "lecture", *columns, "total", "max", "status", "notes"])
+    for r in rows:
+        cells = [_num(r.scores[c]) if c in r.scores else "" for c in columns]
+        writer.writerow([r.student, r.lecture, *cells, _num(r.total), _num(r.max), r.status, r.notes])
+    _atomic_write(Path(path), buf.getvalue())
 
 
 def _num(x: float) -> str:
@@ -250,4 +669,4 @@ def load_results(out: Path) -> dict[tuple[str, str], dict]:
     return found
 
 
-__all__ = ["grade", "graded_cells", "write_csv", "Report", "Row", "Exercise", "IGNORE"]
+__all__ = ["grade", "graded_cells", "write_csv", "read_secret", "load_extra_tests", "Report", "Row", "Exercise", "IGNORE"]

@@ -38,9 +38,17 @@ def canonical_notebook(path: Path) -> None:
 
 
 def generate(
-    lectures: list[str], solutions: Path, workdir: Path, workers: int = 1
+    lectures: list[str],
+    solutions: Path,
+    workdir: Path,
+    workers: int = 1,
+    extra: dict[str, list[dict]] | None = None,
 ) -> dict[str, Path]:
-    """Generate the learner version of ``lectures`` under ``workdir``; lecture → its release folder."""
+    """Generate the learner version of ``lectures`` under ``workdir``; lecture → its release folder.
+
+    ``extra`` (lecture → instructor's extra tests, see ``grade.load_extra_tests``) appends
+    graded cells to the scratch copy of the source, so the gradebook knows them.
+    """
     tasks = []
     for lecture in lectures:
         root = Path(workdir) / lecture
@@ -49,6 +57,10 @@ def generate(
             root / SOURCE_DIRNAME / lecture,
             ignore=shutil.ignore_patterns(*IGNORE),
         )
+        if extra and extra.get(lecture):
+            from .grade import append_extra_cells
+
+            append_extra_cells(root / SOURCE_DIRNAME / lecture / f"{lecture}.ipynb", extra[lecture])
         tasks.append({"op": "generate", "root": str(root), "lecture": lecture})
     results = run_tasks(tasks, grading=False, wall_timeout=300, workers=workers)
     out = {}
