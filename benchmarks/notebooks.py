@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("normal", "grading", "both"), default="both")
     p.add_argument("--notebooks", type=Path, nargs="*", default=None,
                    help="run these notebooks instead (treated as learner notebooks: errors allowed)")
+    p.add_argument("--solutions", type=Path, default=ROOT / "solutions", help="instructor notebooks")
+    p.add_argument("--course", type=Path, default=ROOT / "course",
+                   help="learner notebooks (default course/; e.g. a fresh `autograder --course DIR release`)")
     p.add_argument("--timeout", type=int, default=600, help="per-cell timeout in seconds")
     p.add_argument("--out", type=Path, default=HERE / "results" / "notebooks.json")
     args = p.parse_args(argv)
@@ -154,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [("given", nb.resolve(), True) for nb in args.notebooks]
     else:
         if args.which in ("solutions", "both"):
-            jobs += [("solutions", nb, False) for nb in find_notebooks(ROOT / "solutions")]
+            jobs += [("solutions", nb, False) for nb in find_notebooks(args.solutions)]
         if args.which in ("course", "both"):
-            jobs += [("course", nb, True) for nb in find_notebooks(ROOT / "course")]
+            jobs += [("course", nb, True) for nb in find_notebooks(args.course)]
     if not jobs:
         print("no notebooks found (solutions/NN_topic/NN_topic.ipynb, course/...)", file=sys.stderr)
         return 2
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{kind}/{path.stem}" if kind != "given" else str(path)
             print(f"running {name} ({mode}) ...", flush=True)
             result = run_notebook(path, mode == "grading", allow_errors, args.timeout)
-            rows.append({"notebook": name, "kind": kind, "mode": mode, **result})
+            rows.append({"notebook": name, "kind": kind, "mode": mode, "path": str(path), **result})
             print(f"  {result['seconds']:.1f} s, {result['errors']} error cell(s)"
                   + (f", FAILED: {result['failed']}" if result["failed"] else ""), flush=True)
 
@@ -180,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "load_average_at_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
             "timeout_per_cell_s": args.timeout,
+            "solutions": str(args.solutions.resolve()),
+            "course": str(args.course.resolve()),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "total_seconds": round(time.perf_counter() - t0, 1),
             "what": "wall time of one top-to-bottom run in a fresh kernel (includes kernel start), "
