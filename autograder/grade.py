@@ -338,7 +338,7 @@ def _notes(result: dict) -> str:
     return "; ".join(parts)
 
 
-_LINE_RE = re.compile(r"(?:Cell In\[\d+\], line |line )(\d+)")
+_LINE_RE = re.compile(r"Cell In\[\d+\], line (\d+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 

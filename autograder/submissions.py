@@ -288,11 +288,11 @@ def extract_zip(archive: Path, dest: Path, max_bytes: int = ZIP_MAX_BYTES, max_f
                         )
                     dst.write(chunk)
     # a zip of one folder (``submissions/...``, ``submitted/...``) is entered, unless that
-    # folder is itself one student's (it holds notebooks or lecture folders)
+    # folder is itself one student's (it holds NN_topic.ipynb or NN_topic/ folders)
     entries = [p for p in dest.iterdir() if not p.name.startswith((".", "_"))]
     if len(entries) == 1 and entries[0].is_dir():
         inner = entries[0]
-        own = list(inner.glob("*.ipynb")) or [p for p in inner.iterdir() if LECTURE_LIKE.match(p.name)]
+        own = [p for p in inner.iterdir() if LECTURE_LIKE.match(p.name)]  # NN_topic(.ipynb)
         if not own:
             return inner
     return dest
