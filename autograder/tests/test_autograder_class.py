@@ -430,8 +430,10 @@ def test_real_lecture_self_check_full_marks_without_hidden_code(tmp_path):
     lecture = "01_attention"
     nb = tmp_path / "01_attention.ipynb"
     shutil.copyfile(SOLUTIONS / lecture / f"{lecture}.ipynb", nb)
-    report = grade(nb, "all", out=tmp_path / "out", timeout=60, workers=1, secret=SECRET_B)
+    extra = Path(__file__).parent / "fixtures" / "extra_tests"  # the README's extra-test example
+    report = grade(nb, "all", out=tmp_path / "out", timeout=60, workers=1, secret=SECRET_B, extra_tests=extra)
     row = report.row("self", lecture)
     assert (row.status, row.total, row.max) == ("graded", row.max, row.max), row.notes
+    assert row.scores["my_scores_long_sequence"] == 2
     html = row.feedback.read_text()
     assert "hidden tests ran here" in html and "BEGIN HIDDEN" not in html and "hidden_rng" not in html
