@@ -48,8 +48,8 @@ release: setup
 
 LECTURE ?= all
 grade: setup
-	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=path/to/submissions [LECTURE=01_attention]"; exit 2; }
-	$(BIN)/python -m autograder grade $(SUBMISSIONS) --lecture $(LECTURE)
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=folder|zip|notebook [LECTURE=01_attention] [OUT=dir] [WORKERS=n] [TIMEOUT=s]"; exit 2; }
+	$(BIN)/python -m autograder grade "$(SUBMISSIONS)" --lecture $(LECTURE) $(if $(OUT),--out "$(OUT)") $(if $(WORKERS),--workers $(WORKERS)) $(if $(TIMEOUT),--timeout $(TIMEOUT))
 
 book: setup
 	$(BIN)/python jupyter_book/build.py
