@@ -2,7 +2,8 @@
 
     python -m autograder release [--lecture NN_topic] [--check]
     python -m autograder grade SUBMISSIONS [--lecture NN_topic|all] [--out DIR] [--workers N]
-        [--timeout SECONDS] [--secret-file PATH] [--extra-tests DIR] [--force]
+        [--timeout SECONDS] [--notebook-timeout SECONDS] [--memory GB] [--max-output MB]
+        [--secret-file PATH] [--extra-tests DIR] [--force] [--no-progress]
 
 SUBMISSIONS: a folder (per-student folders, nbgrader's submitted/, LMS downloads),
 a .zip of one, or a single notebook (a learner's self-check).
@@ -82,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="folder of <NN_topic>.py files with your own hidden tests ('# %%%% <grade_id> [points=N]' cells)",
     )
+    g.add_argument("--notebook-timeout", type=int, default=None,
+                   help="seconds a whole notebook may run (default 600, or AUTOGRADER_NOTEBOOK_TIMEOUT)")
+    g.add_argument("--memory", type=float, default=None, metavar="GB",
+                   help="memory a student's kernel may use, in GiB (default 4, or AUTOGRADER_MEMORY_BYTES)")
+    g.add_argument("--max-output", type=float, default=None, metavar="MB",
+                   help="output kept per cell, in MiB (default 1, or AUTOGRADER_OUTPUT_BYTES)")
     g.add_argument("--force", action="store_true", help="grade every notebook again, changed or not")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument(
@@ -126,7 +133,7 @@ def lectures_in_course(course: Path) -> list[str]:
 
 
 def _grade(args) -> int:
-    from .grade import grade, read_secret
+    from .grade import grade, make_limits, read_secret
 
     t0 = time.perf_counter()
     single = args.submissions.suffix == ".ipynb" and args.submissions.is_file()
@@ -142,6 +149,7 @@ def _grade(args) -> int:
         secret=read_secret(args.secret_file),
         extra_tests=args.extra_tests,
         force=args.force,
+        limits=make_limits(args.timeout, args.notebook_timeout, args.memory, args.max_output),
         progress=False if args.no_progress else None,
     )
     for line in report.warnings:

@@ -469,6 +469,25 @@ def _run(tasks, *, wall_timeout, log_file, workers, secret, limits, progress):
             os.environ[SECRET_ENV] = saved
 
 
+def make_limits(timeout: int, notebook_timeout: int | None = None, memory_gb: float | None = None,
+                output_mb: float | None = None):
+    """The isolation's :class:`autograder.sandbox.Limits` (defaults, then ``AUTOGRADER_*`` variables,
+    then these options), or None where this checkout has no sandbox."""
+    for name, value in (("--notebook-timeout", notebook_timeout), ("--memory", memory_gb), ("--max-output", output_mb)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{name} must be a positive number; got {value:g}")
+    try:
+        from .sandbox import Limits
+    except ImportError:
+        return None
+    return Limits.from_env(
+        cell_timeout=int(timeout),
+        notebook_timeout=notebook_timeout,
+        memory_bytes=int(memory_gb * 1024**3) if memory_gb else None,
+        output_bytes=int(output_mb * 1024**2) if output_mb else None,
+    )
+
+
 def grade(
     submissions: Path,
     lecture: str | None = "all",
@@ -495,6 +514,7 @@ def grade(
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise UsageError(f"--workers must be at least 1; got {workers}")
+    limits = make_limits(timeout) if limits is None else limits
     solutions = Path(solutions)
     known = lectures_in(solutions)
     lectures = resolve_lectures(lecture, solutions)

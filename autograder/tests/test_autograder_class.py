@@ -400,6 +400,7 @@ def _bad_cases(tmp_path: Path, workspace: Path, graded_class, notebooks):
         "extra tests missing": ([str(good), "--out", ws, "--extra-tests", str(tmp_path / "noextra")], "is not a folder: expected a folder of <NN_topic>.py files"),
         "zip escaping": ([str(evil_zip), "--out", ws], "unsafe entry '../../evil.ipynb'"),
         "zero workers": ([str(good), "--out", ws, "--workers", "0"], "--workers must be at least 1; got 0"),
+        "zero memory": ([str(good), "--out", ws, "--memory", "0"], "--memory must be a positive number; got 0"),
     }, inside_repo_secret
 
 
