@@ -155,12 +155,14 @@ def _grade(args) -> int:
     for line in report.warnings:
         print(f"warning: {line}", file=sys.stderr)
     if single:
-        (student, lecture), = report.graded or [("self", next(iter(report.exercises)))]
+        ((student, lecture),) = report.found
         r = report.row(student, lecture)
         for ex in report.exercises[lecture]:
             print(f"  {ex.grade_id:<40} {r.scores.get(ex.grade_id, 0):g}/{ex.points:g}")
         print(f"score:    {r.total:g}/{r.max:g} ({r.status}{', ' + r.notes if r.notes else ''})")
         print(f"feedback: {r.feedback or '(none written)'}")
+        if not report.graded:
+            print("(unchanged since the last check: not graded again)")
         return 0
     graded = set(report.graded)
     width = max(len(r.student) for r in report.rows)

@@ -97,6 +97,7 @@ class Report:
     out: Path
     warnings: list[str] = field(default_factory=list)
     graded: list[tuple[str, str]] = field(default_factory=list)  # (student, lecture) graded this run
+    found: list[tuple[str, str]] = field(default_factory=list)  # (student, lecture) handed in this run
     report_path: Path | None = None
 
     def row(self, student: str, lecture: str) -> Row:
@@ -648,7 +649,8 @@ def _grade(subs, lecture, lectures, known, out, state, timeout, solutions, worke
     ordered = {lec: exercises[lec] for lec in all_lectures}
     csv_path = out / "scores.csv"
     write_csv(rows, ordered, csv_path)
-    result = Report(rows, ordered, csv_path, out, warnings, [(s.student, s.lecture) for s in todo])
+    result = Report(rows, ordered, csv_path, out, warnings, [(s.student, s.lecture) for s in todo],
+                    [(s.student, s.lecture) for s in subs])
     if report:
         from .report import write_report
 
