@@ -54,8 +54,9 @@ BOOK_FILES = ("_config.yml", "intro.md", "logo.svg", "widgets-config.js")
 LECTURE_DIR = re.compile(r"^\d{2}_[A-Za-z0-9_]+$")
 #: npm packages for the offline site, and what of each the site needs.
 NPM_PACKAGES = ("mathjax@3", "@jupyter-widgets/html-manager@1", "requirejs@2")
-#: Tags that let a test cell fail quietly in the staged learner notebook.
-TEST_CELL_TAGS = ("raises-exception", "remove-output")
+#: Tags that let a test cell fail quietly in the staged learner notebook; "nbgrader-test" marks
+#: it on the page (class ``tag_nbgrader-test``) for the tests.
+TEST_CELL_TAGS = ("raises-exception", "remove-output", "nbgrader-test")
 #: Script or stylesheet references that would load from the internet.
 CDN_PATTERN = re.compile(
     r"""<(?:script|link)\b[^>]*(?:src|href)\s*=\s*["']?(?:https?:)?//[^"'\s>]*"""

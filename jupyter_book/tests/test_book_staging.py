@@ -29,7 +29,7 @@ def test_only_nbgrader_test_cells_are_tagged(build_module):
     nb = _notebook()
     prepared = build_module.prepare_notebook(nb)
     tags = [c.metadata.get("tags", []) for c in prepared.cells]
-    assert tags[2] == ["keep-me", "raises-exception", "remove-output"]
+    assert tags[2] == ["keep-me", "raises-exception", "remove-output", "nbgrader-test"]
     assert tags[0] == tags[1] == tags[3] == []
     assert prepared.cells[3].outputs == [] and prepared.cells[3].execution_count is None
     assert nb.cells[3].outputs, "prepare_notebook must not change its input"
