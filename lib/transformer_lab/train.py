@@ -51,7 +51,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .device import grading_mode, seed_everything
 
@@ -212,7 +211,12 @@ def train(
         return value
 
     show = progress and not grading_mode()
-    bar = tqdm(range(steps), desc=desc, disable=not show, leave=True, dynamic_ncols=True)
+    if show:  # tqdm (and, in a notebook, its widget) is imported only when a bar is shown
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(steps), desc=desc, leave=True, dynamic_ncols=True)
+    else:
+        bar = _NoBar(steps)
     postfix_every = max(1, steps // 50)
     model.train()
     try:
@@ -246,6 +250,20 @@ def train(
         bar.close()
         model.train(was_training)
     return history
+
+
+class _NoBar:
+    """What ``train`` iterates over when no progress bar is shown: ``range(steps)``, and a
+    ``close()`` that does nothing."""
+
+    def __init__(self, steps: int):
+        self._range = range(steps)
+
+    def __iter__(self):
+        return iter(self._range)
+
+    def close(self) -> None:
+        pass
 
 
 @torch.no_grad()
