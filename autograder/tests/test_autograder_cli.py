@@ -176,7 +176,7 @@ def fixture_class(fixture_course, tmp_path_factory):
     (subs / "erin").mkdir()
     (subs / "erin" / f"{LECTURE}.ipynb").write_text("{ this is not json")
     out = tmp_path_factory.mktemp("out")
-    done = _cli("grade", str(subs), "--lecture", LECTURE, "--out", str(out), "--timeout", "5")
+    done = _cli("grade", str(subs), "--lecture", LECTURE, "--out", str(out), "--timeout", "12")
     return done, out
 
 
