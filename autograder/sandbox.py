@@ -18,7 +18,7 @@ the kernel:
 * sets resource limits: address space (``memory_bytes``), file size and process
   count; core dumps off; the kernel's raw stdout/stderr go to a file in its own
   tmpfs (bounded by its size);
-* drops to an unprivileged uid/gid (``SANDBOX_UID_BASE`` + worker slot; no
+* drops to an unprivileged uid/gid (``SANDBOX_UID_BASE`` + the worker's pid; no
   passwd entry needed), with no supplementary groups and ``no_new_privs``.
 
 When the mount namespace's last process ends, its tmpfs and every file the
@@ -42,10 +42,10 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-#: The sandbox uid of worker slot ``i`` is ``SANDBOX_UID_BASE + i`` (gid the same).
-SANDBOX_UID_BASE = 61000
-#: Environment variable the runner uses to tell a worker its slot.
-SLOT_ENV = "AUTOGRADER_SANDBOX_SLOT"
+#: The sandbox uid of a worker process is ``SANDBOX_UID_BASE + its pid`` (gid the same; no
+#: passwd entry needed): unique among the workers alive on the machine, so two grading
+#: runs at once (two instructors, parallel tests) never kill each other's kernels.
+SANDBOX_UID_BASE = 200_000
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -120,8 +120,9 @@ def available() -> tuple[bool, str]:
     return _AVAILABLE
 
 
-def sandbox_uid() -> int:
-    return SANDBOX_UID_BASE + int(os.environ.get(SLOT_ENV, "0") or 0)
+def sandbox_uid(worker_pid: int | None = None) -> int:
+    """The uid the kernels of worker ``worker_pid`` (default: this process) run under."""
+    return SANDBOX_UID_BASE + (os.getpid() if worker_pid is None else int(worker_pid))
 
 
 # --------------------------------------------------------------------------- processes
@@ -136,6 +137,8 @@ def uid_processes(uid: int) -> list[int]:
         try:
             with open(f"/proc/{entry}/status") as fh:
                 for line in fh:
+                    if line.startswith("State:") and line.split()[1] in ("Z", "X"):
+                        break  # a zombie: already dead, only not reaped yet
                     if line.startswith("Uid:"):
                         ids = [int(x) for x in line.split()[1:3]]
                         if uid in ids:
@@ -150,7 +153,7 @@ def kill_uid(uid: int, rounds: int = 50) -> int:
     """SIGKILL every process of ``uid`` until none is left; returns how many were killed."""
     if uid == 0 or uid == os.getuid():
         return 0  # never: that would be the grader itself
-    killed = 0
+    killed: set[int] = set()
     for _ in range(rounds):
         pids = uid_processes(uid)
         if not pids:
@@ -158,11 +161,11 @@ def kill_uid(uid: int, rounds: int = 50) -> int:
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
+                killed.add(pid)
+            except (ProcessLookupError, PermissionError):
                 pass
         time.sleep(0.05)
-    return killed
+    return len(killed)
 
 
 # --------------------------------------------------------------------------- the launcher
@@ -267,7 +270,7 @@ def launch(spec: dict, cmd: list[str]) -> None:
     """Set up the sandbox and ``exec`` the kernel command (never returns)."""
     limits = spec["limits"]
     isolate = spec.get("isolate", False)
-    uid = int(spec.get("uid", SANDBOX_UID_BASE))
+    uid = int(spec.get("uid") or sandbox_uid())
     cmd = list(cmd)
     conn_at = cmd.index("-f") + 1 if "-f" in cmd else None
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "JPY_PARENT_PID")}
@@ -317,6 +320,12 @@ def launch(spec: dict, cmd: list[str]) -> None:
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
+    else:
+        # not isolated: the kernel's raw output must not grow the grader's log without bound
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
     _setrlimit(resource.RLIMIT_AS, int(limits["memory_bytes"]))
     _setrlimit(resource.RLIMIT_FSIZE, int(limits["scratch_bytes"]))
     _setrlimit(resource.RLIMIT_CORE, 0)

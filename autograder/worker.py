@@ -77,6 +77,52 @@ def _exit_words(code: int | None) -> str:
     return f"it exited with status {code} (os._exit or similar)"
 
 
+#: What a graded cell relies on; a notebook that replaces any of them before a graded
+#: cell (monkeypatching a check to always agree) gets that cell refused.
+GUARDED = [
+    *(f"transformer_lab.grading:{n}" for n in (
+        "check_close", "check_shape", "check_dtype", "check_true", "blocked", "hidden_rng",
+        "ReferenceBlocked", "_fail", "_describe")),
+    *(f"torch:{n}" for n in (
+        "allclose", "isclose", "equal", "where", "full_like", "isinf", "as_tensor", "testing.assert_close",
+        "Tensor.allclose", "Tensor.equal", "Tensor.any", "Tensor.all", "Tensor.abs", "Tensor.to",
+        "Tensor.__eq__", "Tensor.__ne__", "Tensor.__gt__", "Tensor.__and__", "Tensor.__invert__")),
+    *(f"builtins:{n}" for n in (
+        "isinstance", "bool", "float", "len", "abs", "all", "any", "max", "min", "AssertionError",
+        "tuple", "zip", "__import__")),
+]
+_MAIN_NAMES = (("grading", "transformer_lab.grading"), ("torch", "torch"), ("A", "transformer_lab.attention"))
+
+#: Evaluated in the kernel (as a user expression, so nothing is left behind): the
+#: identity of every guarded object, and whether the notebook's names still point at them.
+FINGERPRINT = (
+    "(lambda sys, ft: [[__import__(m) for m in ('builtins', 'torch', 'torch.testing', "
+    "'transformer_lab.grading')], "
+    "repr(([(p, (lambda o: (id(o), id(getattr(o, '__code__', None))))("
+    "ft.reduce(getattr, p.split(':')[1].split('.'), sys.modules[p.split(':')[0]]))) "
+    "for p in %r], "
+    "[(n, getattr(sys.modules['__main__'], n, sys.modules.get(m)) is sys.modules.get(m)) "
+    "for n, m in %r]))][1])(__import__('sys'), __import__('functools'))"
+) % (GUARDED, _MAIN_NAMES)
+
+
+def _changed(baseline: str, now: str | None) -> list[str]:
+    """Names of the guarded objects that differ between two fingerprints."""
+    import ast
+
+    if now is None:
+        return ["the grading helpers (they could not be inspected)"]
+    def parse(text: str):
+        value = ast.literal_eval(text)  # the text/plain of a str is its repr
+        return ast.literal_eval(value) if isinstance(value, str) else value
+
+    (b_ids, _), (n_ids, n_names) = parse(baseline), parse(now)
+    old = dict(b_ids)
+    changed = [p.replace(":", ".").replace("builtins.", "") for p, v in n_ids if old.get(p) != v]
+    changed += [f"the name {n!r}" for n, ok in n_names if not ok]
+    return changed
+
+
 def _load_sandbox_classes():
     """Defined lazily: nbgrader and jupyter_client are only imported in the worker."""
     from jupyter_client.manager import AsyncKernelManager
@@ -112,6 +158,7 @@ def _load_sandbox_classes():
             self._dead: str | None = None
             self._out_bytes: dict[int, int] = {}
             self._cut: set[int] = set()
+            self.__dict__.pop("_baseline", None)
             try:
                 return super().preprocess(nb, resources, km)
             finally:
@@ -122,9 +169,32 @@ def _load_sandbox_classes():
             remaining = max(1, int(self._deadline - time.monotonic()))
             return min(timeout, remaining) if timeout else remaining
 
+        def _fingerprint(self) -> str | None:
+            try:
+                msg_id = self.kc.execute("", silent=True, store_history=False,
+                                         user_expressions={"fp": FINGERPRINT})
+                reply = self.wait_for_reply(msg_id)
+                fp = reply["content"]["user_expressions"]["fp"]
+                return fp["data"]["text/plain"] if fp.get("status") == "ok" else None
+            except Exception:  # noqa: BLE001 - a kernel that cannot answer: no check
+                return None
+
         def preprocess_cell(self, cell, resources, index):
             if cell.cell_type != "code" or not cell.source.strip():
                 return cell, self.resources
+            if not hasattr(self, "_baseline"):
+                self._baseline = self._fingerprint()  # before any of the notebook's code
+            graded = cell.metadata.get("nbgrader", {}).get("grade")
+            if graded and self._dead is None and self._baseline is not None:
+                changed = _changed(self._baseline, self._fingerprint())
+                if changed and time.monotonic() < self._deadline:
+                    name = cell.metadata["nbgrader"].get("grade_id", f"cell {index}")
+                    shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
+                    cell.outputs = [_error("GradingTampered", "not run: the notebook replaced what "
+                                           f"the tests rely on ({shown})")]
+                    _note(f"{name}: not run, the notebook tampered with the grading "
+                          f"(it replaced {shown})")
+                    return cell, self.resources
             if self._dead is not None:
                 cell.outputs = [_error("KernelDied", f"not run: the kernel died in an earlier cell ({self._dead})")]
                 return cell, self.resources
@@ -300,9 +370,11 @@ def _grade(task: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     _cleanup_processes()
     if not result.get("success"):
+        why = _explain(root / "submitted" / student / lecture / f"{lecture}.ipynb", lecture,
+                       config, _error_line(result))
         return {
             "status": "error",
-            "message": "nbgrader autograde failed: " + _error_line(result),
+            "message": why + "nbgrader autograde failed: " + _error_line(result),
             "log": _log_tail(result, 40),
             "seconds": seconds,
             "notes": list(_EVENTS),
@@ -332,6 +404,38 @@ def _grade(task: dict[str, Any]) -> dict[str, Any]:
         "isolated": bool(_SPEC["isolate"]),
         "limits": _LIMITS.to_dict(),
     }
+
+
+def _explain(notebook: Path, lecture: str, config, error: str) -> str:
+    """Why nbgrader could not grade a submission, in an instructor's words (ends with "; ")."""
+    try:
+        raw = notebook.read_bytes()
+    except OSError:
+        return "the notebook could not be read; "
+    if not raw.strip():
+        return "the notebook file is empty; "
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return "the file is not a valid notebook (broken JSON: cut short or not a notebook); "
+    ids = {
+        ((c.get("metadata") or {}).get("nbgrader") or {}).get("grade_id")
+        for c in (data.get("cells") or []) if isinstance(c, dict)
+    }
+    try:
+        from nbgrader.api import Gradebook
+
+        with Gradebook(config.CourseDirectory.db_url, COURSE_ID) as gb:
+            expected = {c.name for nb in gb.find_assignment(lecture).notebooks for c in nb.grade_cells}
+    except Exception:  # noqa: BLE001
+        expected = set()
+    if expected and not (expected & ids):
+        return f"this is not a notebook of {lecture}: none of its graded cells is in it; "
+    if "ValidationError" in error or "grade_id" in error or "checksum" in error.lower():
+        return "the notebook's grading metadata was edited (a locked or graded cell was changed), so nbgrader refused it; "
+    if "Kernel died" in error or "kernel_info" in error:
+        return "the notebook's kernel could not start; "
+    return ""
 
 
 def sandbox_spec(root: Path, limits: Limits) -> dict[str, Any]:
@@ -390,4 +494,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the importable module, not as __main__: nbgrader imports
+    # "autograder.worker.SandboxExecute", which must see this task's limits.
+    from autograder.worker import main as _main
+
+    sys.exit(_main())
