@@ -126,7 +126,7 @@ def _changed(baseline: str, now: str | None) -> list[str]:
 def _load_sandbox_classes():
     """Defined lazily: nbgrader and jupyter_client are only imported in the worker."""
     from jupyter_client.manager import AsyncKernelManager
-    from nbclient.exceptions import DeadKernelError
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from nbformat.notebooknode import NotebookNode
     from nbgrader.preprocessors import Execute
 
@@ -196,7 +196,7 @@ def _load_sandbox_classes():
                           f"(it replaced {shown})")
                     return cell, self.resources
             if self._dead is not None:
-                cell.outputs = [_error("KernelDied", f"not run: the kernel died in an earlier cell ({self._dead})")]
+                cell.outputs = [_error("KernelDied", f"not run: the kernel died or hung in an earlier cell ({self._dead})")]
                 return cell, self.resources
             if time.monotonic() >= self._deadline:
                 cell.outputs = [_error("NotebookTimeLimit", "not run: the notebook used up its "
@@ -206,6 +206,16 @@ def _load_sandbox_classes():
                 return cell, self.resources
             try:
                 return super().preprocess_cell(cell, resources, index)
+            except CellTimeoutError:
+                # the interrupt did not stop it (SIGINT ignored, stuck in C): the kernel is
+                # still busy, so nothing after this cell can run
+                name = cell.metadata.get("nbgrader", {}).get("grade_id") or f"cell {index}"
+                self._dead = name
+                cell.outputs.append(_error("CellTimeoutError", "stopped after the time limit; "
+                                           "the kernel ignored the interrupt"))
+                _note(f"{name} was stopped after the time limit and the kernel ignored the "
+                      "interrupt; the cells after it were not run")
+                return cell, self.resources
             except DeadKernelError:
                 code = None
                 try:

@@ -78,10 +78,10 @@ while True:                       # far more than the machine has (24 GiB)
 FLOOD = """\
 import os, sys
 chunk = "x" * (1 << 20)
-for _ in range(300):              # 300 MB through the notebook's output
+for _ in range(200):              # 200 MB through the notebook's output
     print(chunk)
-try:                              # and 300 MB more straight to the kernel's own stdout
-    for _ in range(300):
+try:                              # and 200 MB more straight to the kernel's own stdout
+    for _ in range(200):
         os.write(1, chunk.encode())
 except OSError as exc:
     print("raw write stopped:", exc)
