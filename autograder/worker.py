@@ -106,11 +106,14 @@ FINGERPRINT = (
 ) % (GUARDED, _MAIN_NAMES)
 
 
+_BROKEN = "<the fingerprint expression failed>"
+
+
 def _changed(baseline: str, now: str | None) -> list[str]:
     """Names of the guarded objects that differ between two fingerprints."""
     import ast
 
-    if now is None:
+    if now is None or now == _BROKEN:
         return ["the grading helpers (they could not be inspected)"]
     def parse(text: str):
         value = ast.literal_eval(text)  # the text/plain of a str is its repr
@@ -175,8 +178,9 @@ def _load_sandbox_classes():
                                          user_expressions={"fp": FINGERPRINT})
                 reply = self.wait_for_reply(msg_id)
                 fp = reply["content"]["user_expressions"]["fp"]
-                return fp["data"]["text/plain"] if fp.get("status") == "ok" else None
-            except Exception:  # noqa: BLE001 - a kernel that cannot answer: no check
+                # an expression that fails in the kernel: something it relies on is broken
+                return fp["data"]["text/plain"] if fp.get("status") == "ok" else _BROKEN
+            except Exception:  # noqa: BLE001 - a kernel that does not answer: no check
                 return None
 
         def preprocess_cell(self, cell, resources, index):
@@ -184,9 +188,15 @@ def _load_sandbox_classes():
                 return cell, self.resources
             if not hasattr(self, "_baseline"):
                 self._baseline = self._fingerprint()  # before any of the notebook's code
+                if self._baseline == _BROKEN:  # e.g. no transformer_lab in this kernel: no check
+                    self._baseline = None
             graded = cell.metadata.get("nbgrader", {}).get("grade")
             if graded and self._dead is None and self._baseline is not None:
-                changed = _changed(self._baseline, self._fingerprint())
+                now = self._fingerprint()
+                try:
+                    changed = _changed(self._baseline, now) if now is not None else []
+                except (ValueError, SyntaxError, TypeError):  # an answer we cannot read
+                    changed = ["the grading helpers (they could not be inspected)"]
                 if changed and time.monotonic() < self._deadline:
                     name = cell.metadata["nbgrader"].get("grade_id", f"cell {index}")
                     shown = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
