@@ -260,13 +260,16 @@ def collect(out: Path, lecture: str, who: dict[str, str], expected: dict[str, fl
 
 # --------------------------------------------------------------------------- breakdown
 def time_python(code: str, repeats: int, grading: bool = True) -> dict:
-    samples = []
+    samples, cpu = [], []
     for _ in range(repeats):
+        c0 = _children_cpu()
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], env=tool_env(grading), check=True,
                        capture_output=True, cwd=tempfile.gettempdir())
         samples.append(time.perf_counter() - t0)
-    return {"code": code, "median_s": median(samples), "samples_s": [round(s, 3) for s in samples]}
+        cpu.append(_children_cpu() - c0)
+    return {"code": code, "median_s": median(samples), "cpu_median_s": median(cpu),
+            "samples_s": [round(s, 3) for s in samples]}
 
 
 def time_kernel(repeats: int) -> dict:
@@ -411,20 +414,20 @@ def tables(report: dict) -> str:
     b = report.get("breakdown")
     if b:
         lines.append("")
-        lines.append("| component | seconds |")
-        lines.append("|---|---|")
+        lines.append("| component | seconds (wall) | CPU seconds |")
+        lines.append("|---|---|---|")
         for key, val in b.get("imports", {}).items():
-            lines.append(f"| `{key}` (fresh process) | {val['median_s']} |")
+            lines.append(f"| `{key}` (fresh process) | {val['median_s']} | {val.get('cpu_median_s', '')} |")
         k = b.get("kernel") or {}
         for key in ("start_to_ready_s", "setup_imports_in_kernel_s", "shutdown_graceful_s",
                     "shutdown_immediate_s"):
             if key in k:
-                lines.append(f"| kernel {key.replace('_s', '').replace('_', ' ')} | {k[key]} |")
+                lines.append(f"| kernel {key.replace('_s', '').replace('_', ' ')} | {k[key]} | |")
         fb = b.get("feedback_html")
         if fb:
             for t, v in fb.items():
                 lines.append(f"| feedback HTML export, nbconvert `{t}` template ({v['html_kib']} KiB) | "
-                             f"{v['median_s']} |")
+                             f"{v['median_s']} | |")
     nbs = report.get("notebooks")
     if nbs:
         lines.append("")
