@@ -6,7 +6,7 @@ BIN    := $(abspath $(VENV))/bin
 # nbgrader calls `alembic` by name, so the environment's bin must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup lab test test-fast test-slow release grade book bench clean
+.PHONY: help setup lab test test-fast test-slow release grade book bench bench-grading clean
 
 help:
 	@echo "make lab       install everything (first run) and open the course in JupyterLab"
@@ -16,6 +16,7 @@ help:
 	@echo "make grade SUBMISSIONS=dir [LECTURE=01_attention]   autograde a class"
 	@echo "make book      build the website into jupyter_book/_build/html (offline)"
 	@echo "make bench     run the benchmarks in benchmarks/ (not part of make test)"
+	@echo "make bench-grading  time the autograder on a synthetic class of 60 (~10 min)"
 
 $(BIN)/activate:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 1; }
@@ -57,6 +58,9 @@ book: setup
 bench: setup
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/notebooks.py
+
+bench-grading: setup
+	$(BIN)/python benchmarks/grading.py
 
 clean:
 	rm -rf jupyter_book/_build .pytest_cache

@@ -329,9 +329,13 @@ def _notes(result: dict) -> str:
         if err["cell"] in timed_out:
             note = f"{err['cell']}: stopped after the per-cell time limit"
         elif err.get("graded"):
-            note = f"{err['cell']}: {err['ename']}"
+            first = str(err.get("evalue", "")).strip().splitlines()[:1]
+            note = f"{err['cell']}: {err['ename']}" + (f" ({first[0][:160]})" if first else "")
         else:
             continue
+        if note not in parts:
+            parts.append(note)
+    for note in result.get("notes", []):  # the sandbox's words: killed processes, cut output, tampering
         if note not in parts:
             parts.append(note)
     if result.get("feedback_error"):
