@@ -31,8 +31,9 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Jupyter refuses to start as root without --allow-root (containers, CI images).
 lab: setup
-	$(BIN)/jupyter lab course/
+	$(BIN)/jupyter lab course/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q lib/tests
