@@ -253,6 +253,21 @@ def _expose(keep: list[str]) -> None:
             os.rmdir(stage)
 
 
+def _cover_keeping(folder: str, keep: list[str], options: str) -> None:
+    """Mount a fresh tmpfs over ``folder``, but keep the kept paths inside it visible.
+
+    A checkout (and its .venv) may itself live under /tmp, e.g. in CI: hold each kept
+    path open, cover the folder, then bind the held directory back at the same path.
+    """
+    inside = [k for k in keep if (k == folder or k.startswith(folder + os.sep)) and os.path.isdir(k)]
+    held = [(k, os.open(k, os.O_PATH | os.O_DIRECTORY)) for k in inside]
+    _mount("tlscratch", folder, "tmpfs", MS_NOSUID | MS_NODEV, options)
+    for path, fd in held:
+        os.makedirs(path, exist_ok=True)  # root-owned 0755 folders inside the new tmpfs
+        _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        os.close(fd)
+
+
 def _read_small_files(folder: str, budget: int = 64 * MiB) -> dict[str, bytes]:
     """The lecture's data files next to the notebook (not notebooks), as bytes."""
     found: dict[str, bytes] = {}
@@ -294,10 +309,10 @@ def launch(spec: dict, cmd: list[str]) -> None:
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
         _mount("none", "/", None, MS_REC | MS_PRIVATE)
         size = int(limits["scratch_bytes"])
+        keep = [os.path.realpath(p) for p in spec.get("keep", [])]
         for folder in WORLD_WRITABLE:
             if os.path.isdir(folder) and not os.path.islink(folder):
-                _mount("tlscratch", folder, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=1777")
-        keep = [os.path.realpath(p) for p in spec.get("keep", [])]
+                _cover_keeping(folder, keep, f"size={size},mode=1777")
         _expose(keep)
         for path in spec.get("hide", []):
             _hide(path)
