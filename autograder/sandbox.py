@@ -12,7 +12,9 @@ the kernel:
   world-writable place (``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock``), and
   empty read-only mounts over the repository's top-level entries except the
   Python environment and the library (so ``solutions/``, ``autograder/``,
-  ``.git`` ... are empty) and over the grading workspace;
+  ``.git`` ... are empty) and over the grading workspace; ``/home``, ``/work``,
+  ``/srv``, ``/mnt`` and ``/media`` (other checkouts, other graders' workspaces)
+  are covered by an empty tmpfs with only the kept paths bound back;
 * makes ``/tmp/work`` (the kernel's cwd and its only writable folder) and
   ``/tmp/home`` owned by the sandbox uid;
 * sets resource limits: address space (``memory_bytes``), file size and process
@@ -197,6 +199,9 @@ CLONE_NEWNS = 0x00020000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 4096, 16384, 1 << 18
 PR_SET_NO_NEW_PRIVS = 38
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+# Where people keep their files: covered by an empty read-only-to-the-kernel tmpfs, with
+# only the kept paths (the environment, the library) bound back.
+PRIVATE_ROOTS = ("/home", "/work", "/srv", "/mnt", "/media")
 
 
 def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -313,6 +318,10 @@ def launch(spec: dict, cmd: list[str]) -> None:
         for folder in WORLD_WRITABLE:
             if os.path.isdir(folder) and not os.path.islink(folder):
                 _cover_keeping(folder, keep, f"size={size},mode=1777")
+        for folder in PRIVATE_ROOTS:  # other checkouts, other courses' workspaces, homes
+            if (os.path.isdir(folder) and not os.path.islink(folder)
+                    and not any(folder == k or folder.startswith(k + os.sep) for k in keep)):
+                _cover_keeping(folder, keep, "size=64k,mode=0755")
         _expose(keep)
         for path in spec.get("hide", []):
             _hide(path)
