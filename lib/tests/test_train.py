@@ -32,16 +32,6 @@ def tiny_lm(seed=0, n_layers=2, norm_first=True):
 COPY = task_batches("copy", 32, 4, 8)  # x, y: (32, 8)
 
 
-@pytest.fixture(autouse=True)
-def not_grading_one_thread(monkeypatch):
-    """Not in grading mode; one intra-op thread (tiny models run faster so on 2 shared cores)."""
-    monkeypatch.delenv("TRANSFORMER_LAB_GRADING", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_train_learns_the_copy_task():
     model = tiny_lm()
     before = evaluate(model, COPY, n_batches=2)

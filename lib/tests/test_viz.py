@@ -19,12 +19,8 @@ from transformer_lab.positions import alibi_bias, sinusoidal_encoding  # noqa: E
 
 
 @pytest.fixture(autouse=True)
-def not_grading_one_thread(monkeypatch):
-    monkeypatch.delenv("TRANSFORMER_LAB_GRADING", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def close_figures():
     yield
-    torch.set_num_threads(threads)
     plt.close("all")
 
 

@@ -213,6 +213,19 @@ def _check_x(x, d_model: int) -> None:
         )
 
 
+def _keeping_weights(attn, kept: dict, mask, positions, need_weights: bool):
+    """Self-attention as a sublayer ``f(h)`` for :class:`Residual`; when ``need_weights``
+    it stores the attention weights in ``kept["weights"]`` and returns only the output."""
+
+    def self_attention(h: Tensor) -> Tensor:
+        out = attn(h, mask=mask, positions=positions, need_weights=need_weights)
+        if need_weights:
+            out, kept["weights"] = out
+        return out
+
+    return self_attention
+
+
 class EncoderBlock(nn.Module):
     """Self-attention then FFN, each in a :class:`Residual` (Vaswani et al. section 3.1).
 
@@ -242,12 +255,7 @@ class EncoderBlock(nn.Module):
                 need_weights: bool = False):
         _check_x(x, self.d_model)
         kept = {}
-
-        def self_attention(h: Tensor) -> Tensor:
-            out = self.attn(h, mask=mask, positions=positions, need_weights=need_weights)
-            if need_weights:
-                out, kept["weights"] = out
-            return out
+        self_attention = _keeping_weights(self.attn, kept, mask, positions, need_weights)
 
         x = self.res_attn(x, self_attention)  # (B, L, d_model)
         x = self.res_ffn(x, self.ffn)  # (B, L, d_model)
@@ -293,12 +301,7 @@ class DecoderBlock(nn.Module):
             raise ValueError("this DecoderBlock has no cross-attention (cross_attention=False); "
                              "got a memory tensor")
         kept = {}
-
-        def self_attention(h: Tensor) -> Tensor:
-            out = self.attn(h, mask=mask, positions=positions, need_weights=need_weights)
-            if need_weights:
-                out, kept["weights"] = out
-            return out
+        self_attention = _keeping_weights(self.attn, kept, mask, positions, need_weights)
 
         x = self.res_attn(x, self_attention)  # (B, Lt, d_model)
         if self.cross_attention:
