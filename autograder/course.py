@@ -50,8 +50,12 @@ HIDDEN_PLACEHOLDER = "# (hidden tests ran here; their code is not shown)"
 #: A lecture folder: two digits, underscore, lower-case topic (``01_attention``).
 LECTURE_RE = re.compile(r"^\d\d_[a-z0-9][a-z0-9_]*$")
 
+#: A lecture's hidden tests, beside its notebook in solutions/ (``autograder/hidden.py``):
+#: read by the trusted grader only, never released.
+HIDDEN_TESTS_FILE = "hidden_tests.py"
 #: Files nbgrader and the release never carry over.
-IGNORE = (".ipynb_checkpoints", "__pycache__", "*.pyc", ".DS_Store", "gradebook.db", ".nbgrader.log")
+IGNORE = (".ipynb_checkpoints", "__pycache__", "*.pyc", ".DS_Store", "gradebook.db", ".nbgrader.log",
+          HIDDEN_TESTS_FILE)
 
 
 class UsageError(Exception):

@@ -49,8 +49,7 @@ from .course import (
     COURSE_ID,
     DEFAULT_OUT,
     DEFAULT_TIMEOUT,
-    HIDDEN_BEGIN,
-    HIDDEN_END,
+    HIDDEN_TESTS_FILE,
     IGNORE,
     SECRET_ENV,
     SOLUTIONS,
@@ -65,7 +64,7 @@ from .submissions import Submission, extract_zip, find_submissions, lecture_cell
 MARKER = ".autograder-workspace.json"
 STATE = "state.json"
 #: Bump when grading itself changes, so every workspace regrades once.
-GRADER_VERSION = 2
+GRADER_VERSION = 3
 
 
 @dataclass
@@ -181,16 +180,21 @@ def read_secret(secret_file: Path | None) -> str | None:
 
 # --------------------------------------------------------------------------- extra tests
 
-EXTRA_HEADER = re.compile(r"^# %%\s*(?P<id>\S+)?(?P<rest>.*)$")
 GRADE_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+#: The source of an extra test's cell: the test itself runs outside the kernel.
+EXTRA_SOURCE = ("# An extra hidden test of your instructor's: the grader runs `{function}` on fresh\n"
+                "# inputs outside your notebook; its result appears below when graded.")
 
 
 def load_extra_tests(folder: Path | None, known: list[str]) -> dict[str, list[dict]]:
-    """``DIR/<NN_topic>.py`` files → lecture → extra graded cells (``{"grade_id", "points", "source"}``).
+    """``DIR/<NN_topic>.py`` files → lecture → extra graded cells
+    (``{"grade_id", "points", "source", "path"}``).
 
-    A file is split into cells at lines ``# %% <grade_id> [points=N]`` (points default 1).
-    Each cell runs after the whole notebook, in the student's kernel (the notebook's
-    names are defined), as a locked graded cell whose code the feedback hides.
+    Each file is a hidden-tests file (``autograder/hidden.py``, like a lecture's own
+    ``solutions/NN_topic/hidden_tests.py``) whose tests name new cells and their points:
+    ``HiddenTest(cell="my_scores_long", points=2, function="attention_scores", ...)``.
+    Each becomes a locked graded cell at the end of the lecture, decided outside the
+    learner's kernel like every hidden test.
     """
     if folder is None:
         return {}
@@ -199,6 +203,8 @@ def load_extra_tests(folder: Path | None, known: list[str]) -> dict[str, list[di
         raise UsageError(
             f"--extra-tests {folder} is not a folder: expected a folder of <NN_topic>.py files"
         )
+    from .hidden import HiddenTestSpecError, load_tests
+
     extras: dict[str, list[dict]] = {}
     for path in sorted(folder.glob("*.py")):
         lecture = path.stem
@@ -207,38 +213,36 @@ def load_extra_tests(folder: Path | None, known: list[str]) -> dict[str, list[di
                 f"--extra-tests file {path.name} names no lecture: expected <NN_topic>.py with "
                 f"NN_topic one of {', '.join(known)}"
             )
-        cells: list[dict] = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            m = EXTRA_HEADER.match(line)
-            if m:
-                gid = m["id"] or ""
-                points = re.search(r"points\s*=\s*([0-9.]+)", m["rest"] or "")
-                if not GRADE_ID_RE.match(gid):
-                    raise UsageError(
-                        f"{path}:{n}: expected '# %% <grade_id> [points=N]' with a grade id of "
-                        f"letters, digits, _ and -; got {line.strip()!r}"
-                    )
-                cells.append({"grade_id": gid, "points": float(points[1]) if points else 1.0, "lines": []})
-            elif cells:
-                cells[-1]["lines"].append(line)
-            elif line.strip() and not line.lstrip().startswith("#"):
-                raise UsageError(
-                    f"{path}:{n}: code before the first '# %% <grade_id> [points=N]' line: "
-                    "expected every test inside a cell"
-                )
-        for cell in cells:
-            cell["source"] = "\n".join(cell.pop("lines")).strip("\n")
+        if re.search(r"^# %%", path.read_text(encoding="utf-8"), re.MULTILINE):
+            raise UsageError(
+                f"{path}: '# %% <grade_id>' cells ran in the learner's kernel, where they can be "
+                "gamed: expected a hidden-tests file (TESTS = [HiddenTest(cell=..., points=..., ...)]; "
+                "see autograder/README.md, section 5)"
+            )
+        try:
+            tests = load_tests(path)
+        except HiddenTestSpecError as exc:
+            raise UsageError(f"--extra-tests {path.name}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the instructor's file: one line
+            raise UsageError(f"--extra-tests {path.name} could not be loaded: {type(exc).__name__}: {exc}") from None
+        cells = []
+        for t in tests:
+            if not GRADE_ID_RE.match(t.cell):
+                raise UsageError(f"{path}: cell {t.cell!r}: expected a grade id of letters, digits, _ and -")
+            if t.points is None or t.points <= 0:
+                raise UsageError(f"{path}: {t.cell}: expected points=N (N > 0) for an extra test")
+            cells.append({"grade_id": t.cell, "points": float(t.points), "path": str(path),
+                          "source": EXTRA_SOURCE.format(function=t.function)})
         if cells:
             extras[lecture] = cells
     if not extras:
-        raise UsageError(f"--extra-tests {folder} holds no tests: expected <NN_topic>.py files with '# %% <grade_id>' cells")
+        raise UsageError(f"--extra-tests {folder} holds no tests: expected <NN_topic>.py files with TESTS")
     return extras
 
 
 def extra_cell(test: dict) -> nbformat.NotebookNode:
-    """An nbgrader test cell (locked, graded) for one extra test; its code is a hidden-test region."""
-    source = f"### {HIDDEN_BEGIN}\n{test['source']}\n### {HIDDEN_END}"
-    cell = nbformat.v4.new_code_cell(source)
+    """An nbgrader test cell (locked, graded) for one extra test."""
+    cell = nbformat.v4.new_code_cell(test["source"])
     cell.id = re.sub(r"[^A-Za-z0-9-]", "-", test["grade_id"])[:64]
     cell.metadata["nbgrader"] = {
         "grade": True,
@@ -343,13 +347,13 @@ def _notes(result: dict) -> str:
     return "; ".join(parts)
 
 
-_LINE_RE = re.compile(r"Cell In\[\d+\], line (\d+)")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: How the hidden tests' verdict starts (autograder.hidden.PREFIX; not imported: it pulls in torch).
+HIDDEN_PREFIX = "hidden test"
 
 
 def _failures(autograded: Path) -> list[dict]:
     """The failed graded cells of an autograded notebook: cell, error kind, message, and
-    whether the error came from the hidden tests (line of the error inside the hidden region)."""
+    whether the error came from the hidden tests (their verdict) or the visible ones."""
     try:
         nb = nbformat.read(str(autograded), as_version=4)
     except Exception:  # noqa: BLE001
@@ -362,16 +366,8 @@ def _failures(autograded: Path) -> list[dict]:
         for out in cell.get("outputs", []):
             if out.get("output_type") != "error":
                 continue
-            lines = cell.source.split("\n")
-            begin = next((i for i, ln in enumerate(lines, 1) if HIDDEN_BEGIN in ln), None)
-            end = next((i for i, ln in enumerate(lines, 1) if HIDDEN_END in ln), len(lines) + 1)
-            part = "visible" if begin is None else "?"
-            if begin is not None:
-                tb = _ANSI.sub("", "\n".join(out.get("traceback", [])))
-                # the first frame is the cell itself ("Cell In[7], line 12")
-                m = _LINE_RE.search(tb)
-                if m:
-                    part = "hidden" if begin < int(m[1]) < end else "visible"
+            # the hidden tests' verdict is an output of its own (autograder/hidden.py)
+            part = "hidden" if str(out.get("evalue", "")).startswith(HIDDEN_PREFIX) else "visible"
             evalue = str(out.get("evalue", "")).strip().splitlines()
             found.append(
                 {
@@ -412,6 +408,7 @@ def _prepare(sub: Submission, work: Path, timeout: int, extra: list[dict]) -> di
         "lecture": sub.lecture,
         "student": sub.student,
         "timeout": int(timeout),
+        "hidden": [str(p) for p in sorted((template / "hidden").glob("*.py"))],
     }
 
 
@@ -569,8 +566,8 @@ def _grade(subs, lecture, lectures, known, out, state, timeout, solutions, worke
     secret_digest = _sha("tlab-secret", secret) if secret else "public"
     keys = {
         lec: _sha(
-            str(GRADER_VERSION), _folder_hash(solutions / lec), json.dumps(extras.get(lec, [])),
-            secret_digest, str(timeout), repr(limits),
+            str(GRADER_VERSION), _folder_hash(solutions / lec), _hidden_files_hash(solutions / lec, extras.get(lec)),
+            json.dumps(extras.get(lec, [])), secret_digest, str(timeout), repr(limits),
         )
         for lec in lectures
     }
@@ -591,6 +588,7 @@ def _grade(subs, lecture, lectures, known, out, state, timeout, solutions, worke
                 shutil.rmtree(template)
             shutil.move(str(release_dir.parent.parent), str(template))
             shutil.rmtree(template / "solutions")  # the gradebook holds what grading needs
+            _copy_hidden_files(solutions / lec, extras.get(lec), template / "hidden")
             exercises[lec] = graded_cells(template / "course" / lec / f"{lec}.ipynb")
         shutil.rmtree(work / "_release_tmp", ignore_errors=True)
 
@@ -608,7 +606,8 @@ def _grade(subs, lecture, lectures, known, out, state, timeout, solutions, worke
     results = []
     if tasks:
         n_cells = {lec: _n_code_cells(work / lec / "_release" / "course" / lec) for lec in lectures}
-        budget = sum(timeout * (n_cells[s.lecture] + 2) + 120 for s in todo)
+        # every cell, and as much again for the hidden tests (one per graded cell at most)
+        budget = sum(timeout * (2 * n_cells[s.lecture] + 2) + 120 for s in todo)
         results = _run(
             tasks, wall_timeout=budget, log_file=log_file, workers=workers, secret=secret,
             limits=limits, progress=progress,
@@ -660,6 +659,28 @@ def _grade(subs, lecture, lectures, known, out, state, timeout, solutions, worke
 
         result.report_path = write_report(result, out / "report")
     return result
+
+
+def _hidden_files(source: Path, extra: list[dict] | None) -> list[tuple[str, Path]]:
+    """(name in the template, path) of a lecture's hidden-test files: its own, then the extra ones."""
+    files = [("hidden_tests.py", source / HIDDEN_TESTS_FILE)] if (source / HIDDEN_TESTS_FILE).is_file() else []
+    paths = sorted({t["path"] for t in extra or [] if t.get("path")})
+    files += [(f"extra_tests_{i}.py", Path(p)) for i, p in enumerate(paths)]
+    return files
+
+
+def _hidden_files_hash(source: Path, extra: list[dict] | None) -> str:
+    return _sha(*[part for name, path in _hidden_files(source, extra) for part in (name, path.read_bytes())])
+
+
+def _copy_hidden_files(source: Path, extra: list[dict] | None, dest: Path) -> None:
+    """Put the hidden-test files where the workers read them (the workspace: no kernel sees it)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    os.chmod(dest, 0o700)
+    for name, path in _hidden_files(source, extra):
+        shutil.copyfile(path, dest / name)
 
 
 def _n_code_cells(folder: Path) -> int:

@@ -72,7 +72,9 @@ def run_tasks(
     # the worker imports this package from the checkout, wherever it is run from
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     queues = [tasks[i::workers] for i in range(workers)]
-    per_task = limits.notebook_timeout + GRACE
+    # the notebook, then its hidden tests outside the kernel (each exercise within the cell
+    # limit, all of them within another notebook limit), then nbgrader's own work
+    per_task = 2 * limits.notebook_timeout + GRACE
     log = open(log_file, "a") if log_file else None  # noqa: SIM115
     try:
         while any(queues):
@@ -91,7 +93,8 @@ def run_tasks(
                         why = f"grading took longer than {wall_timeout:.0f} s and was stopped"
                     elif _task_overran(queue, per_task):
                         why = (f"grading this notebook took longer than {per_task:.0f} s "
-                               f"(the {limits.notebook_timeout} s notebook limit plus {GRACE} s) and was stopped")
+                               f"(twice the {limits.notebook_timeout} s notebook limit, for the notebook "
+                               f"and its hidden tests, plus {GRACE} s) and was stopped")
                     if why is None:
                         still.append((slot, queue, proc, spec))
                         continue

@@ -273,7 +273,7 @@ def _cover_keeping(folder: str, keep: list[str], options: str) -> None:
         os.close(fd)
 
 
-def _read_small_files(folder: str, budget: int = 64 * MiB) -> dict[str, bytes]:
+def read_data_files(folder: str, budget: int = 64 * MiB) -> dict[str, bytes]:
     """The lecture's data files next to the notebook (not notebooks), as bytes."""
     found: dict[str, bytes] = {}
     for dirpath, _dirs, files in os.walk(folder):
@@ -299,80 +299,176 @@ def _setrlimit(which: int, value: int) -> None:
         pass
 
 
+#: Environment variables a sandboxed process never inherits: the course secret seeds the hidden
+#: tests' inputs and stays with the trusted grader; PYTHONPATH would let the grader's paths in.
+DROPPED_ENV = ("PYTHONPATH", "JPY_PARENT_PID", "TRANSFORMER_LAB_SECRET")
+
+
+def scrubbed_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default ``os.environ``) without :data:`DROPPED_ENV`."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if k not in DROPPED_ENV}
+
+
+def enter(spec: dict, data: dict[str, bytes], files: dict[str, bytes] | None = None) -> dict[str, str]:
+    """Turn this (root) process into a sandboxed one, up to but not including the uid drop.
+
+    With ``spec["isolate"]``: a private mount namespace (see the module docstring) in which
+    ``/tmp/work`` (the working folder, holding ``data``: relative path -> bytes) and
+    ``/tmp/home`` belong to the sandbox uid, and every ``files`` entry (absolute path under
+    ``/tmp`` -> bytes) is written read-only, owned by root. The caller reads whatever it needs
+    from the real file system *before* calling this: afterwards the repository, the workspace
+    and other checkouts are out of sight. Returns the environment the sandboxed process should
+    run with (scrubbed, with its own HOME and caches). Call :func:`drop` next.
+    """
+    env = scrubbed_env()
+    if not spec.get("isolate", False):
+        return env
+    uid = int(spec.get("uid") or sandbox_uid())
+    if _c().unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    _mount("none", "/", None, MS_REC | MS_PRIVATE)
+    size = int(spec["limits"]["scratch_bytes"])
+    keep = [os.path.realpath(p) for p in spec.get("keep", [])]
+    for folder in WORLD_WRITABLE:
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            _cover_keeping(folder, keep, f"size={size},mode=1777")
+    for folder in PRIVATE_ROOTS:  # other checkouts, other courses' workspaces, homes
+        if (os.path.isdir(folder) and not os.path.islink(folder)
+                and not any(folder == k or folder.startswith(k + os.sep) for k in keep)):
+            _cover_keeping(folder, keep, "size=64k,mode=0755")
+    _expose(keep)
+    for path in spec.get("hide", []):
+        _hide(path)
+    repo = spec.get("repo")
+    if repo and os.path.isdir(repo):
+        for name in os.listdir(repo):
+            entry = os.path.realpath(os.path.join(repo, name))
+            if any(k == entry or k.startswith(entry + os.sep) for k in keep):
+                continue
+            _hide(os.path.join(repo, name))
+    work, home = "/tmp/work", "/tmp/home"
+    for folder in (work, home):
+        os.makedirs(folder, mode=0o700)
+        os.chown(folder, uid, uid)
+    for rel, blob in data.items():
+        target = os.path.join(work, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as fh:
+            fh.write(blob)
+        os.chown(target, uid, uid)
+    for path, blob in (files or {}).items():
+        if not path.startswith("/tmp/"):
+            raise ValueError(f"sandbox files go under /tmp; got {path}")
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(blob)
+        os.chmod(path, 0o644)
+    env.update(HOME=home, TMPDIR="/tmp", USER="tlgrader", LOGNAME="tlgrader",
+               IPYTHONDIR=home + "/.ipython", MPLCONFIGDIR=home + "/.matplotlib",
+               JUPYTER_RUNTIME_DIR=home + "/.runtime", XDG_CACHE_HOME=home + "/.cache")
+    os.chdir(work)
+    return env
+
+
+def drop(spec: dict) -> None:
+    """Resource limits, then (isolated) the unprivileged uid/gid and ``no_new_privs``."""
+    limits = spec["limits"]
+    _setrlimit(resource.RLIMIT_AS, int(limits["memory_bytes"]))
+    _setrlimit(resource.RLIMIT_FSIZE, int(limits["scratch_bytes"]))
+    _setrlimit(resource.RLIMIT_CORE, 0)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, no kill
+    if spec.get("isolate", False):
+        uid = int(spec.get("uid") or sandbox_uid())
+        _setrlimit(resource.RLIMIT_NPROC, int(limits["max_processes"]))
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        _c().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+# --------------------------------------------------------------------------- no new programs
+
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+EPERM = 1
+#: (audit arch, execve, execveat, x32 bit or 0) per machine: a filter that refuses both.
+_EXEC_SYSCALLS = {
+    "x86_64": (0xC000003E, 59, 322, 0x40000000),
+    "aarch64": (0xC00000B7, 221, 281, 0),
+}
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def forbid_exec() -> str | None:
+    """Refuse ``execve``/``execveat`` to this process and everything it forks (seccomp filter):
+    it may fork copies of itself but never start a fresh program (a Python that imports an
+    unblocked library). Returns None when installed, else why not, in words."""
+    import platform
+
+    machine = platform.machine()
+    if sys.platform != "linux" or machine not in _EXEC_SYSCALLS:
+        return f"exec not forbidden: no seccomp filter for {sys.platform}/{machine}"
+    arch, execve, execveat, x32 = _EXEC_SYSCALLS[machine]
+    deny = SECCOMP_RET_ERRNO | EPERM
+    ld_w_abs, jeq_k, jge_k, ret_k = 0x20, 0x15, 0x35, 0x06
+    prog = [
+        (ld_w_abs, 0, 0, 4),                 # A = seccomp_data.arch
+        (jeq_k, 1, 0, arch),                 # native arch: go on; else refuse everything
+        (ret_k, 0, 0, deny),
+        (ld_w_abs, 0, 0, 0),                 # A = seccomp_data.nr
+    ]
+    if x32:
+        prog += [(jge_k, 3, 0, x32)]         # x32 ABI calls: refuse
+    prog += [
+        (jeq_k, 2, 0, execve),
+        (jeq_k, 1, 0, execveat),
+        (ret_k, 0, 0, SECCOMP_RET_ALLOW),
+        (ret_k, 0, 0, deny),
+    ]
+    filters = (_SockFilter * len(prog))(*[_SockFilter(*f) for f in prog])
+    fprog = _SockFprog(len(prog), filters)
+    if _c().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        return "exec not forbidden: prctl(PR_SET_NO_NEW_PRIVS) failed"
+    if _c().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        return f"exec not forbidden: seccomp refused ({os.strerror(ctypes.get_errno())})"
+    return None
+
+
 def launch(spec: dict, cmd: list[str]) -> None:
     """Set up the sandbox and ``exec`` the kernel command (never returns)."""
-    limits = spec["limits"]
-    isolate = spec.get("isolate", False)
-    uid = int(spec.get("uid") or sandbox_uid())
     cmd = list(cmd)
     conn_at = cmd.index("-f") + 1 if "-f" in cmd else None
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "JPY_PARENT_PID")}
-    if isolate:
+    if spec.get("isolate", False):
+        uid = int(spec.get("uid") or sandbox_uid())
         conn = Path(cmd[conn_at]).read_bytes() if conn_at else b""
-        data = _read_small_files(os.getcwd())
-        if _c().unshare(CLONE_NEWNS) != 0:
-            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
-        _mount("none", "/", None, MS_REC | MS_PRIVATE)
-        size = int(limits["scratch_bytes"])
-        keep = [os.path.realpath(p) for p in spec.get("keep", [])]
-        for folder in WORLD_WRITABLE:
-            if os.path.isdir(folder) and not os.path.islink(folder):
-                _cover_keeping(folder, keep, f"size={size},mode=1777")
-        for folder in PRIVATE_ROOTS:  # other checkouts, other courses' workspaces, homes
-            if (os.path.isdir(folder) and not os.path.islink(folder)
-                    and not any(folder == k or folder.startswith(k + os.sep) for k in keep)):
-                _cover_keeping(folder, keep, "size=64k,mode=0755")
-        _expose(keep)
-        for path in spec.get("hide", []):
-            _hide(path)
-        repo = spec.get("repo")
-        if repo and os.path.isdir(repo):
-            for name in os.listdir(repo):
-                entry = os.path.realpath(os.path.join(repo, name))
-                if any(k == entry or k.startswith(entry + os.sep) for k in keep):
-                    continue
-                _hide(os.path.join(repo, name))
-        work, home = "/tmp/work", "/tmp/home"
-        for folder in (work, home):
-            os.makedirs(folder, mode=0o700)
-            os.chown(folder, uid, uid)
-        for rel, blob in data.items():
-            target = os.path.join(work, rel)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "wb") as fh:
-                fh.write(blob)
-            os.chown(target, uid, uid)
+        env = enter(spec, read_data_files(os.getcwd()))
         if conn_at:
-            cmd[conn_at] = os.path.join(home, "kernel.json")
+            cmd[conn_at] = os.path.join("/tmp/home", "kernel.json")
             with open(cmd[conn_at], "wb") as fh:
                 fh.write(conn)
             os.chown(cmd[conn_at], uid, uid)
             os.chmod(cmd[conn_at], 0o600)
-        env.update(HOME=home, TMPDIR="/tmp", USER="tlgrader", LOGNAME="tlgrader",
-                   IPYTHONDIR=home + "/.ipython", MPLCONFIGDIR=home + "/.matplotlib",
-                   JUPYTER_RUNTIME_DIR=home + "/.runtime", XDG_CACHE_HOME=home + "/.cache")
-        os.chdir(work)
         log = os.open("/tmp/kernel-output.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchown(log, uid, uid)
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
     else:
+        env = scrubbed_env()
         # not isolated: the kernel's raw output must not grow the grader's log without bound
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
         os.dup2(null, 2)
         os.close(null)
-    _setrlimit(resource.RLIMIT_AS, int(limits["memory_bytes"]))
-    _setrlimit(resource.RLIMIT_FSIZE, int(limits["scratch_bytes"]))
-    _setrlimit(resource.RLIMIT_CORE, 0)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, no kill
-    if isolate:
-        _setrlimit(resource.RLIMIT_NPROC, int(limits["max_processes"]))
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-        _c().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    drop(spec)
     os.execvpe(cmd[0], cmd, env)
 
 

@@ -18,10 +18,13 @@ Task kinds:
 
 ``generate``: ``{"op": "generate", "root": R, "lecture": L}``. ``R/solutions/L``
     exists; runs ``generate_assignment`` into ``R/course/L`` and fills ``R/gradebook.db``.
-``grade``: ``{"op": "grade", "root": R, "lecture": L, "student": S, "timeout": T}``.
+``grade``: ``{"op": "grade", "root": R, "lecture": L, "student": S, "timeout": T, "hidden": [F, ...]}``.
     ``R/gradebook.db`` (from a ``generate`` task) and ``R/submitted/S/L/L.ipynb`` exist;
     runs ``autograde`` and ``generate_feedback``, and records per-cell scores
-    and the errors the graded cells raised.
+    and the errors the graded cells raised. ``hidden``: the hidden-test files of the
+    lecture (``autograder/hidden.py``); after the notebook has run in the kernel they
+    decide the graded cells whose visible tests passed, outside the kernel, before
+    nbgrader saves the grades.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from .sandbox import Limits, available, kill_uid, sandbox_uid
 # What the current grade task runs under (set by ``_grade``; one task at a time per worker).
 _LIMITS = Limits()
 _SPEC: dict[str, Any] = {}
+#: The current grade task's hidden-test files and scratch root (set by ``_grade``).
+_HIDDEN: dict[str, Any] = {}
 #: Things that went wrong in the current notebook, in words (become the result's notes).
 _EVENTS: list[str] = []
 
@@ -163,9 +168,11 @@ def _load_sandbox_classes():
             self._cut: set[int] = set()
             self.__dict__.pop("_baseline", None)
             try:
-                return super().preprocess(nb, resources, km)
+                nb, resources = super().preprocess(nb, resources, km)
             finally:
                 _cleanup_processes(self)
+            _hidden_tests(self, nb, resources)
+            return nb, resources
 
         def _get_timeout(self, cell):
             timeout = super()._get_timeout(cell)
@@ -262,6 +269,40 @@ def _load_sandbox_classes():
             return super().output(outs, msg, display_id, cell_index)
 
     return SandboxKernelManager, SandboxExecute
+
+
+def _hidden_tests(execute, nb, resources) -> None:
+    """Decide the graded cells' hidden tests outside the kernel (``autograder/hidden.py``)."""
+    import os
+    import tempfile
+
+    from . import hidden
+    from .course import SECRET_ENV
+
+    info = (resources or {}).get("nbgrader", {})
+    lecture = info.get("assignment", "")
+    files = [Path(f) for f in _HIDDEN.get("files", [])]
+    root = _HIDDEN.get("root")
+    if not _HIDDEN:  # nbgrader's own tools with autograder/nbgrader_config.py
+        from nbgrader.coursedir import CourseDirectory
+
+        cd = CourseDirectory(config=execute.config)
+        files = [Path(cd.format_path(cd.source_directory, ".", lecture)) / hidden.TESTS_FILE]
+        root = tempfile.mkdtemp(prefix="tlab-hidden-")
+    if not any(f.is_file() for f in files):
+        return
+    spec = _SPEC or {"isolate": False, "uid": sandbox_uid(), "limits": _LIMITS.to_dict(),
+                     "repo": str(REPO), "keep": [], "hide": []}
+    student = info.get("student", "")
+    data_dir = Path(root) / "submitted" / student / lecture
+    verdicts = hidden.decide(
+        nb, files, lecture, Path(root) / "hidden", spec, _LIMITS.cell_timeout,
+        os.environ.get(SECRET_ENV) or None, str(data_dir) if data_dir.is_dir() else None,
+    )
+    _cleanup_processes()
+    broken = [v for v in verdicts if v.ename == hidden.GRADER_ERROR]
+    if broken:
+        _note(f"{broken[0].cell}: {broken[0].message[:300]}")
 
 
 def _cleanup_processes(client=None) -> None:
@@ -377,6 +418,8 @@ def _grade(task: dict[str, Any]) -> dict[str, Any]:
         limits["cell_timeout"] = int(task["timeout"])
     _LIMITS = Limits.from_env(**limits)
     _SPEC = sandbox_spec(root, _LIMITS)
+    _HIDDEN.clear()
+    _HIDDEN.update(files=list(task.get("hidden") or []), root=str(root))
     _cleanup_processes()  # anything a previous task left behind
     _EVENTS.clear()
     if not _SPEC["isolate"]:

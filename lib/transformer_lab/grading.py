@@ -9,29 +9,25 @@ largest error and where it is), plus a hint for the most common mistake::
     grading.check_close(my_scores(q, k), ref_scores, "attention_scores",
                         inputs={"q": q, "k": k}, hint="did you divide by sqrt(d_k)?")
 
-Hidden tests (nbgrader's ``### BEGIN HIDDEN TESTS``) follow one recipe:
+The same checkers write the messages of the *hidden* tests, but those run on the
+grader's side, never in the learner's kernel: ``autograder/hidden.py`` draws their
+inputs from :func:`hidden_rng` (seeded by the course secret), runs the learner's
+function in a separate sandboxed process where the reference does not exist, and
+compares what came back with the reference outside it. See ``CONTRIBUTING.md``.
 
-1. draw fresh inputs from :func:`hidden_rng` (seeded by the instructor's course
-   secret, env ``TRANSFORMER_LAB_SECRET``, so an answer key cannot be copied
-   from the public repository);
-2. compute the expected value with the library's reference *first*;
-3. call the learner's function inside ``with grading.blocked(reference, ...)``,
-   so an answer that merely calls the reference (or PyTorch's own shortcut for
-   the same thing) raises :class:`ReferenceBlocked` and earns nothing.
-
-How :func:`blocked` catches aliases (``from torch.nn.functional import
-scaled_dot_product_attention as sdpa`` taken before the test runs):
+:func:`block` is what that process uses to take PyTorch's own shortcuts away
+(``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``, ...), aliases
+included; :func:`blocked` does the same for the length of a ``with`` block and
+restores everything afterwards (for tests and demonstrations):
 
 * a Python function keeps its identity but gets a new ``__code__`` that raises,
   so every name bound to it raises;
-* a class (``nn.MultiheadAttention``, ``nn.LayerNorm``, a library module) gets the
-  same treatment for its ``forward``;
+* a class (``nn.MultiheadAttention``, ``nn.LayerNorm``) gets the same treatment for
+  its ``forward``;
 * a C builtin (``F.scaled_dot_product_attention``, ``torch.layer_norm``) cannot
   change its code, so every module attribute that holds it (PyTorch's own
   modules, the library, the notebook's ``__main__``) is swapped for a raising
   stand-in, and a ``TorchFunctionMode`` refuses the call wherever it comes from.
-
-Everything is restored on exit, also when the body raises.
 """
 
 from __future__ import annotations
@@ -51,6 +47,7 @@ from .device import grading_mode
 
 __all__ = [
     "ReferenceBlocked",
+    "block",
     "blocked",
     "check_close",
     "check_dtype",
@@ -281,16 +278,20 @@ def _missing_return_hint(actual: Any) -> str | None:
 # --------------------------------------------------------------------------- hidden inputs
 
 
-def hidden_rng(name: str, device: torch.device | str | None = None) -> torch.Generator:
+def hidden_rng(
+    name: str, device: torch.device | str | None = None, secret: str | None = None
+) -> torch.Generator:
     """A ``torch.Generator`` for one hidden test, seeded from the course secret and ``name``.
 
-    The seed is a hash of env ``TRANSFORMER_LAB_SECRET`` (``PUBLIC_SECRET`` when
-    unset) and ``name``: the same secret and name give the same inputs, another
-    secret (another course, another term) or another test name gives others.
+    The seed is a hash of ``secret`` (default: env ``TRANSFORMER_LAB_SECRET``, else
+    ``PUBLIC_SECRET``) and ``name``: the same secret and name give the same inputs,
+    another secret (another course, another term) or another test name gives others.
+    Only the trusted grader calls this; the learner's process never sees the secret.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"hidden_rng needs a non-empty test name (str); got {name!r}")
-    secret = os.environ.get(SECRET_ENV) or PUBLIC_SECRET
+    if secret is None:
+        secret = os.environ.get(SECRET_ENV) or PUBLIC_SECRET
     digest = hashlib.sha256(f"{secret}\x00{name}".encode()).digest()
     seed = int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
     gen = torch.Generator(device=device if device is not None else "cpu")
@@ -384,36 +385,42 @@ def _stand_in(name: str) -> Callable[..., Any]:
     return blocked_reference
 
 
+def _apply(refs: Sequence[Any], undo: list[Callable[[], None]] | None) -> _RefuseMode:
+    """Block ``refs``; record how to restore each in ``undo`` (None: for good, keep nothing)."""
+    torch_funcs: dict[int, str] = {}
+    for ref in refs:
+        if isinstance(ref, types.MethodType):
+            ref = ref.__func__
+        if isinstance(ref, type):
+            _block_class(ref, undo)
+        elif isinstance(ref, types.FunctionType):
+            _block_function(ref, _ref_name(ref), undo)
+            torch_funcs[id(ref)] = _ref_name(ref)
+        elif _is_builtin(ref):
+            name = _ref_name(ref)
+            _block_builtin(ref, name, undo)
+            torch_funcs[id(ref)] = name
+        else:
+            raise TypeError(
+                "blocked() takes functions, classes or torch builtins; "
+                f"got {type(ref).__name__} {ref!r}"
+            )
+    return _RefuseMode(torch_funcs)
+
+
 @contextlib.contextmanager
 def blocked(*refs: Any) -> Iterator[None]:
     """Make ``refs`` raise :class:`ReferenceBlocked` for the duration, aliases included.
 
-    ``refs`` may be Python functions (the library's references, ``F.layer_norm``),
-    classes (``nn.MultiheadAttention``, ``nn.LayerNorm``, a library module class:
-    their ``forward`` is blocked) and C builtins (``F.scaled_dot_product_attention``,
-    ``torch.layer_norm``). Everything is restored on exit, also on exceptions.
+    ``refs`` may be Python functions (``F.layer_norm``, a library function), classes
+    (``nn.MultiheadAttention``, ``nn.LayerNorm``: their ``forward`` is blocked) and C
+    builtins (``F.scaled_dot_product_attention``, ``torch.layer_norm``). Everything is
+    restored on exit, also on exceptions. (Hidden tests do not use this: they run the
+    learner's code in a process where the reference is absent; see :func:`block`.)
     """
     undo: list[Callable[[], None]] = []
-    torch_funcs: dict[int, str] = {}
     try:
-        for ref in refs:
-            if isinstance(ref, types.MethodType):
-                ref = ref.__func__
-            if isinstance(ref, type):
-                _block_class(ref, undo)
-            elif isinstance(ref, types.FunctionType):
-                _block_function(ref, _ref_name(ref), undo)
-                torch_funcs[id(ref)] = _ref_name(ref)
-            elif _is_builtin(ref):
-                name = _ref_name(ref)
-                _block_builtin(ref, name, undo)
-                torch_funcs[id(ref)] = name
-            else:
-                raise TypeError(
-                    "blocked() takes functions, classes or torch builtins; "
-                    f"got {type(ref).__name__} {ref!r}"
-                )
-        mode = _RefuseMode(torch_funcs)
+        mode = _apply(refs, undo)
         mode.__enter__()
         undo.append(lambda: mode.__exit__(None, None, None))
         yield
@@ -422,9 +429,22 @@ def blocked(*refs: Any) -> Iterator[None]:
             step()
 
 
-def _block_function(func: types.FunctionType, name: str, undo: list[Callable[[], None]]) -> None:
+def block(*refs: Any) -> None:
+    """Make ``refs`` raise :class:`ReferenceBlocked` for the rest of this process, for good.
+
+    The same replacements as :func:`blocked`, but nothing is kept to undo them: a
+    replaced ``__code__`` is dropped, so no object in the process leads back to it.
+    The hidden-test runner calls this in the sandboxed process that runs the
+    learner's code, before that code runs.
+    """
+    _apply(refs, None).__enter__()
+
+
+def _block_function(func: types.FunctionType, name: str, undo: list[Callable[[], None]] | None) -> None:
     original = func.__code__
     func.__code__ = _raising_code(func, _message(name))
+    if undo is None:
+        return
 
     def restore() -> None:
         func.__code__ = original
@@ -432,7 +452,7 @@ def _block_function(func: types.FunctionType, name: str, undo: list[Callable[[],
     undo.append(restore)
 
 
-def _block_class(cls: type, undo: list[Callable[[], None]]) -> None:
+def _block_class(cls: type, undo: list[Callable[[], None]] | None) -> None:
     name = f"{cls.__module__}.{cls.__qualname__}"
     own = cls.__dict__.get("forward")
     if isinstance(own, types.FunctionType):
@@ -441,6 +461,8 @@ def _block_class(cls: type, undo: list[Callable[[], None]]) -> None:
     # forward inherited (or not a plain function): shadow it on this class only
     had = "forward" in cls.__dict__
     cls.forward = _stand_in(f"{name}.forward")
+    if undo is None:
+        return
 
     def restore() -> None:
         if had:
@@ -451,7 +473,7 @@ def _block_class(cls: type, undo: list[Callable[[], None]]) -> None:
     undo.append(restore)
 
 
-def _block_builtin(func: Any, name: str, undo: list[Callable[[], None]]) -> None:
+def _block_builtin(func: Any, name: str, undo: list[Callable[[], None]] | None) -> None:
     """Swap every module attribute that holds ``func`` (PyTorch's, the library's, ``__main__``)."""
     stand_in = _stand_in(name)
     holders: list[tuple[Any, str]] = []
@@ -476,6 +498,8 @@ def _block_builtin(func: Any, name: str, undo: list[Callable[[], None]]) -> None
         try:
             setattr(mod, attr, stand_in)
         except Exception:  # noqa: BLE001 - read-only holder: the TorchFunctionMode still refuses
+            continue
+        if undo is None:
             continue
 
         def restore(mod: Any = mod, attr: str = attr) -> None:
