@@ -353,7 +353,7 @@ def _data(value, depth: int = 0):
     if kind is torch.Size:
         return tuple(int(v) for v in value)
     if kind is torch.dtype:
-        return str(value)
+        return value
     if kind in (tuple, list):
         if len(value) > 1000:
             return {"__not_data__": f"a {kind.__name__} of {len(value)} items"}

@@ -9,7 +9,10 @@ nbgrader directly on the repository, e.g. from the repository root::
 or copy it to ./nbgrader_config.py where you start JupyterLab to use the
 formgrader. solutions/ is nbgrader's source directory and course/ its release
 directory; submitted/, autograded/, feedback/ and the gradebook live in the
-git-ignored autograder/_work/.
+git-ignored autograder/_work/. ``nbgrader autograde`` runs the notebook with the
+autograder's Execute step, which also decides the hidden tests
+(solutions/NN_topic/hidden_tests.py) outside the student's kernel, so its scores are
+the ones ``python -m autograder grade`` gives.
 """
 
 import os
@@ -20,6 +23,7 @@ if _root not in sys.path:
     sys.path.insert(0, _root)
 
 from autograder.course import nbgrader_config  # noqa: E402
+from autograder.worker import autograde_preprocessors  # noqa: E402
 
 c = get_config()  # noqa: F821 - provided by traitlets when it loads this file
 c.merge(nbgrader_config(_root))
@@ -28,3 +32,4 @@ c.CourseDirectory.submitted_directory = os.path.join(_work, "submitted")
 c.CourseDirectory.autograded_directory = os.path.join(_work, "autograded")
 c.CourseDirectory.feedback_directory = os.path.join(_work, "feedback")
 c.CourseDirectory.db_url = "sqlite:///" + os.path.join(_root, _work, "gradebook.db")
+c.Autograde.autograde_preprocessors = autograde_preprocessors()

@@ -15,7 +15,6 @@ from pathlib import Path
 import nbformat
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
-HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 
 
 @dataclass
@@ -64,35 +63,27 @@ def _enclosing_function(source: str):
     return (best.name, best.args, in_class) if best is not None else (None, None, False)
 
 
-def _blocked_refs(source: str) -> list[str]:
-    """Texts of the references passed to ``grading.blocked(...)`` in a test cell."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return []
-    tuples: dict[str, list[ast.expr]] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and isinstance(node.value, (ast.Tuple, ast.List)):
-            for target in node.targets:
-                if isinstance(target, ast.Name):
-                    tuples[target.id] = list(node.value.elts)
-    refs: list[str] = []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
-            continue
-        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-        if name != "blocked":
-            continue
-        for arg in node.args:
-            elts = tuples.get(arg.value.id, []) if isinstance(arg, ast.Starred) and isinstance(arg.value, ast.Name) else [arg]
-            for e in elts:
-                text = ast.unparse(e)
-                if text not in refs:
-                    refs.append(text)
-    return refs
+def blocked_refs(tests_file: Path) -> dict[str, list[str]]:
+    """Graded cell -> what its hidden tests block, as expressions a notebook cell can call
+    (``__import__('transformer_lab.attention', fromlist=['_']).attention_scores``)."""
+    if not Path(tests_file).is_file():
+        return {}
+    from autograder.hidden import blocked_names, load_tests
+
+    found = {}
+    for test in load_tests(Path(tests_file)):
+        lib, other = blocked_names(test.blocked)
+        exprs = []
+        for name in lib + other:
+            module, _, qual = name.partition(":")
+            exprs.append(f"__import__({module!r}, fromlist=['_']).{qual}")
+        found[test.cell] = exprs
+    return found
 
 
-def exercises(nb) -> list[Exercise]:
+def exercises(nb, tests_file: Path | None = None) -> list[Exercise]:
+    """The exercises of a notebook; with ``tests_file`` (its hidden_tests.py), what each blocks."""
+    refs = blocked_refs(tests_file) if tests_file is not None else {}
     found: list[Exercise] = []
     for i, cell in enumerate(nb.cells):
         meta = _meta(cell)
@@ -103,7 +94,7 @@ def exercises(nb) -> list[Exercise]:
             ex = found[-1]
             ex.tests.append(meta["grade_id"])
             ex.points += float(meta.get("points", 0))
-            for ref in _blocked_refs(cell.source):
+            for ref in refs.get(meta["grade_id"], []):
                 if ref not in ex.refs:
                     ex.refs.append(ref)
     return found
@@ -198,7 +189,7 @@ def cheat_body(nb, ex: Exercise) -> tuple[str, str] | None:
     body = (
         "try:  # leans on the library's reference\n"
         f"    {funcs[0]}({args})\n"
-        "except __import__('transformer_lab.grading', fromlist=['x']).ReferenceBlocked:\n"
+        "except __import__('transformer_lab.grading', fromlist=['_']).ReferenceBlocked:\n"
         "    raise\n"
         "except Exception:\n"
         "    pass\n" + region(nb, ex.cell)

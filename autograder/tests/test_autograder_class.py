@@ -28,12 +28,19 @@ LECTURE = "00_fixture"
 SECRET_A, SECRET_B = "course secret A (tests)", "another secret B"
 
 EXTRA = '''\
-# Instructor's own hidden tests for 00_fixture, run after the notebook.
-# %% extra_scores_probe [points=1]
-g = grading.hidden_rng("00_fixture.extra_probe")
-q = torch.randn(3, 9, 4, generator=g)
-print("probe", [round(v, 6) for v in q.flatten()[:3].tolist()])
-grading.check_close(scores(q, q), q @ q.transpose(-2, -1) / 2, "scores", inputs={"q": q})
+# Instructor's own hidden tests for 00_fixture, decided outside the learner's kernel.
+import torch
+
+from autograder.hidden import Case, HiddenTest
+
+
+def probe_cases(rng):
+    q = torch.randn(3, 9, 4, generator=rng)
+    yield Case("q = k (3, 9, 4)", q, q)
+
+
+TESTS = [HiddenTest(cell="extra_scores_probe", points=1, function="scores", cases=probe_cases,
+                    reference=lambda q, k: q @ k.transpose(-2, -1) / 2)]
 '''
 
 
@@ -163,15 +170,27 @@ def test_duplicate_student_ids_are_refused(tmp_path, notebooks):
 
 
 def test_extra_tests_file_format(tmp_path):
-    (tmp_path / "00_fixture.py").write_text(EXTRA + "# %% extra_two points=2.5\nassert True\n")
+    two = EXTRA + (
+        "TESTS.append(HiddenTest(cell='extra_two', points=2.5, function='layer_norm', cases=probe_cases,\n"
+        "                        reference=lambda x, y: x))\n")
+    (tmp_path / "00_fixture.py").write_text(two)
     tests = load_extra_tests(tmp_path, [LECTURE])[LECTURE]
     assert [(t["grade_id"], t["points"]) for t in tests] == [("extra_scores_probe", 1.0), ("extra_two", 2.5)]
-    assert tests[1]["source"] == "assert True"
-    (tmp_path / "00_fixture.py").write_text("x = 1\n# %% t1\nassert x\n")
-    with pytest.raises(UsageError, match="code before the first"):
-        load_extra_tests(tmp_path, [LECTURE])
+    assert "`layer_norm`" in tests[1]["source"] and "outside your notebook" in tests[1]["source"]
+    assert tests[0]["path"] == str(tmp_path / "00_fixture.py")
+    bad = {
+        "# %% t1\nassert True\n": "in the learner's kernel, where they can be gamed",
+        "TESTS = 3\n": "expected a list TESTS of HiddenTest",
+        EXTRA.replace("points=1, ", ""): "expected points=N",
+        EXTRA.replace('cell="extra_scores_probe"', 'cell="bad id"'): "expected a grade id",
+        "import no_such_module\n": "could not be loaded: ModuleNotFoundError",
+    }
+    for text, expected in bad.items():
+        (tmp_path / "00_fixture.py").write_text(text)
+        with pytest.raises(UsageError, match=expected):
+            load_extra_tests(tmp_path, [LECTURE])
     (tmp_path / "00_fixture.py").unlink()
-    (tmp_path / "07_nothing.py").write_text("# %% t1\n")
+    (tmp_path / "07_nothing.py").write_text(EXTRA)
     with pytest.raises(UsageError, match="07_nothing.py names no lecture"):
         load_extra_tests(tmp_path, [LECTURE])
 
@@ -249,24 +268,25 @@ def test_class_scores_csv(graded_class):
 
 
 def test_feedback_shows_no_hidden_test_code(graded_class):
-    sources = [cell.source for cell in read(FIXTURE / LECTURE / f"{LECTURE}.ipynb").cells]
-    hidden_lines = []
-    for src in sources:
-        if "BEGIN HIDDEN TESTS" in src:
-            block = src.split("### BEGIN HIDDEN TESTS")[1].split("### END HIDDEN TESTS")[0]
-            hidden_lines += [ln.strip() for ln in block.splitlines() if ln.strip()]
-    hidden_lines += ["torch.randn(3, 9, 4, generator=g)", "hidden_rng"]  # the extra test's code
+    """The hidden tests' code lives in files the grader reads (the lecture's and the extra
+    ones); the feedback shows each verdict, never a line of those files."""
+    spec_lines = (FIXTURE / LECTURE / "hidden_tests.py").read_text().splitlines() + EXTRA.splitlines()
+    spec_lines = [ln.strip() for ln in spec_lines if len(ln.strip()) > 12
+                  and not ln.strip().startswith(("#", "import ", "from "))]  # imports: the notebook has them too
+    import html as html_lib
+    import re
+
     for student in ("1001", "2002", "ann", "dana"):
         html = (graded_class["out"] / "feedback" / student / f"{LECTURE}.html").read_text()
-        assert "hidden tests ran here" in html
-        assert "HIDDEN TESTS" not in html
-        import html as html_lib
-
-        text = html_lib.unescape(__import__("re").sub(r"<[^>]+>", "", html))
-        for line in hidden_lines:
+        text = html_lib.unescape(re.sub(r"<[^>]+>", "", html))
+        assert "HIDDEN TESTS" not in text and "HiddenTest" not in text
+        for line in spec_lines:
             assert line not in text, (student, line)
+    ann = html_lib.unescape((graded_class["out"] / "feedback" / "ann" / f"{LECTURE}.html").read_text())
+    assert ann.count("hidden tests passed") == 3  # ex1, ex2 and the extra test
     dana = (graded_class["out"] / "feedback" / "dana" / f"{LECTURE}.html").read_text()
     assert "ReferenceBlocked" in dana and "AssertionError" in dana  # pass/fail and the error stay
+    assert "hidden test: layer_norm, case 1 of 2" in html_lib.unescape(dana)
 
 
 def test_report_matches_the_csv(graded_class):
@@ -293,25 +313,26 @@ def test_report_matches_the_csv(graded_class):
     assert "| ex1_scores_test | 1 | 2/4 | 50% |" in text
 
 
-def test_secret_seeds_the_hidden_inputs_and_stays_out_of_the_workspace(graded_class, monkeypatch):
-    from transformer_lab import grading
+def test_secret_seeds_the_hidden_inputs_and_stays_out_of_the_workspace(graded_class):
+    """The inputs the grader sent to ann's process are the ones SECRET_A draws (another secret,
+    or none, draws others); the secret itself is written nowhere."""
+    import torch
+    from autograder.hidden import load_tests, prepare
 
-    def probe(secret: str | None) -> str:
-        if secret is None:
-            monkeypatch.delenv(SECRET_ENV, raising=False)
-        else:
-            monkeypatch.setenv(SECRET_ENV, secret)
-        import torch
+    tests = load_tests(graded_class["extra"] / "00_fixture.py")
 
-        q = torch.randn(3, 9, 4, generator=grading.hidden_rng("00_fixture.extra_probe"))
-        return "probe " + str([round(v, 6) for v in q.flatten()[:3].tolist()])
+    def drawn(secret):
+        ((_, cases, _),) = prepare(tests, LECTURE, secret)
+        return cases[0].args[0]
 
-    nb = read(graded_class["out"] / "work" / LECTURE / "ann" / "autograded" / "ann" / LECTURE / f"{LECTURE}.ipynb")
-    printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
-    assert printed.strip() == probe(SECRET_A)
-    assert probe(SECRET_A) != probe(SECRET_B) != probe(None)
+    root = graded_class["out"] / "work" / LECTURE / "ann" / "hidden"
+    sent = [torch.load(p, weights_only=True) for p in sorted(root.glob("inputs-*.pt"))]
+    probes = [args[0] for cases in sent for args, _ in cases if args[0].shape == (3, 9, 4)]
+    assert len(probes) == 1 and torch.equal(probes[0], drawn(SECRET_A))
+    assert not torch.equal(drawn(SECRET_A), drawn(SECRET_B))
+    assert not torch.equal(drawn(SECRET_A), drawn(None))
     for path in graded_class["out"].rglob("*"):
-        if path.is_file() and path.suffix in {".json", ".csv", ".md", ".html", ".py", ".log"}:
+        if path.is_file() and path.suffix in {".json", ".csv", ".md", ".html", ".py", ".log", ".ipynb"}:
             assert SECRET_A not in path.read_text(errors="replace"), path
 
 
@@ -418,8 +439,9 @@ def test_bad_input_touches_nothing_already_graded(workspace, graded_class, tmp_p
 
 def test_real_lecture_self_check_full_marks_without_hidden_code(tmp_path):
     """A learner self-checks one notebook of a real lecture (named freely: the lecture is told by
-    its cells): the score and the feedback page are printed, the solutions get full marks, the
-    README's extra-test example passes, and the feedback hides every hidden test."""
+    its cells): the score and the feedback page are printed, the solutions get full marks (the
+    hidden tests run outside the kernel, as in a class), the README's extra-test example
+    passes, and the feedback shows verdicts, not the hidden tests."""
     lecture = "01_attention"
     nb = tmp_path / "my work.ipynb"
     shutil.copyfile(SOLUTIONS / lecture / f"{lecture}.ipynb", nb)
@@ -438,4 +460,4 @@ def test_real_lecture_self_check_full_marks_without_hidden_code(tmp_path):
     feedback = tmp_path / "out" / "feedback" / "self" / f"{lecture}.html"
     assert f"feedback: {feedback}" in lines
     html = feedback.read_text()
-    assert "hidden tests ran here" in html and "BEGIN HIDDEN" not in html and "hidden_rng" not in html
+    assert html.count("hidden tests passed") == 5 and "HiddenTest" not in html and "hidden_rng" not in html

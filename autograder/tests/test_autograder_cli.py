@@ -59,6 +59,9 @@ def test_repository_nbgrader_config_file():
     assert cd.db_url.endswith("autograder/_work/gradebook.db")
     for step in (cd.submitted_directory, cd.autograded_directory, cd.feedback_directory):
         assert step.startswith("autograder/_work/")  # git-ignored
+    # nbgrader's own autograde runs the hidden tests the same way (outside the kernel)
+    steps = [str(s) for s in config.Autograde.autograde_preprocessors]
+    assert "autograder.worker.SandboxExecute" in steps and not any(s.endswith(".Execute") for s in steps)
 
 
 @pytest.mark.parametrize(
@@ -140,7 +143,7 @@ def test_release_writes_learner_notebook_and_is_deterministic(fixture_course, tm
     assert sorted(p.name for p in (fixture_course / LECTURE).iterdir()) == [f"{LECTURE}.ipynb"]
     text = released.read_text()
     assert "raise NotImplementedError()" in text and "BEGIN SOLUTION" not in text
-    assert "hidden_rng" not in text  # hidden tests removed
+    assert "hidden_rng" not in text and "HiddenTest" not in text  # no hidden test in the release
     assert '"outputs": []' in text and '"execution_count": null' in text
     # a fresh generation gives the same bytes (deterministic), so --check passes
     check = _cli("--course", str(fixture_course), "release", "--check")
@@ -217,7 +220,7 @@ def test_workspace_outside_the_repository(fixture_class):
     _, out = fixture_class
     assert REPO not in out.parents
     assert not list(REPO.glob("gradebook.db")) and not (FIXTURE / LECTURE / "gradebook.db").exists()
-    assert sorted(p.name for p in (FIXTURE / LECTURE).iterdir()) == [f"{LECTURE}.ipynb"]
+    assert sorted(p.name for p in (FIXTURE / LECTURE).iterdir()) == [f"{LECTURE}.ipynb", "hidden_tests.py"]
 
 
 def test_release_failure_is_one_line_naming_nbgrader_s_complaint(tmp_path):

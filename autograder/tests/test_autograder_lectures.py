@@ -11,8 +11,9 @@ Two expensive things are shared by every test in this file (module-scoped):
   untouched    the learner notebook as released (flat layout)
   wrong        the solutions with the last exercise's body ``return None``
   hostile      the solutions, where every exercise but the last whose hidden
-               tests block a reference leans on that reference, and the last
-               exercise's body is an infinite loop (flat layout)
+               tests block a reference leans on that reference (from
+               ``solutions/NN_topic/hidden_tests.py``), and the last exercise's
+               body is an infinite loop (flat layout)
   ===========  =============================================================
 
 The learner notebooks' own run is checked on the ``untouched`` student's graded
@@ -34,7 +35,6 @@ import nbformat
 import pytest
 from _nbedit import (
     BEGIN,
-    HIDDEN_BEGIN,
     cheat_body,
     exercises,
     graded_points,
@@ -70,7 +70,7 @@ def plan() -> dict[str, dict]:
     out = {}
     for lecture in LECTURES:
         nb = read(_solution(lecture))
-        exs = exercises(nb)
+        exs = exercises(nb, SOLUTIONS / lecture / "hidden_tests.py")
         assert exs, f"{lecture} has no exercise (solution cell with {BEGIN})"
         cheats = {ex.grade_id: cheat_body(nb, ex) for ex in exs[:-1]}
         cheats = {k: v for k, v in cheats.items() if v is not None}
@@ -97,13 +97,13 @@ def graded(fresh, plan, tmp_path_factory):
 
 
 def _public_lines(nb) -> list[str]:
-    """Lines of the solutions notebook outside solution regions and hidden tests."""
+    """Lines of the solutions notebook outside solution regions."""
     lines, inside = [], False
     for cell in nb.cells:
         for ln in cell.source.splitlines():
-            if BEGIN in ln or HIDDEN_BEGIN in ln:
+            if BEGIN in ln:
                 inside = True
-            elif "### END SOLUTION" in ln or "### END HIDDEN TESTS" in ln:
+            elif "### END SOLUTION" in ln:
                 inside = False
             elif not inside:
                 lines.append(ln)
@@ -150,7 +150,8 @@ def test_no_solution_or_hidden_test_in_course(lecture, fresh):
     for folder in folders:
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             text = path.read_text(errors="replace")
-            for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS"):
+            assert path.name != "hidden_tests.py", f"{path}: the hidden tests were released"
+            for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "HiddenTest("):
                 assert marker not in text, f"{path} contains {marker!r}"
             code = "\n".join(
                 c.source for c in nbformat.reads(text, as_version=4).cells
@@ -279,13 +280,3 @@ def test_the_class_csv_has_every_student_and_lecture(graded):
     assert header[:2] == ["student", "lecture"] and header[-4:] == ["total", "max", "status", "notes"]
     students = {"instructor", "untouched", "wrong", "hostile"}
     assert {tuple(r.split(",")[:2]) for r in text[1:]} == {(s, lec) for s in students for lec in LECTURES}
-
-
-def test_hidden_tests_live_in_graded_cells():
-    """The cheat test relies on it: hidden tests sit in the graded cell of their exercise."""
-    for lecture in LECTURES:
-        nb = read(_solution(lecture))
-        for cell in nb.cells:
-            if HIDDEN_BEGIN in cell.source:
-                meta = cell.get("metadata", {}).get("nbgrader", {})
-                assert meta.get("grade") and meta.get("locked"), f"{lecture}: {meta.get('grade_id')}"
