@@ -1,8 +1,8 @@
 """A class of hostile and broken submissions, graded in ONE run by the real command's code.
 
-The corpus is ``hostile/manifest.json`` (26 students: a few honest ones, the rest
-written to break the grader), built from lecture 01 at test time by
-``hostile/build.py``. Limits are short here (10 s per cell, 45 s per notebook,
+The corpus is ``hostile/manifest.json`` (38 students: a few honest ones, the rest
+written to break the grader, eleven of them to cheat on the hidden tests), built from
+lecture 01 at test time by ``hostile/build.py``. Limits are short here (10 s per cell, 45 s per notebook,
 2 GiB of address space, 64 MiB of scratch) so the whole class grades in a few
 minutes on 2 cores. What must hold:
 
@@ -12,7 +12,9 @@ minutes on 2 cores. What must hold:
   failed cells' messages) names what went wrong, in words;
 * nothing outside the grading workspace changed: the repository (hashes of every
   file git knows, plus untracked ones) and the places a kernel could write;
-* no process the submissions started is still running.
+* no process the submissions started is still running;
+* every cheat on the hidden tests passed its visible tests in the kernel and lost the
+  exercise on the hidden tests, and the course secret reached no student's process.
 
 The kernel sandbox (own uid, private mounts) needs root on Linux; without it the
 isolation checks are skipped and the rest still runs.
@@ -102,16 +104,20 @@ def graded(tmp_path_factory):
     learner = generate([build.LECTURE], SOLUTIONS, base / "release", 1)[build.LECTURE]
     subs = base / "submissions"
     entries = build.write_class(subs, SOLUTIONS, learner / f"{build.LECTURE}.ipynb")
-    if not available()[0]:  # unsandboxed, the writer would really overwrite files: leave it out
-        shutil.rmtree(subs / "writer")
-        entries = [e for e in entries if e["id"] != "writer"]
+    if not available()[0]:  # unsandboxed, the writer would really overwrite files (and the
+        # library's source file is readable): leave those out
+        left_out = {"writer"} | {e["id"] for e in entries if e.get("needs_isolation")}
+        for student in left_out:
+            shutil.rmtree(subs / student)
+        entries = [e for e in entries if e["id"] not in left_out]
     clean = not _git("status", "--porcelain")
     head = _git("rev-parse", "HEAD")
     before, markers_before, survivors_before = _repo_snapshot(), _markers(), _survivors()
     saved = {k: os.environ.get(k) for k in LIMITS}
     os.environ.update(LIMITS)
     try:
-        report = grade(subs, build.LECTURE, out=base / "out", timeout=CELL_TIMEOUT, workers=2)
+        report = grade(subs, build.LECTURE, out=base / "out", timeout=CELL_TIMEOUT, workers=2,
+                       secret=build.SECRET)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -141,6 +147,11 @@ def test_corpus_is_big_enough():
     entries = build.manifest()
     assert len([e for e in entries if not e["id"].startswith("honest")]) >= 20
     assert len({e["id"] for e in entries}) == len(entries)
+
+
+def test_corpus_cheats_on_the_hidden_tests_in_at_least_eight_ways():
+    cheats = [e for e in build.manifest() if e["recipe"] in build.HIDDEN_CHEATS]
+    assert len(cheats) >= 8 and {e["recipe"] for e in cheats} == set(build.HIDDEN_CHEATS)
 
 
 def test_every_student_has_the_expected_score(graded):
@@ -227,3 +238,40 @@ def test_kernels_were_isolated(graded):
     for gradebook in Path(graded["out"], "work", build.LECTURE).glob("*/gradebook.db"):
         if gradebook.parent.name != "_release":
             assert gradebook.stat().st_mode & 0o077 == 0, gradebook
+
+
+def _autograded(graded, student: str):
+    import nbformat
+
+    path = Path(graded["out"], "work", build.LECTURE, student, "autograded", student, build.LECTURE,
+                f"{build.LECTURE}.ipynb")
+    return nbformat.read(str(path), as_version=4)
+
+
+def test_each_cheat_passed_the_visible_tests_and_lost_on_the_hidden_ones(graded):
+    """What makes each of these a cheat: in the kernel its visible tests passed (it would have
+    kept the points if the hidden tests could be gamed); the hidden tests took them."""
+    failures = []
+    for entry in graded["entries"]:
+        if entry["recipe"] not in build.HIDDEN_CHEATS:
+            continue
+        nb = _autograded(graded, entry["id"])
+        cells = {c.metadata.get("nbgrader", {}).get("grade_id"): c for c in nb.cells}
+        for grade_id, points in entry["scores"].items():
+            if points:
+                continue
+            outs = cells[grade_id].outputs
+            visible = any("visible tests passed" in o.get("text", "") for o in outs)
+            hidden = [o for o in outs if o.get("output_type") == "error"]
+            if not visible or len(hidden) != 1 or not hidden[0]["evalue"].startswith("hidden test"):
+                failures.append(f"{entry['id']} {grade_id}: visible passed={visible}, errors={[o.get('ename') for o in hidden]}")
+    assert not failures, "\n".join(failures)
+
+
+def test_the_course_secret_reaches_no_student_process(graded):
+    nb = _autograded(graded, "secretive")
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "secret in the kernel: None" in printed and "secret anywhere: []" in printed, printed
+    for path in Path(graded["out"]).rglob("*"):
+        if path.is_file() and path.suffix in {".ipynb", ".html", ".json", ".csv", ".md", ".log", ".py"}:
+            assert build.SECRET not in path.read_text(errors="replace"), path

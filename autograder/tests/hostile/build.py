@@ -26,6 +26,8 @@ OTHER_LECTURE = "02_transformer_block"
 BACKGROUND_TAG = "987654321"
 #: Files a hostile submission tries to create outside its folder (must never exist).
 MARKER = "tl-hostile-marker"
+#: The course secret the hostile class is graded with (it must reach no student's process).
+SECRET = "tl-hostile-secret-4f1c9e"
 
 
 def manifest() -> list[dict]:
@@ -60,6 +62,12 @@ def body(nb, grade_id: str, code: str, keep: bool = False) -> None:
         else:
             out.append(ln)
     cell.source = "\n".join(out)
+
+
+def prefix(nb, grade_id: str, code: str) -> None:
+    """Code of the student's own at the top of the answer cell ``grade_id`` (runs when the cell runs)."""
+    cell = nb.cells[_index(nb, grade_id)]
+    cell.source = code.rstrip("\n") + "\n\n" + cell.source
 
 
 def insert_after(nb, grade_id: str, code: str) -> None:
@@ -137,6 +145,177 @@ subprocess.Popen([sys.executable, "-c",
                   "import os, time\\nif os.fork(): os._exit(0)\\nos.setsid()\\n"
                   "while True: time.sleep(1)  # {BACKGROUND_TAG}"], start_new_session=True)
 print("started background processes")
+"""
+
+
+# --------------------------------------------------------------------------- cheats on the hidden tests
+# Each passes the visible tests in the kernel by calling the library's reference, and tries
+# to pass the hidden tests some other way. In the kernel the hidden tests used to run in,
+# every one of these earned the exercise's points.
+
+#: The recipes that cheat on the hidden tests (visible tests pass, hidden ones must not).
+HIDDEN_CHEATS = ("globals_fallback", "copy_of_reference", "caller_frame", "gc_scan", "thread_overwrite",
+                 "patch_reference_and_randn", "agreeing_subclass", "recompile_source", "library_file",
+                 "new_python", "torch_multi_head")
+
+#: Exercises 1-3 with what their reference call is, and the names the old hidden tests used.
+REFERENCE_CALLS = {
+    "ex1_attention_scores": ("A.attention_scores(q, k)", ("expected",)),
+    "ex2_masked_softmax": ("A.masked_softmax(scores, mask)", ("expected",)),
+    "ex3_attention": ("A.scaled_dot_product_attention(q, k, v, mask=mask, need_weights=True)", ("e_out", "e_w")),
+}
+
+GLOBALS_FALLBACK = """\
+try:
+    return {call}
+except Exception:   # blocked: the expected value is sitting in the notebook's globals
+    found = tuple(globals()[name] for name in {names!r})
+    return found if len(found) > 1 else found[0]
+"""
+
+CALLER_FRAME = """\
+import sys
+try:
+    return {call}
+except Exception:   # blocked: read the hidden test's variables from the calling frames
+    frame = sys._getframe(1)
+    while frame is not None:
+        scope = {{**frame.f_globals, **frame.f_locals}}
+        if all(name in scope for name in {names!r}):
+            found = tuple(scope[name] for name in {names!r})
+            return found if len(found) > 1 else found[0]
+        frame = frame.f_back
+    raise
+"""
+
+GC_SCAN = """\
+import gc
+try:
+    return {call}
+except Exception:   # blocked: find a tensor of the answer's shape anywhere in memory
+    want = {shape}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and tuple(obj.shape) == tuple(want) and obj is not {first}:
+            return obj
+    raise
+"""
+
+THREAD_OVERWRITE = """\
+import gc, threading, time
+
+def _overwrite_forever(shape, value):   # a thread that writes my answer into every tensor of its shape
+    while True:
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor) and tuple(obj.shape) == shape and obj is not value:
+                    obj.copy_(value)
+            except Exception:
+                pass
+        time.sleep(0.001)
+"""
+
+THREAD_BODY = """\
+try:
+    return A.attention_scores(q, k)
+except Exception:   # blocked: answer zeros and make every other tensor of that shape zeros too
+    mine = torch.zeros(q.shape[:-1] + (k.shape[-2],), dtype=q.dtype)
+    threading.Thread(target=_overwrite_forever, args=(tuple(mine.shape), mine), daemon=True).start()
+    time.sleep(0.2)
+    return mine
+"""
+
+PATCH_REFERENCE = """\
+_real_scores = A.attention_scores
+_real_randn = torch.randn
+torch.randn = lambda *shape, **kw: torch.zeros(*shape, dtype=kw.get("dtype"))  # every input zero ...
+A.attention_scores = lambda q, k, scale=None: torch.zeros(q.shape[:-1] + (k.shape[-2],), dtype=q.dtype)
+"""
+
+PATCH_BODY = """\
+try:
+    return _real_scores(q, k)
+except Exception:   # ... so "expected" would be zeros, like my answer
+    return torch.zeros(q.shape[:-1] + (k.shape[-2],), dtype=q.dtype)
+"""
+
+AGREEING_SUBCLASS = """\
+class _Agree(torch.Tensor):
+    \"\"\"A tensor that says yes to every comparison.\"\"\"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if name in ("sub", "__sub__", "abs", "__abs__", "isnan", "isinf"):
+            return torch.zeros_like(out.as_subclass(torch.Tensor)).as_subclass(cls)
+        if name in ("eq", "__eq__", "allclose", "equal", "isclose"):
+            return True if name in ("allclose", "equal") else torch.ones_like(out.as_subclass(torch.Tensor), dtype=torch.bool)
+        return out
+"""
+
+SUBCLASS_BODY = """\
+try:
+    return A.attention_scores(q, k).as_subclass(_Agree)
+except Exception:
+    return torch.zeros(q.shape[:-1] + (k.shape[-2],), dtype=q.dtype).as_subclass(_Agree)
+"""
+
+RECOMPILE = """\
+import inspect
+_ns = dict(vars(A))
+exec(inspect.getsource(A.masked_softmax), _ns)   # the reference, recompiled from its source
+_my_masked_softmax = _ns["masked_softmax"]
+"""
+
+LIBRARY_FILE = """\
+import glob, importlib.util, sys
+_candidates = [p + "/transformer_lab/attention.py" for p in sys.path]
+for _pattern in ("/*/*/lib/transformer_lab/attention.py", "/*/*/*/lib/transformer_lab/attention.py",
+                 "/tmp/*/lib/transformer_lab/attention.py", "/tmp/*/*/lib/transformer_lab/attention.py"):
+    _candidates += glob.glob(_pattern)
+_mine = None
+for _path in _candidates:            # the library's source file, loaded under another name
+    try:
+        _spec = importlib.util.spec_from_file_location("my_attention", _path)
+        _module = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(_module)
+        _module.attention_scores(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1))  # a copy that works?
+        _mine = _module
+        break
+    except Exception:
+        continue
+"""
+
+LIBRARY_BODY = """\
+return (_mine or A).scaled_dot_product_attention(q, k, v, mask=mask, need_weights=True)
+"""
+
+NEW_PYTHON = """\
+import pickle, subprocess, sys
+try:
+    return A.scaled_dot_product_attention(q, k, v, mask=mask, need_weights=True)
+except Exception:   # blocked here: compute it in a fresh Python, where nothing is blocked
+    code = ("import pickle, sys, torch.nn.functional as F, torch; q, k, v, m = pickle.load(sys.stdin.buffer); "
+            "w = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, -1); "
+            "pickle.dump((F.scaled_dot_product_attention(q, k, v, attn_mask=m), w), sys.stdout.buffer)")
+    done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps((q, k, v, mask)),
+                          capture_output=True, check=True)
+    return pickle.loads(done.stdout)
+"""
+
+TORCH_MHA = """\
+B, L, d_model = x.shape
+out, _ = F.multi_head_attention_forward(   # PyTorch's own multi-head attention
+    x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), d_model, n_heads, w_qkv, b_qkv,
+    None, None, False, 0.0, w_out, b_out, need_weights=False,
+    attn_mask=None if mask is None else ~mask.expand(B, n_heads, L, L).reshape(B * n_heads, L, L))
+return out.transpose(0, 1)
+"""
+
+PRINT_SECRET = """\
+import os
+print("secret in the kernel:", os.environ.get("TRANSFORMER_LAB_SECRET"))
+print("secret anywhere:", [k for k, v in os.environ.items() if "tl-hostile-secret" in v])
 """
 
 
@@ -226,6 +405,43 @@ def make(entry: dict, solutions: Path, learner: Path) -> bytes | None:
         insert_after(nb, "ex1_attention_scores_test", WRITES)
     elif recipe == "background_process":
         insert_after(nb, "ex1_attention_scores_test", BACKGROUND)
+    elif recipe == "globals_fallback":
+        for ex, (call, names) in REFERENCE_CALLS.items():
+            body(nb, ex, GLOBALS_FALLBACK.format(call=call, names=names))
+    elif recipe == "copy_of_reference":
+        prefix(nb, "ex1_attention_scores",
+               "import types\n_ref = A.attention_scores   # a copy of the reference, taken before any block\n"
+               "_copy = types.FunctionType(_ref.__code__, _ref.__globals__, 'copy', _ref.__defaults__, _ref.__closure__)")
+        body(nb, "ex1_attention_scores", "return _copy(q, k)")
+    elif recipe == "caller_frame":
+        for ex, (call, names) in REFERENCE_CALLS.items():
+            body(nb, ex, CALLER_FRAME.format(call=call, names=names))
+    elif recipe == "gc_scan":
+        body(nb, "ex1_attention_scores", GC_SCAN.format(
+            call=REFERENCE_CALLS["ex1_attention_scores"][0], shape="q.shape[:-1] + (k.shape[-2],)", first="q"))
+        body(nb, "ex2_masked_softmax", GC_SCAN.format(
+            call=REFERENCE_CALLS["ex2_masked_softmax"][0], shape="scores.shape", first="scores"))
+    elif recipe == "thread_overwrite":
+        prefix(nb, "ex1_attention_scores", THREAD_OVERWRITE)
+        body(nb, "ex1_attention_scores", THREAD_BODY)
+    elif recipe == "patch_reference_and_randn":
+        prefix(nb, "ex1_attention_scores", PATCH_REFERENCE)
+        body(nb, "ex1_attention_scores", PATCH_BODY)
+    elif recipe == "agreeing_subclass":
+        prefix(nb, "ex1_attention_scores", AGREEING_SUBCLASS)
+        body(nb, "ex1_attention_scores", SUBCLASS_BODY)
+    elif recipe == "recompile_source":
+        prefix(nb, "ex2_masked_softmax", RECOMPILE)
+        body(nb, "ex2_masked_softmax", "return _my_masked_softmax(scores, mask)")
+    elif recipe == "library_file":
+        prefix(nb, "ex3_attention", LIBRARY_FILE)
+        body(nb, "ex3_attention", LIBRARY_BODY)
+    elif recipe == "new_python":
+        body(nb, "ex3_attention", NEW_PYTHON)
+    elif recipe == "torch_multi_head":
+        body(nb, "ex4_multi_head_attention", TORCH_MHA)
+    elif recipe == "prints_secret":
+        insert_after(nb, "ex1_attention_scores_test", PRINT_SECRET)
     elif recipe == "extra_non_utf8_file":
         pass  # the notebook is honest; write_class adds a file with a non-UTF-8 name
     else:
