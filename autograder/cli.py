@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         "--extra-tests",
         type=Path,
         default=None,
-        help="folder of <NN_topic>.py files with your own hidden tests ('# %%%% <grade_id> [points=N]' cells)",
+        help="folder of <NN_topic>.py files with your own hidden tests (TESTS = [HiddenTest(cell=..., points=..., ...)])",
     )
     g.add_argument("--notebook-timeout", type=int, default=None,
                    help="seconds a whole notebook may run (default 600, or AUTOGRADER_NOTEBOOK_TIMEOUT)")
@@ -160,6 +160,8 @@ def _grade(args) -> int:
         for ex in report.exercises[lecture]:
             print(f"  {ex.grade_id:<40} {r.scores.get(ex.grade_id, 0):g}/{ex.points:g}")
         print(f"score:    {r.total:g}/{r.max:g} ({r.status}{', ' + r.notes if r.notes else ''})")
+        for line in _failed_cells(report.out, student, lecture):
+            print(line)
         print(f"feedback: {r.feedback or '(none written)'}")
         if not report.graded:
             print("(unchanged since the last check: not graded again)")
@@ -179,6 +181,31 @@ def _grade(args) -> int:
         f"in {time.perf_counter() - t0:.0f} s"
     )
     return 0
+
+
+def _failed_cells(out: Path, student: str, lecture: str) -> list[str]:
+    """The full message of every failed graded cell of a self-checked notebook (the hidden
+    tests' included: the learner sees what a class's feedback page would show)."""
+    import re
+
+    import nbformat
+
+    path = out / "work" / lecture / student / "autograded" / student / lecture / f"{lecture}.ipynb"
+    try:
+        nb = nbformat.read(str(path), as_version=4)
+    except Exception:  # noqa: BLE001 - not graded: nothing to show
+        return []
+    lines: list[str] = []
+    for cell in nb.cells:
+        meta = cell.get("metadata", {}).get("nbgrader", {})
+        if not meta.get("grade"):
+            continue
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "error":
+                text = re.sub(r"\x1b\[[0-9;]*m", "", str(o.get("evalue", "")))
+                lines += ["", f"{meta.get('grade_id')}: {o.get('ename', '')}"]
+                lines += ["  " + ln for ln in text.splitlines()[:40]]
+    return lines + ([""] if lines else [])
 
 
 def main(argv: list[str] | None = None) -> int:

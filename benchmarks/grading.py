@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/grading.py --quick          # 2 per lecture, a class of 4 (~2 min)
     .venv/bin/python benchmarks/grading.py --class-size 60 --class-lecture 02_transformer_block
     .venv/bin/python benchmarks/grading.py --snapshot       # grade with the committed grader (git HEAD)
+    .venv/bin/python benchmarks/grading.py --baseline 160ec5f --skip class breakdown notebooks
+                                                            # before/after: another commit's grader, side by side
     .venv/bin/python benchmarks/grading.py --show benchmarks/results/grading.json
 
 What it does
@@ -23,6 +25,11 @@ What it does
    the grader does for that notebook), and nbgrader's ``autograde`` time (``seconds`` in the
    result). Median and p90 per lecture, and the command's wall time per submission
    (throughput: includes the class-wide set-up, ``generate_assignment``, CSV and report).
+   With ``--baseline REV`` the same class is also graded by the grader, solutions and
+   notebooks of commit ``REV`` (``git archive``; the library is the checkout's), alternating
+   baseline and checkout lecture by lecture in one run, and the table puts both side by side:
+   wall median per submission and CPU seconds per submission (the command and every process
+   it waited for: workers, kernels, the hidden-test runner), with their ratio.
 3. **A class**: ``--class-size`` (default 60; 4 with ``--quick``) submissions of one lecture
    (``--class-lecture``, default the first), one command, wall time. The target (issue 4):
    a median <= 10 s of grading per submission per lecture on a 2-core machine, a class of 60 in
@@ -399,6 +406,24 @@ def tables(report: dict) -> str:
                      f"{c.get('autograde_median_s')} | {per} | {cpu} | "
                      f"{'yes' if c.get('scores_as_expected') else 'NO'} | "
                      f"{g.get('load_before', ['?'])[0]} → {g.get('load_after', ['?'])[0]} |")
+    base = report.get("lectures_baseline")
+    if base:
+        lines.append("")
+        lines.append(f"Before/after, in one run: the grader of `{s.get('baseline')}` (baseline) and the "
+                     f"checkout (`{s.get('commit')}`), the same synthetic class per lecture, alternating.")
+        lines.append("")
+        lines.append("| lecture | n | span median before → after (s) | CPU / submission before → after (s) | "
+                     "CPU ratio | scores right |")
+        lines.append("|---|---|---|---|---|---|")
+        for lec, after in report.get("lectures", {}).items():
+            before = base.get(lec)
+            if not before:
+                continue
+            n = after["collect"]["n"]
+            cb, ca = before["grade"]["cpu_s"] / n, after["grade"]["cpu_s"] / n
+            ok = before["collect"]["scores_as_expected"] and after["collect"]["scores_as_expected"]
+            lines.append(f"| {lec} | {n} | {before['collect']['span_median_s']} → {after['collect']['span_median_s']} | "
+                         f"{cb:.2f} → {ca:.2f} | {ca / cb:.2f}x | {'yes' if ok else 'NO'} |")
     cl = report.get("class")
     if cl:
         g, c = cl["grade"], cl["collect"]
@@ -442,11 +467,11 @@ def tables(report: dict) -> str:
 
 
 # --------------------------------------------------------------------------- main
-def snapshot(dest: Path) -> Path:
-    """The committed tree (git HEAD) in ``dest``: grade with what has landed, not with
-    colleagues' uncommitted edits."""
+def snapshot(dest: Path, rev: str = "HEAD") -> Path:
+    """The committed tree of ``rev`` (default git HEAD) in ``dest``: grade with what has landed,
+    not with colleagues' uncommitted edits (or with an earlier grader, for a before/after)."""
     dest.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True, check=True)
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     return dest
 
@@ -463,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="repeats of each breakdown timing (3)")
     p.add_argument("--snapshot", action="store_true",
                    help="grade with the committed tree (git archive HEAD) instead of the checkout")
+    p.add_argument("--baseline", default=None, metavar="REV",
+                   help="also grade every lecture's class with the grader of commit REV, side by side")
     p.add_argument("--skip", nargs="*", default=[], choices=("lectures", "class", "breakdown", "notebooks"))
     p.add_argument("--timeout", type=int, default=3600, help="limit for one grading command (s)")
     p.add_argument("--out", type=Path, default=None)
@@ -478,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     out_file = args.out or (HERE / ("_work" if args.quick else "results") / "grading.json")
     scratch = Path(tempfile.mkdtemp(prefix="tl_grading_bench_"))
     grader_root = snapshot(scratch / "repo") if args.snapshot else ROOT
+    baseline_root = snapshot(scratch / "baseline", args.baseline) if args.baseline else None
     solutions = grader_root / "solutions"
     lectures = args.lectures or find_lectures(solutions)
     class_lecture = args.class_lecture or lectures[0]
@@ -497,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(), "load_at_start": load(),
             "commit": commit, "grader": "git HEAD snapshot" if args.snapshot else "checkout",
             "uncommitted_changes_in_checkout": dirty.splitlines() if not args.snapshot else [],
+            "baseline": args.baseline,
             "workers": args.workers if "--workers" in help_text else None,
             "grader_has_workers_flag": "--workers" in help_text,
             "per_lecture": per_lecture, "class_size": class_size, "class_lecture": class_lecture,
@@ -534,17 +563,25 @@ def main(argv: list[str] | None = None) -> int:
                 save()
         if "lectures" not in args.skip:
             report["lectures"] = {}
+            if baseline_root is not None:
+                report["lectures_baseline"] = {}
             for lec in lectures:
-                subs = scratch / f"subs_{lec}"
-                who = build_class(solutions, lec, per_lecture, subs, "s")
-                expected = expected_scores(json.loads((solutions / lec / f"{lec}.ipynb").read_text()))
-                out = scratch / f"out_{lec}"
-                print(f"grading {per_lecture} × {lec} ...", flush=True)
-                g = grade_class(grader_root, subs, lec, out, args.workers, help_text, args.timeout)
-                c = collect(out, lec, who, expected)
-                report["lectures"][lec] = {"grade": g, "collect": c, "expected": expected}
-                print(f"  wall {g['wall_s']} s, span median {c['span_median_s']} s, "
-                      f"scores right: {c['scores_as_expected']}", flush=True)
+                runs = [("baseline", baseline_root)] if baseline_root is not None else []
+                runs.append(("checkout", grader_root))
+                for which, root in runs:  # alternating, so a change of load hits both alike
+                    sols = root / "solutions"
+                    subs = scratch / f"subs_{which}_{lec}"
+                    who = build_class(sols, lec, per_lecture, subs, "s")
+                    expected = expected_scores(json.loads((sols / lec / f"{lec}.ipynb").read_text()))
+                    out = scratch / f"out_{which}_{lec}"
+                    print(f"grading {per_lecture} × {lec} ({which}) ...", flush=True)
+                    g = grade_class(root, subs, lec, out, args.workers,
+                                    help_text if root is grader_root else grader_flags(root), args.timeout)
+                    c = collect(out, lec, who, expected)
+                    key = "lectures" if which == "checkout" else "lectures_baseline"
+                    report[key][lec] = {"grade": g, "collect": c, "expected": expected}
+                    print(f"  wall {g['wall_s']} s, span median {c['span_median_s']} s, "
+                          f"CPU {g['cpu_s']} s, scores right: {c['scores_as_expected']}", flush=True)
                 if "breakdown" not in args.skip and "feedback_html" not in report["breakdown"]:
                     graded = out / "work" / lec / "s000" / "autograded" / "s000" / lec / f"{lec}.ipynb"
                     report["breakdown"]["feedback_html"] = time_feedback_export(graded, repeats)
