@@ -4,10 +4,11 @@
 (autograder/course.py) in a scratch root for every run. Use this one to drive
 nbgrader directly on the repository, e.g. from the repository root::
 
-    nbgrader generate_assignment 01_attention --config autograder/nbgrader_config.py
+    nbgrader generate_assignment 01_attention --NbGrader.config_file=autograder/nbgrader_config.py
+    nbgrader autograde 01_attention --NbGrader.config_file=autograder/nbgrader_config.py
 
-or copy it to ./nbgrader_config.py where you start JupyterLab to use the
-formgrader. solutions/ is nbgrader's source directory and course/ its release
+or copy it to ./nbgrader_config.py at the repository root, where you start
+JupyterLab, to use the formgrader. solutions/ is nbgrader's source directory and course/ its release
 directory; submitted/, autograded/, feedback/ and the gradebook live in the
 git-ignored autograder/_work/. ``nbgrader autograde`` runs the notebook with the
 autograder's Execute step, which also decides the hidden tests
@@ -18,7 +19,9 @@ the ones ``python -m autograder grade`` gives.
 import os
 import sys
 
-_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_here = os.path.dirname(os.path.abspath(__file__))
+# autograder/nbgrader_config.py, or a copy of it at the repository root
+_root = _here if os.path.isdir(os.path.join(_here, "autograder")) else os.path.dirname(_here)
 if _root not in sys.path:
     sys.path.insert(0, _root)
 

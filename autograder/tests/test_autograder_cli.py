@@ -257,3 +257,28 @@ def test_missing_lecture_gets_a_zero_row(tmp_path):
         "ann,02_b,,,0,0,4,missing,no notebook handed in",
         "bo,01_a,0,0,,0,3,error,grading took too long",
     ]
+
+
+def test_nbgrader_own_autograde_decides_the_hidden_tests_too(tmp_path):
+    """nbgrader's own tools with autograder/nbgrader_config.py grade like the command: a
+    cheat that passes the visible tests loses the exercise on the hidden tests."""
+    import os
+
+    from nbgrader.api import Gradebook
+
+    nb = read(FIXTURE / LECTURE / f"{LECTURE}.ipynb")
+    _, ex2 = exercises(nb)
+    cheat = submission(nb, {ex2.cell: "return F.layer_norm(x, x.shape[-1:], eps=eps)"})
+    write(cheat, tmp_path / "autograder" / "_work" / "submitted" / "ann" / LECTURE / f"{LECTURE}.ipynb")
+    common = [f"--NbGrader.config_file={REPO / 'autograder' / 'nbgrader_config.py'}",
+              f"--CourseDirectory.root={tmp_path}", f"--CourseDirectory.source_directory={FIXTURE}",
+              f"--CourseDirectory.db_url=sqlite:///{tmp_path / 'gradebook.db'}"]
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    for step in (["generate_assignment", LECTURE, f"--CourseDirectory.release_directory={tmp_path / 'release'}"],
+                 ["autograde", LECTURE]):
+        done = subprocess.run([str(Path(sys.executable).parent / "nbgrader"), *step, *common, "--force"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with Gradebook(f"sqlite:///{tmp_path / 'gradebook.db'}") as gb:
+        grades = {g.name: g.score for n in gb.find_submission(LECTURE, "ann").notebooks for g in n.grades}
+    assert grades == {"ex1_scores_test": 1.0, "ex2_layer_norm_test": 0.0}
