@@ -1,0 +1,356 @@
+"""Hidden tests of lecture 02, decided by the grader outside the learner's kernel.
+
+Each test draws fresh inputs from the course secret, computes the expected values with
+the library's reference here, and runs the learner's function in a sandboxed process
+where that reference (and PyTorch's shortcut for it) does not exist. See
+``autograder/hidden.py``.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from autograder.hidden import Case, HiddenTest
+
+from transformer_lab import blocks
+from transformer_lab.models import ModelConfig, TransformerClassifier
+
+# --------------------------------------------------------------------------- ex1: layer_norm
+
+
+def layer_norm_reference(x, gamma, beta, eps=1e-5):
+    return blocks.layer_norm(x, gamma, beta, eps=eps)
+
+
+def layer_norm_cases(rng):
+    for shape, dtype, eps in [((3, 4, 10), torch.float64, 1e-5), ((2, 3, 5, 7), torch.float32, 1e-5),
+                              ((6,), torch.float64, 1e-5), ((2, 5, 4), torch.float64, 0.5)]:
+        x = (torch.randn(*shape, generator=rng) * 5 + 3).to(dtype)
+        gamma = (torch.rand(shape[-1], generator=rng) + 0.5).to(dtype)
+        beta = torch.randn(shape[-1], generator=rng).to(dtype)
+        yield Case(f"x {shape}, {dtype}, eps={eps}", x, gamma, beta, eps=eps)
+    # A constant vector (variance 0) must give beta, not nan.
+    x = torch.full((2, 3), 7.0, dtype=torch.float64)
+    gamma = torch.ones(3, dtype=torch.float64)
+    beta = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)
+    yield Case("constant rows (variance 0), float64", x, gamma, beta, eps=1e-5)
+
+
+def _ln_unbiased(x, gamma, beta, eps=1e-5):
+    mu = x.mean(dim=-1, keepdim=True)
+    return gamma * (x - mu) / torch.sqrt(x.var(dim=-1, keepdim=True, unbiased=True) + eps) + beta
+
+
+def _ln_eps_outside(x, gamma, beta, eps=1e-5):
+    mu = x.mean(dim=-1, keepdim=True)
+    sd = x.var(dim=-1, keepdim=True, unbiased=False).sqrt()
+    return gamma * (x - mu) / (sd + eps) + beta
+
+
+def _ln_no_eps(x, gamma, beta, eps=1e-5):
+    mu = x.mean(dim=-1, keepdim=True)
+    return gamma * (x - mu) / x.var(dim=-1, keepdim=True, unbiased=False).sqrt() + beta
+
+
+def _ln_all_axes(x, gamma, beta, eps=1e-5):
+    return gamma * (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + eps) + beta
+
+
+def _ln_no_affine(x, gamma, beta, eps=1e-5):
+    return blocks.layer_norm(x, None, None, eps=eps)
+
+
+# --------------------------------------------------------------------------- ex2: swiglu_ffn
+
+
+def swiglu_reference(x, w1, w2, w3):
+    """The library's FeedForward (SwiGLU, no bias) with the given weights."""
+    d_ff, d = w1.shape
+    ref = blocks.FeedForward(d, d_ff, activation="swiglu", bias=False).to(x.dtype)
+    with torch.no_grad():
+        ref.w1.weight.copy_(w1)
+        ref.w2.weight.copy_(w2)
+        ref.w3.weight.copy_(w3)
+        return ref(x)
+
+
+def swiglu_cases(rng):
+    for lead, d, d_ff, dtype in [((2, 3), 5, 5, torch.float64), ((3, 4), 6, 16, torch.float64),
+                                 ((2, 2, 3), 8, 21, torch.float32), ((5,), 4, 10, torch.float64)]:
+        w1 = torch.randn(d_ff, d, generator=rng, dtype=dtype)
+        w2 = torch.randn(d, d_ff, generator=rng, dtype=dtype)
+        w3 = torch.randn(d_ff, d, generator=rng, dtype=dtype)
+        x = torch.randn(*lead, d, generator=rng, dtype=dtype)
+        square = " (square: d_ff = d)" if d == d_ff else ""
+        yield Case(f"x {(*lead, d)}, d_ff={d_ff}{square}, {dtype}", x, w1, w2, w3)
+
+
+def _swiglu_swapped(x, w1, w2, w3):
+    return (F.silu(x @ w3.T) * (x @ w1.T)) @ w2.T
+
+
+def _swiglu_sigmoid(x, w1, w2, w3):
+    return (torch.sigmoid(x @ w1.T) * (x @ w3.T)) @ w2.T
+
+
+def _swiglu_no_t_on_w2(x, w1, w2, w3):
+    return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2
+
+
+def _swiglu_no_t(x, w1, w2, w3):
+    return (F.silu(x @ w1) * (x @ w3)) @ w2
+
+
+# --------------------------------------------------------------------------- ex3: mean_pool
+
+
+def mean_pool_reference(h, padding_mask):
+    """The library's classifier pooling (pooling="mean")."""
+    clf = TransformerClassifier(ModelConfig(vocab_size=5, d_model=h.shape[-1], n_heads=1, n_layers=1,
+                                            n_classes=2, pooling="mean"))
+    return clf.pool(h, padding_mask)
+
+
+def mean_pool_cases(rng):
+    for B, L, d, dtype in [(4, 7, 5, torch.float64), (2, 1, 3, torch.float32), (5, 9, 2, torch.float32)]:
+        h = torch.randn(B, L, d, generator=rng, dtype=dtype) * 3
+        mask = torch.rand(B, L, generator=rng) < 0.6
+        mask[0] = True                                  # one full sequence
+        what = "sequence 0 full"
+        if B > 2:
+            mask[1] = False                             # one sequence with no real token -> zeros
+            what += ", sequence 1 all padding"
+        yield Case(f"h ({B}, {L}, {d}), {dtype}, {what}", h, mask)
+
+
+def _pool_weights(h, padding_mask):
+    return padding_mask.to(h.dtype).unsqueeze(-1)
+
+
+def _pool_padding_averaged(h, padding_mask):
+    return h.mean(dim=1)
+
+
+def _pool_divided_by_L(h, padding_mask):
+    return (h * _pool_weights(h, padding_mask)).sum(dim=1) / h.shape[1]
+
+
+def _pool_no_clamp(h, padding_mask):
+    w = _pool_weights(h, padding_mask)
+    return (h * w).sum(dim=1) / w.sum(dim=1)
+
+
+def _pool_sum(h, padding_mask):
+    return (h * _pool_weights(h, padding_mask)).sum(dim=1)
+
+
+def _pool_inverted(h, padding_mask):
+    w = (~padding_mask).to(h.dtype).unsqueeze(-1)
+    return (h * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------- ex4: sublayer_connection
+
+
+def drive(fn, x, norm_first, norm_weight=None, norm_bias=None, ffn=None, a=None):
+    """Runs in the learner's process: builds the sub-layer and the norm from data, calls
+    ``fn(x, sublayer, norm, norm_first)``, and counts the sub-layer's calls.
+
+    With ``ffn = (w1, b1, w2, b2)``: sub-layer Linear -> GELU -> Linear, norm a LayerNorm
+    with ``norm_weight``/``norm_bias``. With ``a``: norm(t) = a t - 1, sub-layer 3 sin(t).
+    """
+    if a is None:
+        d, d_ff = x.shape[-1], ffn[0].shape[0]
+        norm = nn.LayerNorm(d).to(x.dtype)
+        sub = nn.Sequential(nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d)).to(x.dtype)
+        with torch.no_grad():
+            norm.weight.copy_(norm_weight)
+            norm.bias.copy_(norm_bias)
+            for p, value in zip(sub.parameters(), ffn, strict=True):
+                p.copy_(value)
+    else:
+        def norm(t):
+            return a * t - 1.0
+
+        def sub(t):
+            return torch.sin(t) * 3
+
+    calls = []
+
+    def counted(t):
+        calls.append(1)
+        return sub(t)
+
+    with torch.no_grad():
+        out = fn(x, counted, norm, norm_first)
+    return out, len(calls)
+
+
+def _build(x, norm_weight, norm_bias, ffn, a):
+    """(sub-layer, norm) on the trusted side, as ``drive`` builds them."""
+    if a is not None:
+        return (lambda t: torch.sin(t) * 3), (lambda t: a * t - 1.0)
+    d, d_ff = x.shape[-1], ffn[0].shape[0]
+    sub = nn.Sequential(nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d)).to(x.dtype)
+    norm = nn.LayerNorm(d).to(x.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(norm_weight)
+        norm.bias.copy_(norm_bias)
+        for p, value in zip(sub.parameters(), ffn, strict=True):
+            p.copy_(value)
+    return sub, norm
+
+
+def sublayer_reference(x, norm_first, norm_weight=None, norm_bias=None, ffn=None, a=None):
+    """(output, number of sub-layer calls): the library's Residual, or the formula for the lambdas."""
+    sub, norm = _build(x, norm_weight, norm_bias, ffn, a)
+    with torch.no_grad():
+        if a is not None:  # non-LayerNorm callables: the composition order must be exact
+            return (x + sub(norm(x)) if norm_first else norm(x + sub(x))), 1
+        res = blocks.Residual(x.shape[-1], norm_first=norm_first).to(x.dtype)
+        res.norm.load_state_dict(norm.state_dict())
+        return res(x, sub), 1
+
+
+def sublayer_cases(rng):
+    for nf in (True, False):
+        for dtype in (torch.float32, torch.float64):
+            norm_weight = torch.rand(6, generator=rng, dtype=dtype) + 0.5
+            norm_bias = torch.randn(6, generator=rng, dtype=dtype)
+            ffn = tuple(torch.randn(*shape, generator=rng, dtype=dtype) * 0.5
+                        for shape in [(12, 6), (12,), (6, 12), (6,)])
+            x = torch.randn(3, 5, 6, generator=rng, dtype=dtype) * 2
+            show = {"x": x, "sublayer": "Linear(6, 12) -> GELU -> Linear(12, 6), random weights",
+                    "norm": "LayerNorm(6), random weight and bias", "norm_first": nf}
+            yield Case(f"x (3, 5, 6), {dtype}, Linear-GELU-Linear sub-layer, LayerNorm, norm_first={nf}",
+                       x, nf, norm_weight, norm_bias, ffn, show=show)
+    a = round(float(torch.rand(1, generator=rng)) + 1.5, 4)
+    x = torch.randn(2, 3, generator=rng, dtype=torch.float64)
+    for nf in (True, False):
+        show = {"x": x, "sublayer": "lambda t: 3 * sin(t)", "norm": f"lambda t: {a} * t - 1",
+                "norm_first": nf}
+        yield Case(f"x (2, 3), float64, norm(t) = {a} t - 1, sublayer(t) = 3 sin(t), norm_first={nf}",
+                   x, nf, a=a, show=show)
+
+
+def _sublayer_swapped(x, norm_first, norm_weight=None, norm_bias=None, ffn=None, a=None):
+    return sublayer_reference(x, not norm_first, norm_weight, norm_bias, ffn, a)
+
+
+def _sublayer_residual_from_norm(x, norm_first, norm_weight=None, norm_bias=None, ffn=None, a=None):
+    sub, norm = _build(x, norm_weight, norm_bias, ffn, a)
+    with torch.no_grad():
+        if norm_first:
+            h = norm(x)
+            return h + sub(h), 1
+        return norm(x + sub(x)), 1
+
+
+def _sublayer_norm_on_branch(x, norm_first, norm_weight=None, norm_bias=None, ffn=None, a=None):
+    sub, norm = _build(x, norm_weight, norm_bias, ffn, a)
+    with torch.no_grad():
+        if norm_first:
+            return x + sub(norm(x)), 1
+        return x + norm(sub(x)), 1
+
+
+def _sublayer_called_twice(x, norm_first, norm_weight=None, norm_bias=None, ffn=None, a=None):
+    out, _ = sublayer_reference(x, norm_first, norm_weight, norm_bias, ffn, a)
+    return out, 2
+
+
+TESTS = [
+    HiddenTest(
+        cell="ex1_layer_norm_test",
+        function="layer_norm",
+        cases=layer_norm_cases,
+        reference=layer_norm_reference,
+        blocked=[blocks.layer_norm, F.layer_norm, torch.layer_norm, nn.LayerNorm,
+                 torch.native_layer_norm, F.group_norm, F.instance_norm],
+        atol=1e-5, rtol=1e-4,
+        mistakes={
+            "that is the unbiased variance (divided by d - 1): LayerNorm divides by d "
+            "(unbiased=False, or (x - mu).pow(2).mean(-1))":
+                _ln_unbiased,
+            "eps goes inside the square root: sqrt(var + eps), not sqrt(var) + eps":
+                _ln_eps_outside,
+            "eps is missing: divide by sqrt(var + eps) (a constant vector has var = 0: without eps, "
+            "0/0 = nan)":
+                _ln_no_eps,
+            "the mean and variance are over the last axis only (dim=-1, keepdim=True), not over "
+            "the whole tensor":
+                _ln_all_axes,
+            "gamma and beta are missing: return gamma * x_hat + beta":
+                _ln_no_affine,
+        },
+        hint="normalise over the last axis with the biased variance; eps goes inside the square "
+             "root: sqrt(var + eps); a constant vector must give beta (no nan)",
+    ),
+    HiddenTest(
+        cell="ex2_swiglu_ffn_test",
+        function="swiglu_ffn",
+        cases=swiglu_cases,
+        reference=swiglu_reference,
+        blocked=[blocks.FeedForward, blocks.FeedForward.hidden],
+        atol=1e-5, rtol=1e-4,
+        mistakes={
+            "w1 and w3 are swapped: SiLU goes on W_1 x (the gate), W_3 x is multiplied in "
+            "without an activation":
+                _swiglu_swapped,
+            "that is a GLU with a sigmoid gate: SwiGLU's gate is SiLU(W_1 x) = W_1 x * sigmoid(W_1 x)":
+                _swiglu_sigmoid,
+            "forgot the .T on w2: weights are in nn.Linear layout (d_model, d_ff), so W_2 h for "
+            "a row vector h is h @ w2.T":
+                _swiglu_no_t_on_w2,
+            "forgot the .T: weights are in nn.Linear layout (out, in), so W x for a row vector x "
+            "is x @ w.T (for w1, w3 and w2)":
+                _swiglu_no_t,
+        },
+        hint="W_2 (SiLU(W_1 x) * W_3 x), weights in nn.Linear layout (out, in): x @ w.T; "
+             "any leading axes",
+    ),
+    HiddenTest(
+        cell="ex3_mean_pool_test",
+        function="mean_pool",
+        cases=mean_pool_cases,
+        reference=mean_pool_reference,
+        blocked=[TransformerClassifier.pool],
+        mistakes={
+            "the padding was averaged in: sum h over the real tokens only (h * mask) and divide "
+            "by their number":
+                _pool_padding_averaged,
+            "divided by L: divide by the number of REAL tokens of each sequence, mask.sum(1)":
+                _pool_divided_by_L,
+            "a sequence with no real token gives 0/0 = nan: clamp the count of real tokens to "
+            "at least 1 before dividing (the result is then zeros)":
+                _pool_no_clamp,
+            "that is the sum over the real tokens: divide it by their number":
+                _pool_sum,
+            "the mask is inverted: True marks a REAL token (keep it), False marks padding":
+                _pool_inverted,
+        },
+        hint="average over the real tokens only (mask True); a sequence with no real token "
+             "gives zeros",
+    ),
+    HiddenTest(
+        cell="ex4_sublayer_connection_test",
+        function="sublayer_connection",
+        cases=sublayer_cases,
+        reference=sublayer_reference,
+        driver=drive,
+        outputs=("out", "calls"),
+        blocked=[blocks.Residual],
+        atol=1e-5, rtol=1e-4,
+        mistakes={
+            "pre-norm and post-norm are swapped: norm_first=True is x + f(norm(x)), "
+            "norm_first=False is norm(x + f(x))":
+                _sublayer_swapped,
+            "the residual adds the ORIGINAL x: pre-norm is x + f(norm(x)), not norm(x) + f(norm(x))":
+                _sublayer_residual_from_norm,
+            "post-norm normalises the sum: norm(x + f(x)), not x + norm(f(x))":
+                _sublayer_norm_on_branch,
+            "the sub-layer was called more than once: compute f(...) once and reuse the result":
+                _sublayer_called_twice,
+        },
+        hint="pre-norm: x + f(norm(x)); post-norm: norm(x + f(x)); call the sub-layer exactly once",
+    ),
+]

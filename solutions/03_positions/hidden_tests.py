@@ -1,0 +1,341 @@
+"""Hidden tests of lecture 03, decided by the grader outside the learner's kernel.
+
+Each test draws fresh inputs from the course secret, computes the expected values with
+the library's reference here, and runs the learner's function in a sandboxed process
+where that reference (and the library's helpers for it) does not exist. See
+``autograder/hidden.py``.
+"""
+
+import math
+
+import torch
+from autograder.hidden import Case, HiddenTest
+
+from transformer_lab import positions
+
+# --------------------------------------------------------------------------- ex1: sinusoidal_encoding
+
+
+def sinusoidal_reference(length, d_model, base=10000.0):
+    return positions.sinusoidal_encoding(length, d_model, base=base, dtype=torch.float32)
+
+
+def sinusoidal_cases(rng):
+    def draw(low, high):
+        return int(torch.randint(low, high, (1,), generator=rng))
+
+    for length, d_model, base in [(1, 2, 10000.0), (3, 4, 10000.0),
+                                  (draw(60, 200), 2 * draw(4, 40), 10000.0),
+                                  (draw(10, 40), 2 * draw(2, 10), 100.0)]:
+        yield Case(f"length={length}, d_model={d_model}, base={base}", length, d_model, base=base)
+
+
+def _angles(length, d_model, base, two_i=None):
+    """(length, d_model/2) angles p * base**(-two_i / d_model), in float64."""
+    p = torch.arange(length, dtype=torch.float64)[:, None]
+    if two_i is None:
+        two_i = torch.arange(0, d_model, 2, dtype=torch.float64)
+    return p * base ** (-two_i[None, :] / d_model)
+
+
+def _interleave(first, second):
+    return torch.stack((first, second), dim=-1).flatten(-2).float()
+
+
+def _sin_sines_first(length, d_model, base=10000.0):
+    a = _angles(length, d_model, base)
+    return torch.cat((a.sin(), a.cos()), dim=-1).float()
+
+
+def _sin_cos_first(length, d_model, base=10000.0):
+    a = _angles(length, d_model, base)
+    return _interleave(a.cos(), a.sin())
+
+
+def _sin_no_two(length, d_model, base=10000.0):
+    a = _angles(length, d_model, base, two_i=torch.arange(d_model // 2, dtype=torch.float64))
+    return _interleave(a.sin(), a.cos())
+
+
+def _sin_column_exponent(length, d_model, base=10000.0):
+    p = torch.arange(length, dtype=torch.float64)[:, None]
+    a = p * base ** (-torch.arange(d_model, dtype=torch.float64)[None, :] / d_model)  # column j: base**(-j/d)
+    return torch.where(torch.arange(d_model) % 2 == 0, a.sin(), a.cos()).float()
+
+
+def _sin_ignores_base(length, d_model, base=10000.0):
+    return sinusoidal_reference(length, d_model, 10000.0)
+
+
+def _sin_float64(length, d_model, base=10000.0):
+    return positions.sinusoidal_encoding(length, d_model, base=base, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- ex2: apply_rope
+
+
+def rope_cases(rng):
+    x4 = torch.randn(2, 3, 7, 16, generator=rng, dtype=torch.float64)  # (B, H, L, D), float64
+    offset = int(torch.randint(1, 200, (1,), generator=rng))
+    x1 = torch.randn(1, 6, generator=rng)                               # L = 1
+    x2 = torch.randn(4, 9, 2, generator=rng)                            # D = 2, a batch axis
+    # first a case where every listed mistake shows (an offset, another base, float64)
+    yield Case(f"x (2, 3, 7, 16) (B, H, L, D), float64, offset={offset}, base=500.0", x4,
+               offset=offset, base=500.0)
+    yield Case(f"x (2, 3, 7, 16) (B, H, L, D), float64, offset={offset}", x4, offset=offset)
+    yield Case("x (2, 3, 7, 16), float64, base=500.0", x4, base=500.0)
+    yield Case("x (1, 6) (L = 1), float32, offset=5", x1, offset=5)
+    yield Case("x (4, 9, 2) (D = 2, a batch axis), float32", x2)
+
+
+def _rope_pairs(x, offset, base, pairs, sign=1.0, work=None):
+    """RoPE with the given pair layout ("neighbours" or "halves"), rotation sign, angle dtype."""
+    L, D = x.shape[-2], x.shape[-1]
+    work = work or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    p = torch.arange(offset, offset + L, dtype=work)[:, None]
+    angle = p * base ** (-torch.arange(0, D, 2, dtype=work)[None, :] / D)
+    cos, sin = angle.cos(), sign * angle.sin()
+    if x.dtype != torch.float64 or work == torch.float64:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if pairs == "halves":
+        x1, x2 = x[..., : D // 2], x[..., D // 2:]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def _rope_rotate_half(x, offset=0, base=10000.0):
+    return _rope_pairs(x, offset, base, "halves")
+
+
+def _rope_clockwise(x, offset=0, base=10000.0):
+    return _rope_pairs(x, offset, base, "neighbours", sign=-1.0)
+
+
+def _rope_no_offset(x, offset=0, base=10000.0):
+    return positions.apply_rope(x, 0, base)
+
+
+def _rope_ignores_base(x, offset=0, base=10000.0):
+    return positions.apply_rope(x, offset, 10000.0)
+
+
+def _rope_no_two(x, offset=0, base=10000.0):
+    L, D = x.shape[-2], x.shape[-1]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    p = torch.arange(offset, offset + L, dtype=work)[:, None]
+    angle = p * base ** (-torch.arange(D // 2, dtype=work)[None, :] / D)  # i, not 2i
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def _rope_float32_angles(x, offset=0, base=10000.0):
+    return _rope_pairs(x, offset, base, "neighbours", work=torch.float32)
+
+
+# --------------------------------------------------------------------------- ex3: alibi_slopes
+
+
+def alibi_slopes_reference(n_heads):
+    return positions.alibi_slopes(n_heads, dtype=torch.float32)
+
+
+def alibi_slopes_cases(rng):
+    extra = [int(v) for v in torch.randint(9, 100, (3,), generator=rng)]
+    for n in [2, 3, 5, 7, 12, 16, 24, 32, 48, *extra]:
+        kind = "a power of two" if n & (n - 1) == 0 else "not a power of two"
+        yield Case(f"n_heads={n} ({kind})", n)
+
+
+def _pow2(n, first=1):
+    start = 2.0 ** (-8.0 / n)
+    return [start ** h for h in range(first, n + first)]
+
+
+def _slopes_with(n, first=1, take=slice(0, None, 2), extras_first=False):
+    """Press et al.'s recipe with one step changed."""
+    if n & (n - 1) == 0:
+        return _pow2(n, first)
+    n0 = 2 ** int(math.floor(math.log2(n)))
+    extra = _slopes_with(2 * n0, first, take, extras_first)[take][: n - n0]
+    base = _slopes_with(n0, first, take, extras_first)
+    return extra + base if extras_first else base + extra
+
+
+def _slopes_h_from_0(n_heads):
+    return torch.tensor(_slopes_with(n_heads, first=0), dtype=torch.float32)
+
+
+def _slopes_odd_ones(n_heads):
+    return torch.tensor(_slopes_with(n_heads, take=slice(1, None, 2)), dtype=torch.float32)
+
+
+def _slopes_extras_first(n_heads):
+    return torch.tensor(_slopes_with(n_heads, extras_first=True), dtype=torch.float32)
+
+
+def _slopes_pow2_formula(n_heads):
+    return torch.tensor(_pow2(n_heads), dtype=torch.float32)
+
+
+def _slopes_truncated(n_heads):
+    n1 = 1 << (n_heads - 1).bit_length()  # the power of two at or above n
+    return torch.tensor(_pow2(n1)[:n_heads], dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- ex4: alibi_bias
+
+
+def alibi_bias_reference(n_heads, length, dtype=torch.float32):
+    return positions.alibi_bias(n_heads, length, dtype=dtype)
+
+
+def alibi_bias_cases(rng):
+    H = int(torch.randint(9, 16, (1,), generator=rng))   # not a power of two
+    L = int(torch.randint(20, 80, (1,), generator=rng))
+    yield Case(f"n_heads={H} (not a power of two), length={L}, dtype=torch.float64", H, L,
+               dtype=torch.float64)
+    yield Case("n_heads=3, length=1", 3, 1)
+    yield Case("n_heads=1, length=7", 1, 7)
+
+
+def _bias_from(n_heads, length, dtype, dist, slopes=None):
+    m = positions.alibi_slopes(n_heads, dtype=dtype) if slopes is None else slopes.to(dtype)
+    return -m[:, None, None] * dist.to(dtype)[None]
+
+
+def _signed(length, sign):
+    pos = torch.arange(length)
+    return sign * (pos[:, None] - pos[None, :])  # sign * (i - j)
+
+
+def _bias_i_minus_j(n_heads, length, dtype=torch.float32):
+    return _bias_from(n_heads, length, dtype, _signed(length, 1))
+
+
+def _bias_j_minus_i(n_heads, length, dtype=torch.float32):
+    return _bias_from(n_heads, length, dtype, _signed(length, -1))
+
+
+def _bias_positive(n_heads, length, dtype=torch.float32):
+    return -alibi_bias_reference(n_heads, length, dtype)
+
+
+def _bias_pow2_slopes(n_heads, length, dtype=torch.float32):
+    return _bias_from(n_heads, length, dtype, _signed(length, 1).abs(),
+                      slopes=torch.tensor(_pow2(n_heads), dtype=torch.float64))
+
+
+def _bias_float32(n_heads, length, dtype=torch.float32):
+    return alibi_bias_reference(n_heads, length, torch.float32)
+
+
+TESTS = [
+    HiddenTest(
+        cell="ex1_sinusoidal_test",
+        function="sinusoidal_encoding",
+        cases=sinusoidal_cases,
+        reference=sinusoidal_reference,
+        blocked=[positions.sinusoidal_encoding, positions.SinusoidalPositions,
+                 positions._sinusoid, positions._inv_freq, positions.rope_angles],
+        atol=5e-4, rtol=1e-3,
+        mistakes={
+            "sin and cos are interleaved (even columns sin, odd columns cos), not [all sines | all cosines]":
+                _sin_sines_first,
+            "sin and cos are swapped: column 2i holds the sine, column 2i+1 the cosine (row 0 is [0, 1, 0, 1, ...])":
+                _sin_cos_first,
+            "the exponent uses 2i, the even column index: omega_i = base**(-2i/d_model) for pair i, "
+            "not base**(-i/d_model)":
+                _sin_no_two,
+            "both columns of a pair share one frequency: column 2i+1 (cos) uses the same omega_i = "
+            "base**(-2i/d_model) as column 2i (sin), not base**(-(2i+1)/d_model)":
+                _sin_column_exponent,
+            "use the base argument instead of 10000":
+                _sin_ignores_base,
+            "return a float32 table (compute in float64 if you like, then .float())":
+                _sin_float64,
+        },
+        hint="PE[p, 2i] = sin(p * base**(-2i/d_model)), PE[p, 2i+1] = cos(the same angle): use the "
+             "base argument, interleave sin (even columns) and cos (odd columns), return float32",
+    ),
+    HiddenTest(
+        cell="ex2_apply_rope_test",
+        function="apply_rope",
+        cases=rope_cases,
+        reference=positions.apply_rope,
+        blocked=[positions.apply_rope, positions.rope_angles, positions.RoPE],
+        unchanged=True,
+        mistakes={
+            "pairs are NEIGHBOURS (x[..., 2i], x[..., 2i+1]), not x[..., i] and x[..., i + D/2] "
+            "(that is GPT-NeoX's 'rotate-half' layout)":
+                _rope_rotate_half,
+            "the rotation turns the wrong way: (x0, x1) -> (x0 cos a - x1 sin a, x0 sin a + x1 cos a)":
+                _rope_clockwise,
+            "the offset is missing: row r of the sequence is at position offset + r":
+                _rope_no_offset,
+            "use the base argument instead of 10000":
+                _rope_ignores_base,
+            "the angle of pair i is p * base**(-2i/D), with 2i (the even column index), not i":
+                _rope_no_two,
+            "the angles were computed in float32: for a float64 x, build the positions and the "
+            "frequencies in float64 (dtype=x.dtype) before cos and sin":
+                _rope_float32_angles,
+        },
+        hint="rotate the neighbour pairs (x[..., 2i], x[..., 2i+1]) counter-clockwise by the angle "
+             "(offset + r) * base**(-2i/D) for row r; use the base argument, keep x's dtype (float64 "
+             "angles for a float64 x), any leading axes",
+    ),
+    HiddenTest(
+        cell="ex3_alibi_slopes_test",
+        function="alibi_slopes",
+        cases=alibi_slopes_cases,
+        reference=alibi_slopes_reference,
+        blocked=[positions.alibi_slopes, positions._alibi_slopes_list, positions.ALiBi,
+                 positions.alibi_bias],
+        atol=1e-7,
+        mistakes={
+            "h starts at 1: m_h = 2**(-8h/n) for h = 1..n (the first slope of 8 heads is 1/2, not 1)":
+                _slopes_h_from_0,
+            "the extra slopes are every other slope of the 2*n0 sequence starting with its FIRST "
+            "([0::2]), not its second ([1::2])":
+                _slopes_odd_ones,
+            "keep the order: the n0 slopes of the power of two below n first, then the extra ones":
+                _slopes_extras_first,
+            "2**(-8h/n) is the recipe for n a power of two only; otherwise take the n0 slopes of the "
+            "power of two n0 below n, then every other slope of the 2*n0 sequence":
+                _slopes_pow2_formula,
+            "not the first n slopes of the next power of two: take the n0 slopes of the power of two "
+            "BELOW n, then every other slope of the 2*n0 sequence ([0::2]), as many as are missing":
+                _slopes_truncated,
+        },
+        hint="non-powers of two: the n0 slopes of the power of two n0 below n, then every other slope "
+             "of the 2*n0 sequence starting with its first ([0::2]), as many as are missing; float32",
+    ),
+    HiddenTest(
+        cell="ex4_alibi_bias_test",
+        function="alibi_bias",
+        cases=alibi_bias_cases,
+        reference=alibi_bias_reference,
+        blocked=[positions.alibi_bias, positions.relative_positions, positions.ALiBi],
+        atol=1e-6, rtol=1e-4,
+        mistakes={
+            "the distance is |i - j|, not i - j: the bias is -m_h |i - j|, symmetric "
+            "(bias[h, i, j] == bias[h, j, i]) and never positive":
+                _bias_i_minus_j,
+            "the distance is |i - j|, not j - i: the bias is -m_h |i - j|, symmetric "
+            "(bias[h, i, j] == bias[h, j, i]) and never positive":
+                _bias_j_minus_i,
+            "the sign: the bias is -m_h |i - j| (a penalty), zero on the diagonal and negative elsewhere":
+                _bias_positive,
+            "the slopes for a head count that is not a power of two come from alibi_slopes "
+            "(exercise 3), not from 2**(-8h/n)":
+                _bias_pow2_slopes,
+            "return the requested dtype: build the distances and the slopes in dtype (or .to(dtype) "
+            "the result)":
+                _bias_float32,
+        },
+        hint="bias[h, i, j] = -m_h |i - j| with m = alibi_slopes(n_heads) (exercise 3) along the first "
+             "axis: slopes[:, None, None] * distance[None]; in the requested dtype",
+    ),
+]
