@@ -295,11 +295,12 @@ def _find(tree: ast.Module, qual: str) -> ast.AST | None:
 
 
 def stub_source(source: str, quals: Sequence[str], module: str) -> str:
-    """``source`` with the bodies of the functions (all methods, for a class) named by
-    ``quals`` replaced by a raise of ``ReferenceBlocked``: their code is gone."""
+    """``source`` with the functions (all methods, for a class) named by ``quals`` replaced by
+    ``def name(*args, **kwargs): raise ReferenceBlocked(...)``: their code is gone, and any call,
+    whatever its arguments, says what is blocked."""
     tree = ast.parse(source)
     lines = source.splitlines(keepends=True)
-    targets: dict[int, tuple[int, int, str, str]] = {}
+    targets: dict[int, tuple[int, str, str, str]] = {}
     for qual in quals:
         node = _find(tree, qual)
         if node is None:
@@ -307,15 +308,16 @@ def stub_source(source: str, quals: Sequence[str], module: str) -> str:
         funcs = [node] if not isinstance(node, ast.ClassDef) else [
             n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
         for fn in funcs:
-            first, last = fn.body[0].lineno, fn.end_lineno or fn.body[-1].lineno
-            if first == fn.lineno:
-                raise HiddenTestSpecError(f"cannot block {module}.{qual}: write its body on its own lines")
-            indent = lines[first - 1][: len(lines[first - 1]) - len(lines[first - 1].lstrip())]
+            head = lines[fn.lineno - 1]
+            indent = head[: len(head) - len(head.lstrip())]
+            kind = "async def" if isinstance(fn, ast.AsyncFunctionDef) else "def"
             label = f"{module}.{qual}" if fn is node else f"{module}.{qual} (its {fn.name})"
-            targets[first] = (first, last, indent, label)
-    for first in sorted(targets, reverse=True):
-        first, last, indent, label = targets[first]
-        lines[first - 1:last] = [indent + ln + "\n" for ln in _stub(label)]
+            new = [f"{indent}{kind} {fn.name}(*args, **kwargs):\n"]
+            new += [indent + "    " + ln + "\n" for ln in _stub(label)]
+            targets[fn.lineno] = (fn.end_lineno or fn.lineno, "".join(new), fn.name, label)
+    for first in sorted(targets, reverse=True):  # decorators (above the def line) stay
+        last, new, _, _ = targets[first]
+        lines[first - 1:last] = [new]
     out = "".join(lines)
     compile(out, f"<view of {module}>", "exec")
     return out
