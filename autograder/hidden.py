@@ -402,13 +402,16 @@ class Runner:
             return None
         return self.proc.stdout.readline()
 
-    def run(self, job_file: Path, timeout: float) -> list[dict] | None:
-        """Send one job; the per-exercise replies, or None when the runner failed (it is restarted next time)."""
+    def run(self, job_file: Path, job: dict, timeout: float) -> list[dict] | None:
+        """Send one job (the server gets its path and timeouts, nothing of the submission); the
+        per-exercise replies, or None when the runner failed (it is restarted next time)."""
         if self.proc is None or self.proc.poll() is not None:
             self.start()
         assert self.proc is not None and self.proc.stdin is not None
+        request = {"job": str(job_file), "timeouts": [ex["timeout"] for ex in job["exercises"]],
+                   "isolate": bool(job.get("isolate")), "uid": job.get("uid")}
         try:
-            self.proc.stdin.write(json.dumps({"job": str(job_file)}) + "\n")
+            self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
             line = self._readline(timeout)
         except (OSError, ValueError):
@@ -780,7 +783,7 @@ def run(nb, tests: list[HiddenTest], lecture: str, workdir: Path, sandbox_spec: 
            "data_dir": data_dir, "cells": notebook_cells(nb), "exercises": exercises}
     job_file = workdir / "job.json"
     job_file.write_text(json.dumps(job))
-    replies = runner().run(job_file, timeout * len(exercises) + 60)
+    replies = runner().run(job_file, job, timeout * len(exercises) + 60)
     for i, (t, cases, expected) in enumerate(runnable):
         reply = replies[i] if replies and i < len(replies) else {"status": "died", "detail": "the runner failed"}
         status = reply.get("status")
@@ -790,11 +793,22 @@ def run(nb, tests: list[HiddenTest], lecture: str, workdir: Path, sandbox_spec: 
                                     "hidden cases); an endless loop, or far too slow?", len(cases)))
             continue
         if status != "ok":
-            verdicts.append(Verdict(t.cell, False, "KernelDied" if status == "died" else "TypeError",
+            verdicts.append(Verdict(t.cell, False, "KernelDied",
                                     f"{t.function}: the process running your code for the hidden tests "
                                     f"failed: {reply.get('detail', '')}", len(cases)))
             continue
-        payload = _load_result(Path(exercises[i]["output"]))
+        result = Path(exercises[i]["output"])
+        if not result.is_file() or result.stat().st_size == 0:
+            verdicts.append(Verdict(t.cell, False, "KernelDied", (
+                f"{t.function}: the process running your code for the hidden tests ended before it had "
+                "sent its results (os._exit, or a process killed from inside?)"), len(cases)))
+            continue
+        if result.stat().st_size > MAX_RESULT:
+            verdicts.append(Verdict(t.cell, False, "TypeError",
+                                    f"{t.function}: returned more than {MAX_RESULT >> 20} MiB of data",
+                                    len(cases)))
+            continue
+        payload = _load_result(result)
         if payload == "unreadable":
             verdicts.append(Verdict(t.cell, False, "TypeError", (
                 f"{t.function}: what came back could not be read as plain data (a torch.Tensor "

@@ -18,14 +18,17 @@ every exercise of a job forks a child that
 3. replaces PyTorch's own shortcuts for the reference, for good
    (``transformer_lab.grading.block``);
 4. runs the notebook's setup cell and the learner's answer cells, calls the
-   learner's function on every input, and sends back, through a pipe, what came
-   back as plain data (``torch.save`` of tensors and numbers, read on the trusted
-   side with ``torch.load(weights_only=True)``), or the exception it raised.
+   learner's function on every input, and writes what came back as plain data
+   (``torch.save`` of tensors and numbers, read on the trusted side with
+   ``torch.load(weights_only=True)``), or the exception it raised, to its result
+   file, opened before the uid drop: its only open file.
 
-The expected values, the verdict and the course secret never exist here. A child
-that runs past its time is killed with everything of its uid. The reply to a job
-is one JSON line: per exercise, ``status`` (``ok``, ``timeout``, ``died``,
-``too_big``), a word of detail, and where its result file is.
+The expected values, the verdict and the course secret never exist here. The fork
+server itself never reads a job, a submission's code or a result (its children
+inherit its memory: it must hold nothing of another student's). A child that runs
+past its time is killed with everything of its uid. The reply to a request is one
+JSON line: per exercise, ``status`` (``ok``, ``timeout``, ``died``) and a word of
+detail.
 
 This module imports nothing from ``transformer_lab``: the children import the
 blocked view, and the fork server must hold no copy of the real library.
@@ -38,7 +41,6 @@ import ctypes
 import io
 import json
 import os
-import select
 import signal
 import sys
 import time
@@ -50,8 +52,6 @@ from . import sandbox
 PACKAGE = "transformer_lab"
 #: Where a sandboxed child finds its view of the library.
 VIEW_ROOT = "/tmp/tlview"
-#: The most a child may send back (bytes of its result).
-MAX_RESULT = 64 << 20
 #: The most characters of a learner's exception message that are kept.
 MAX_MESSAGE = 2000
 PR_SET_PDEATHSIG = 1
@@ -79,34 +79,15 @@ def _preimport() -> None:
         raise RuntimeError("the hidden-test runner must not import transformer_lab itself")
 
 
-def _read_all(fd: int, deadline: float, limit: int) -> tuple[bytes, str]:
-    """Bytes from ``fd`` until EOF, the deadline or ``limit``; (data, "ok"|"timeout"|"too_big")."""
-    chunks, size = [], 0
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return b"".join(chunks), "timeout"
-        ready, _, _ = select.select([fd], [], [], min(left, 1.0))
-        if not ready:
-            continue
-        chunk = os.read(fd, 1 << 20)
-        if not chunk:
-            return b"".join(chunks), "ok"
-        size += len(chunk)
-        if size > limit:
-            return b"", "too_big"
-        chunks.append(chunk)
-
-
-def _stop(pid: int, job: dict) -> None:
+def _stop(pid: int, request: dict) -> None:
     """Kill a child and everything it forked."""
     for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
         try:
             target()
         except (ProcessLookupError, PermissionError):
             pass
-    if job.get("isolate"):
-        sandbox.kill_uid(int(job["uid"]))
+    if request.get("isolate"):
+        sandbox.kill_uid(int(request["uid"]))
 
 
 def _exit_words(status: int) -> str:
@@ -115,39 +96,46 @@ def _exit_words(status: int) -> str:
         name = {9: "SIGKILL (killed, e.g. out of memory)", 11: "SIGSEGV (segmentation fault)",
                 6: "SIGABRT (aborted)"}.get(sig, f"signal {sig}")
         return f"it was killed by {name}"
-    return f"it exited with status {os.WEXITSTATUS(status)} before sending anything back"
+    return f"it exited with status {os.WEXITSTATUS(status)} before it had sent its results"
 
 
-def run_exercise(job: dict, ex: dict) -> dict:
-    """Fork a child for one exercise, collect what it sends back into ``ex["output"]``."""
-    rfd, wfd = os.pipe()
+def run_exercise(request: dict, index: int, timeout: float) -> dict:
+    """Fork a child for exercise ``index`` of the job, wait for it at most ``timeout`` seconds.
+
+    The child reads the job and writes its result file itself: this process never holds a
+    submission's code, inputs or results, so no later child (which inherits its memory) can
+    find another student's answers in it.
+    """
     pid = os.fork()
     if pid == 0:  # the child: never returns
-        os.close(rfd)
         try:
-            _child(job, ex, wfd)
+            _child(request["job"], index)
         finally:
             os._exit(70)
-    os.close(wfd)
-    deadline = time.monotonic() + float(ex["timeout"])
-    data, why = _read_all(rfd, deadline, MAX_RESULT)
-    os.close(rfd)
-    if why != "ok":
-        _stop(pid, job)
-    _, status = os.waitpid(pid, 0)
-    _stop(pid, job)  # whatever it forked and left running
-    if why == "timeout":
-        return {"status": "timeout", "detail": f"stopped after {ex['timeout']:g} s"}
-    if why == "too_big":
-        return {"status": "too_big", "detail": f"sent back more than {MAX_RESULT >> 20} MiB"}
-    if not data:
-        return {"status": "died", "detail": _exit_words(status)}
-    Path(ex["output"]).write_bytes(data)
-    return {"status": "ok", "detail": ""}
+    deadline = time.monotonic() + timeout
+    status, pause = None, 0.002
+    while status is None:
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = st
+        elif time.monotonic() > deadline:
+            _stop(pid, request)
+            os.waitpid(pid, 0)
+            _stop(pid, request)
+            return {"status": "timeout", "detail": f"stopped after {timeout:g} s"}
+        else:
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+    _stop(pid, request)  # whatever it forked and left running
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        return {"status": "ok", "detail": ""}
+    return {"status": "died", "detail": _exit_words(status)}
 
 
 def serve(stdin=None, stdout=None) -> int:
-    """Answer jobs (one JSON line: ``{"job": PATH}``) until stdin closes."""
+    """Answer requests until stdin closes. A request is one JSON line naming the job file and
+    how to run its exercises: ``{"job": PATH, "timeouts": [s, ...], "isolate": bool, "uid": n}``
+    (no code, no data); the reply is one JSON line ``{"results": [{"status", "detail"}, ...]}``."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     _preimport()
@@ -157,11 +145,10 @@ def serve(stdin=None, stdout=None) -> int:
         if not line.strip():
             continue
         request = json.loads(line)
-        job = json.loads(Path(request["job"]).read_text())
         replies = []
-        for ex in job["exercises"]:
+        for i, timeout in enumerate(request["timeouts"]):
             try:
-                replies.append(run_exercise(job, ex))
+                replies.append(run_exercise(request, i, float(timeout)))
             except Exception as exc:  # noqa: BLE001 - the fork server keeps serving
                 replies.append({"status": "died", "detail": f"{type(exc).__name__}: {exc}"})
         print(json.dumps({"results": replies}), file=stdout, flush=True)
@@ -171,9 +158,9 @@ def serve(stdin=None, stdout=None) -> int:
 # --------------------------------------------------------------------------- the child
 
 
-def _only_the_pipe(keep: int) -> None:
-    """stdin/stdout/stderr to /dev/null, every other descriptor but ``keep`` closed, so the
-    learner's code cannot write to the fork server's replies."""
+def _only_the_result_file(keep: int) -> None:
+    """stdin/stdout/stderr to /dev/null, every other descriptor but ``keep`` (the result file)
+    closed, so the learner's code cannot write to the fork server's replies."""
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
@@ -194,20 +181,24 @@ def _read_view(folder: Path) -> dict[str, bytes]:
     }
 
 
-def _send(wfd: int, payload: dict) -> None:
+def _send(fd: int, payload: dict) -> None:
     import torch
 
     buf = io.BytesIO()
     torch.save(payload, buf)
     view = memoryview(buf.getvalue())
     while view:
-        n = os.write(wfd, view)
+        n = os.write(fd, view)
         view = view[n:]
-    os.close(wfd)
+    os.close(fd)
 
 
-def _child(job: dict, ex: dict, wfd: int) -> None:
-    _only_the_pipe(wfd)
+def _child(job_path: str, index: int) -> None:
+    """One exercise: read (as root) what it needs, enter the sandbox, run the learner's code."""
+    job = json.loads(Path(job_path).read_text())
+    ex = job["exercises"][index]
+    out = os.open(ex["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # opened before the uid drop
+    _only_the_result_file(out)
     try:
         os.setsid()  # its own process group: killed as one
         view = _read_view(Path(ex["view"]))
@@ -231,12 +222,12 @@ def _child(job: dict, ex: dict, wfd: int) -> None:
         _use_view(root)
         del view, data
     except BaseException as exc:  # noqa: BLE001 - reported, then the child ends
-        _send(wfd, {"setup_error": f"{type(exc).__name__}: {exc}"})
+        _send(out, {"setup_error": f"{type(exc).__name__}: {exc}"})
         os._exit(0)
     payload = _run(job, ex, inputs)
     if no_exec:
         payload["notes"].append(no_exec)
-    _send(wfd, payload)
+    _send(out, payload)
     os._exit(0)
 
 

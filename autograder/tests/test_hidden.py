@@ -318,7 +318,10 @@ def test_runner_survives_loops_deaths_and_forged_replies(tmp_path):
     assert looping["ex2_layer_norm_test"].ename == "TimeoutError" and looping["ex1_scores_test"].passed
     dying = _run(_fixture_with("import os\nos._exit(0)"), tmp_path / "b")
     assert dying["ex2_layer_norm_test"].ename == "KernelDied"
-    assert "before sending anything back" in dying["ex2_layer_norm_test"].message
+    assert "ended before it had sent its results" in dying["ex2_layer_norm_test"].message
+    crashing = _run(_fixture_with("import ctypes\nctypes.string_at(0)"), tmp_path / "b2")
+    assert crashing["ex2_layer_norm_test"].ename == "KernelDied"
+    assert "SIGSEGV" in crashing["ex2_layer_norm_test"].message
     forged = ('import os, json\n'
               'for fd in range(20):\n'
               '    try:\n'
@@ -330,6 +333,38 @@ def test_runner_survives_loops_deaths_and_forged_replies(tmp_path):
     # its bytes went to the only descriptor it has, the result pipe: nothing readable came back
     assert not v.passed and v.ename == "TypeError" and "could not be read as plain data" in v.message
     assert all(v.passed for v in _run(read(FIXTURE / "00_fixture.ipynb"), tmp_path / "d").values())
+
+
+SCAN_OWN_MEMORY = """\
+import ctypes
+marker = b"tl-other-" + b"student-7731"   # split, so this code does not contain it
+found = 0
+for line in open("/proc/self/maps"):
+    parts = line.split()
+    if "r" not in parts[1] or "w" not in parts[1]:
+        continue
+    start, end = (int(x, 16) for x in parts[0].split("-"))
+    if end - start > 1 << 30:
+        continue
+    found += ctypes.string_at(start, end - start).count(marker)
+raise RuntimeError(f"found {found} copies")
+"""
+
+
+def test_a_child_finds_nothing_of_an_earlier_student_in_its_memory(tmp_path):
+    """The fork server never holds a submission's code or results, so a child (which inherits its
+    memory) cannot dig an earlier student's answers out of it."""
+    earlier = "marker = 'tl-other-student-7731' * 1000  # in this student's code\n"
+    solved = ("m = x.mean(-1, keepdim=True)\n"
+              "return (x - m) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + eps)")
+    assert _run(_fixture_with(earlier + solved), tmp_path / "a")["ex2_layer_norm_test"].passed
+
+    def copies(body, where):
+        v = _run(_fixture_with(body), tmp_path / where)["ex2_layer_norm_test"]
+        return int(v.message.split("raised RuntimeError: found ")[1].split(" ")[0])
+
+    assert copies(earlier + SCAN_OWN_MEMORY, "b") >= 100  # the scan finds what its own process holds
+    assert copies(SCAN_OWN_MEMORY, "c") <= 1  # the next student's process: only its own needle
 
 
 def test_learner_process_has_no_secret_no_programs_and_no_reference(tmp_path, monkeypatch):
