@@ -366,6 +366,7 @@ class Runner:
         os.chmod(self.views, 0o700)
         self._made: dict[tuple[str, ...], Path] = {}
         atexit.register(self.close)
+        atexit.register(shutil.rmtree, self.views, True)
 
     def view(self, lib_names: Sequence[str]) -> Path:
         """A view of the library with ``lib_names`` stubbed (one folder per set, reused)."""
@@ -726,17 +727,25 @@ def _load_result(path: Path) -> Any:
         return "unreadable"
 
 
+#: Cases and expected values already drawn in this worker: the same for every student of a class.
+_PREPARED: dict[tuple[int, str, str, str | None], tuple[list[Case], list[Any]]] = {}
+
+
 def prepare(tests: list[HiddenTest], lecture: str, secret: str | None) -> list[tuple[HiddenTest, list[Case], list[Any]]]:
     """Every test's cases (drawn with the course secret) and expected values, on the trusted side."""
     from transformer_lab.grading import hidden_rng
 
     prepared = []
     for t in tests:
-        rng = hidden_rng(f"{lecture}/{t.cell}", secret=secret)
-        cases = list(t.cases(rng))
-        if not cases or not all(isinstance(c, Case) for c in cases):
-            raise HiddenTestSpecError(f"{t.cell}: cases(rng) must give at least one Case")
-        prepared.append((t, cases, _expected(t, cases)))
+        key = (id(t), t.cell, lecture, secret)
+        if key not in _PREPARED:
+            rng = hidden_rng(f"{lecture}/{t.cell}", secret=secret)
+            cases = list(t.cases(rng))
+            if not cases or not all(isinstance(c, Case) for c in cases):
+                raise HiddenTestSpecError(f"{t.cell}: cases(rng) must give at least one Case")
+            _PREPARED[key] = (cases, _expected(t, cases))
+        cases, expected = _PREPARED[key]
+        prepared.append((t, cases, expected))
     return prepared
 
 

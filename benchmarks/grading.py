@@ -424,7 +424,15 @@ def tables(report: dict) -> str:
             ok = before["collect"]["scores_as_expected"] and after["collect"]["scores_as_expected"]
             lines.append(f"| {lec} | {n} | {before['collect']['span_median_s']} → {after['collect']['span_median_s']} | "
                          f"{cb:.2f} → {ca:.2f} | {ca / cb:.2f}x | {'yes' if ok else 'NO'} |")
-    cl = report.get("class")
+    cb, cl = report.get("class_baseline"), report.get("class")
+    if cb and cl:
+        n = cl["collect"]["n"]
+        before, after = cb["grade"]["cpu_s"] / n, cl["grade"]["cpu_s"] / n
+        lines.append("")
+        lines.append(f"Class of {n} × {cl['lecture']}, before → after: wall {cb['grade']['wall_s']} → "
+                     f"{cl['grade']['wall_s']} s, span median {cb['collect']['span_median_s']} → "
+                     f"{cl['collect']['span_median_s']} s, CPU per submission {before:.2f} → {after:.2f} s "
+                     f"(**{after / before:.2f}x**).")
     if cl:
         g, c = cl["grade"], cl["collect"]
         ok = "meets" if g["wall_s"] < TARGET_CLASS_S else "misses"
@@ -587,17 +595,23 @@ def main(argv: list[str] | None = None) -> int:
                     report["breakdown"]["feedback_html"] = time_feedback_export(graded, repeats)
                 save()
         if "class" not in args.skip:
-            subs = scratch / "subs_class"
-            who = build_class(solutions, class_lecture, class_size, subs, "c")
-            expected = expected_scores(
-                json.loads((solutions / class_lecture / f"{class_lecture}.ipynb").read_text()))
-            out = scratch / "out_class"
-            print(f"grading a class of {class_size} × {class_lecture} ...", flush=True)
-            g = grade_class(grader_root, subs, class_lecture, out, args.workers, help_text, args.timeout)
-            c = collect(out, class_lecture, who, expected)
-            report["class"] = {"lecture": class_lecture, "grade": g, "collect": c}
-            print(f"  wall {g['wall_s']} s ({g['wall_s'] / class_size:.1f} s each), "
-                  f"scores right: {c['scores_as_expected']}", flush=True)
+            runs = [("baseline", baseline_root)] if baseline_root is not None else []
+            runs.append(("checkout", grader_root))
+            for which, root in runs:
+                sols = root / "solutions"
+                subs = scratch / f"subs_class_{which}"
+                who = build_class(sols, class_lecture, class_size, subs, "c")
+                expected = expected_scores(
+                    json.loads((sols / class_lecture / f"{class_lecture}.ipynb").read_text()))
+                out = scratch / f"out_class_{which}"
+                print(f"grading a class of {class_size} × {class_lecture} ({which}) ...", flush=True)
+                g = grade_class(root, subs, class_lecture, out, args.workers,
+                                help_text if root is grader_root else grader_flags(root), args.timeout)
+                c = collect(out, class_lecture, who, expected)
+                report["class" if which == "checkout" else "class_baseline"] = {
+                    "lecture": class_lecture, "grade": g, "collect": c}
+                print(f"  wall {g['wall_s']} s ({g['wall_s'] / class_size:.1f} s each), "
+                      f"CPU {g['cpu_s']} s, scores right: {c['scores_as_expected']}", flush=True)
     finally:
         report["setup"]["total_s"] = round(time.perf_counter() - t_all, 1)
         save()
