@@ -1,0 +1,258 @@
+"""The shared plotting and widget primitives of :mod:`transformer_lab.viz` (see its docstring)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import ipywidgets as widgets
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # for annotations only; drawing imports pyplot on first use
+    import matplotlib.pyplot as plt
+
+__all__ = ["plot_attention", "plot_heads", "plot_history", "Explorer", "WidgetsOff", "WIDGETS_OFF_MESSAGE"]
+
+WIDGETS_OFF_MESSAGE = "Interactive widgets are off while grading (TRANSFORMER_LAB_GRADING=1)."
+
+
+# --------------------------------------------------------------------------- plots
+def _to_numpy(x, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    x = np.asarray(x, dtype=float)
+    return x
+
+
+def _as_2d(weights, name: str = "weights") -> np.ndarray:
+    w = _to_numpy(weights, name)
+    while w.ndim > 2 and w.shape[0] == 1:
+        w = w[0]
+    if w.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D map (Lq, Lk) (leading dims of size 1 are dropped); "
+                         f"got shape {tuple(w.shape)}")
+    return w
+
+
+def _as_3d(weights, name: str = "weights") -> np.ndarray:
+    w = _to_numpy(weights, name)
+    if w.ndim == 4 and w.shape[0] == 1:
+        w = w[0]
+    if w.ndim == 2:
+        w = w[None]
+    if w.ndim != 3:
+        raise ValueError(f"{name} must be (H, Lq, Lk) or (1, H, Lq, Lk); got shape {tuple(w.shape)}")
+    return w
+
+
+def _check_labels(labels, n: int, name: str):
+    if labels is None:
+        return "auto"
+    labels = [str(t) for t in labels]
+    if len(labels) != n:
+        raise ValueError(f"{name} must have one label per {'key' if name == 'x_labels' else 'query'} "
+                         f"({n}); got {len(labels)}")
+    return labels
+
+
+def plot_attention(weights, x_labels: Sequence | None = None, y_labels: Sequence | None = None,
+                   ax=None, title: str | None = None, cmap: str = "viridis", vmin=None, vmax=None,
+                   annot: bool = False, cbar: bool = True, center=None):
+    """Heatmap of one attention map or bias matrix ``(Lq, Lk)``; returns the ``Axes``.
+
+    Rows are queries (``y_labels``), columns are keys (``x_labels``); row ``i`` of an
+    attention map sums to 1. ``weights`` may be a tensor or array with leading
+    dimensions of size 1 (e.g. ``(1, 1, Lq, Lk)``). ``center`` (e.g. 0) switches to a
+    diverging colour map around that value, for signed biases.
+    """
+    import matplotlib.pyplot as plt  # imported on first draw (see the module docstring)
+    import seaborn as sns
+
+    w = _as_2d(weights)
+    xt = _check_labels(x_labels, w.shape[1], "x_labels")
+    yt = _check_labels(y_labels, w.shape[0], "y_labels")
+    if ax is None:
+        side = min(8.0, 2.0 + 0.3 * max(w.shape))
+        _, ax = plt.subplots(figsize=(side + 1.0, side))
+    if center is not None and cmap == "viridis":
+        cmap = "RdBu_r"
+    sns.heatmap(w, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, center=center, annot=annot,
+                fmt=".2f", square=w.shape[0] == w.shape[1], cbar=cbar,
+                xticklabels=xt, yticklabels=yt)
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_heads(weights, titles: Sequence[str] | None = None, ncols: int = 4,
+               shared_scale: bool = True, cmap: str = "viridis", x_labels=None, y_labels=None,
+               suptitle: str | None = None, figsize=None, center=None):
+    """A grid of per-head maps ``(H, Lq, Lk)`` (attention weights or bias matrices).
+
+    ``shared_scale``: one colour scale (and one colour bar) for all heads, so heads can
+    be compared; otherwise each head gets its own scale. ``center`` as in
+    :func:`plot_attention`. Returns the ``Figure`` (end the cell with ``;`` or call
+    ``plt.show()`` so a notebook shows it once).
+    """
+    w = _as_3d(weights)
+    H = w.shape[0]
+    titles = [f"head {h}" for h in range(H)] if titles is None else list(titles)
+    if len(titles) != H:
+        raise ValueError(f"titles must have one entry per head ({H}); got {len(titles)}")
+    if not isinstance(ncols, int) or ncols < 1:
+        raise ValueError(f"ncols must be a positive int; got {ncols!r}")
+    ncols = min(ncols, H)
+    nrows = math.ceil(H / ncols)
+    if figsize is None:
+        figsize = (3.2 * ncols + (0.8 if shared_scale else 0.0), 3.0 * nrows)
+    import matplotlib.pyplot as plt  # imported on first draw (see the module docstring)
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False)
+    if center is not None and cmap == "viridis":
+        cmap = "RdBu_r"
+    vmin = vmax = None
+    if shared_scale:
+        vmin, vmax = float(np.nanmin(w)), float(np.nanmax(w))
+        if center is not None:
+            span = max(abs(vmin - center), abs(vmax - center))
+            vmin, vmax = center - span, center + span
+    for h, ax in enumerate(axes.flat):
+        if h >= H:
+            ax.axis("off")
+            continue
+        plot_attention(w[h], x_labels=x_labels, y_labels=y_labels, ax=ax, title=titles[h],
+                       cmap=cmap, vmin=vmin, vmax=vmax, cbar=not shared_scale,
+                       center=None if shared_scale else center)
+        if h % ncols:
+            ax.set_ylabel("")
+        if h + ncols < H:  # another head below this one
+            ax.set_xlabel("")
+    if shared_scale:
+        mappable = plt.cm.ScalarMappable(norm=plt.Normalize(vmin, vmax), cmap=cmap)
+        fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8)
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+def _ema(values: Sequence[float], smooth: float) -> np.ndarray:
+    """Exponential moving average, ``m_t = smooth * m_{t-1} + (1 - smooth) * v_t`` (bias-corrected)."""
+    out, m = [], 0.0
+    for t, v in enumerate(values, start=1):
+        m = smooth * m + (1.0 - smooth) * v
+        out.append(m / (1.0 - smooth ** t))
+    return np.asarray(out)
+
+
+def plot_history(histories, key: str = "loss", ax=None, smooth: float = 0.0, logy: bool = False,
+                 title: str | None = None):
+    """Plot ``history[key]`` against ``history["step"]``; returns the ``Axes``.
+
+    ``histories``: one history dict from :func:`~transformer_lab.train.train`, or a dict
+    ``{label: history}`` to compare runs (e.g. pre- vs post-norm). ``key="eval"`` plots
+    against ``history["eval_step"]``. ``smooth`` in ``[0, 1)``: exponential moving
+    average of the curve (0 = raw). ``logy``: log-scale y axis.
+    """
+    if not isinstance(histories, dict):
+        raise TypeError(f"histories must be a history dict or {{label: history}}; got "
+                        f"{type(histories).__name__}")
+    runs = {None: histories} if "step" in histories else histories
+    if not 0.0 <= smooth < 1.0:
+        raise ValueError(f"smooth must be in [0, 1); got {smooth}")
+    import matplotlib.pyplot as plt  # imported on first draw (see the module docstring)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for label, hist in runs.items():
+        if not isinstance(hist, dict) or key not in hist:
+            have = sorted(hist) if isinstance(hist, dict) else type(hist).__name__
+            raise ValueError(f"history {label!r} has no {key!r}; it has {have}")
+        steps = hist["eval_step"] if key == "eval" else hist["step"]
+        values = _ema(hist[key], smooth) if smooth else np.asarray(hist[key], dtype=float)
+        ax.plot(steps, values, label=None if label is None else str(label))
+    ax.set_xlabel("step")
+    ax.set_ylabel(key + (f" (EMA {smooth:g})" if smooth else ""))
+    if logy:
+        ax.set_yscale("log")
+    if any(label is not None for label in runs):
+        ax.legend()
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+# --------------------------------------------------------------------------- widget base
+class WidgetsOff(widgets.Label):
+    """What a builder returns in grading mode: a label, no controls, nothing drawn."""
+
+    def __init__(self, message: str = WIDGETS_OFF_MESSAGE):
+        super().__init__(value=message)
+        self.controls: dict = {}
+        self.state: dict = {}
+        self.output = None
+        self.figure = None
+
+    def render(self) -> None:
+        """Nothing to draw while grading."""
+
+
+def _in_ipython() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with Jupyter
+        return False
+    return get_ipython() is not None
+
+
+class Explorer(widgets.VBox):
+    """A control panel over a figure: ``.controls``, ``.output``, ``.state``, ``.render()``.
+
+    ``compute(values) -> dict`` turns the controls' values into ``state``;
+    ``draw(state) -> Figure`` makes the figure (which is shown in ``output`` and closed);
+    ``on_change(explorer)`` (optional) runs before each render, e.g. to disable a
+    control that does not apply.
+    """
+
+    def __init__(self, controls: dict, compute: Callable[[dict], dict],
+                 draw: Callable[[dict], "plt.Figure"], on_change: Callable | None = None,
+                 title: str | None = None):
+        self.controls = dict(controls)
+        self.output = widgets.Output()
+        self.state: dict = {}
+        self.figure = None
+        self.renders = 0
+        self._compute, self._draw, self._on_change = compute, draw, on_change
+        rows = [widgets.HTML(f"<b>{title}</b>")] if title else []
+        rows.append(widgets.HBox(list(self.controls.values()),
+                                 layout=widgets.Layout(flex_flow="row wrap")))
+        rows.append(self.output)
+        super().__init__(children=rows)
+        for control in self.controls.values():
+            control.observe(self._changed, names="value")
+        self.render()
+
+    def values(self) -> dict:
+        """The controls' current values, by name."""
+        return {name: c.value for name, c in self.controls.items()}
+
+    def _changed(self, change) -> None:
+        self.render()
+
+    def render(self) -> None:
+        """Recompute ``state`` from the controls, redraw the figure into ``output``."""
+        if self._on_change is not None:
+            self._on_change(self)
+        self.state = self._compute(self.values())
+        fig = self._draw(self.state)
+        if _in_ipython():  # in a terminal or a test there is nowhere to show it
+            from IPython.display import display
+
+            self.output.clear_output(wait=True)
+            with self.output:
+                display(fig)
+        import matplotlib.pyplot as plt  # imported on first draw (see the module docstring)
+        plt.close(fig)  # shown once, inside the Output; never again at the end of the cell
+        self.figure = fig
+        self.renders += 1
