@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -407,3 +409,98 @@ def test_mha_wrong_width_and_context(gen):
         mha(rand(2, 3, 8, gen=gen), context=rand(2, 3, 8, gen=gen))
     with pytest.raises(ValueError, match="needs a context"):
         A.MultiHeadAttention(8, 2, cross=True)(rand(2, 3, 8, gen=gen))
+
+
+# ---------------------------------------------------------------- key/value prefixes (prefix tuning)
+DP = 12  # d_model for these tests: H = 3 heads of width 4
+
+
+def test_prepend_kv_prefix_shapes_mask_and_bias(gen):
+    k = torch.randn(2, H, 5, 4, generator=gen)
+    v = torch.randn(2, H, 5, 3, generator=gen)
+    pk, pv = torch.randn(H, 2, 4, generator=gen), torch.randn(H, 2, 3, generator=gen)
+    causal = A.causal_mask(5)
+    bias = torch.randn(1, H, 5, 5, generator=gen)
+    k2, v2, m2, b2 = A.prepend_kv_prefix(k, v, pk, pv, causal, bias)
+    assert k2.shape == (2, H, 7, 4) and v2.shape == (2, H, 7, 3)
+    assert torch.equal(k2[:, :, :2], pk.expand(2, -1, -1, -1)) and torch.equal(k2[:, :, 2:], k)
+    assert m2.shape == (5, 7) and m2[:, :2].all() and torch.equal(m2[:, 2:], causal)
+    assert torch.equal(b2[..., :2], torch.zeros(1, H, 5, 2)) and torch.equal(b2[..., 2:], bias)
+    padding = A.padding_mask(torch.tensor([5, 0]), 5)  # (B, 1, 1, 5): the second row has no real key
+    _, _, mp, _ = A.prepend_kv_prefix(k, v, pk, pv, padding)
+    assert mp.shape == (2, 1, 1, 7) and mp[1, 0, 0].tolist() == [True, True] + [False] * 5
+    additive = torch.zeros(1, 1, 1, 1)  # a float mask whose last dim broadcasts
+    _, _, ma, _ = A.prepend_kv_prefix(k, v, pk, pv, additive)
+    assert ma.shape == (1, 1, 1, 7)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("positions", ["sinusoidal", "rope", "alibi", "t5", "shaw"])
+def test_mha_with_prefix_fast_equals_readable_and_by_hand(fast, positions, gen):
+    from transformer_lab.positions import make_positions
+
+    torch.manual_seed(0)
+    mha = A.MultiHeadAttention(DP, H, fast=fast).eval()
+    scheme = make_positions(positions, DP, H, 32)
+    x = torch.randn(2, 6, DP, generator=gen)
+    pk, pv = torch.randn(3, DP, generator=gen), torch.randn(3, DP, generator=gen)
+    causal = A.causal_mask(6)
+    with torch.no_grad():
+        out, w = mha(x, mask=causal, positions=scheme, need_weights=True, kv_prefix=(pk, pv))
+        out_fast = mha(x, mask=causal, positions=scheme, kv_prefix=(pk, pv))
+        # by hand: rotate/bias the real keys, put the prefix in front, prefix always visible
+        q, k, v = mha.project(x)
+        q, k = scheme.rotate(q, k)
+        bias = scheme.score_bias(q, k)
+        K = torch.cat([A.split_heads(pk[None].expand(2, -1, -1), H), k], dim=2)
+        Vv = torch.cat([A.split_heads(pv[None].expand(2, -1, -1), H), v], dim=2)
+        s = q @ K.transpose(-1, -2) / math.sqrt(DP // H)
+        if bias is not None:
+            s = s + F.pad(bias.expand(2, H, 6, 6), (3, 0))
+        keep = torch.cat([torch.ones(6, 3, dtype=torch.bool), causal], dim=1)
+        weights = torch.softmax(s.masked_fill(~keep, -math.inf), dim=-1)
+        heads = weights @ Vv
+        extra = scheme.value_term(weights[..., 3:])
+        if extra is not None:
+            heads = heads + extra
+        expected = mha.out(A.merge_heads(heads))
+    assert w.shape == (2, H, 6, 9) and (w[..., :3] > 0).all()
+    torch.testing.assert_close(w, weights)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out_fast, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_block_passes_the_prefix_to_its_self_attention(gen):
+    from transformer_lab.blocks import DecoderBlock, EncoderBlock
+
+    x = torch.randn(2, 4, DP, generator=gen)
+    pk, pv = torch.randn(2, DP, generator=gen), torch.randn(2, DP, generator=gen)
+    for block in (EncoderBlock(DP, H).eval(), DecoderBlock(DP, H, cross_attention=False).eval()):
+        with torch.no_grad():
+            _, w = block(x, need_weights=True, kv_prefix=(pk, pv))
+            assert w.shape == (2, H, 4, 6)
+            assert not torch.allclose(block(x, kv_prefix=(pk, pv)), block(x))
+    dec = DecoderBlock(DP, H).eval()
+    mem = torch.randn(2, 5, DP, generator=gen)
+    with torch.no_grad():
+        _, w = dec(x, mem, need_weights=True, kv_prefix=(pk, pv))
+    assert w.shape == (2, H, 4, 6)  # the prefix is in the self-attention, not the cross-attention
+
+
+def test_bad_prefixes_are_named(gen):
+    mha = A.MultiHeadAttention(DP, H)
+    x = torch.randn(2, 3, DP, generator=gen)
+    empty = torch.zeros(0, DP)
+    with pytest.raises(ValueError, match="prefix_k has length P = 0"):
+        mha(x, kv_prefix=(empty, empty))
+    with pytest.raises(ValueError, match=r"prefix_v must be \(P, d_model=12\) or \(batch=2, P, d_model=12\); got \(2, 8\)"):
+        mha(x, kv_prefix=(torch.zeros(2, DP), torch.zeros(2, 8)))
+    with pytest.raises(TypeError, match="kv_prefix must be a pair"):
+        mha(x, kv_prefix=torch.zeros(2, DP))
+    k = torch.randn(2, H, 3, 4, generator=gen)
+    with pytest.raises(ValueError, match="a prefix needs at least one position"):
+        A.prepend_kv_prefix(k, k, torch.zeros(H, 0, 4), torch.zeros(H, 0, 4))
+    with pytest.raises(ValueError, match=r"prefix_k must be \(heads=3, P, 4\)"):
+        A.prepend_kv_prefix(k, k, torch.zeros(2, 2, 4), torch.zeros(H, 2, 4))
+    with pytest.raises(ValueError, match="the same length P"):
+        A.prepend_kv_prefix(k, k, torch.zeros(H, 2, 4), torch.zeros(H, 3, 4))

@@ -52,6 +52,20 @@ Masks: one convention in the whole library
 * A query row in which every key is hidden gets all-zero weights and a zero
   output, never NaN.
 
+Key/value prefixes (prefix tuning)
+----------------------------------
+``MultiHeadAttention(x, kv_prefix=(prefix_k, prefix_v))`` puts ``P`` extra keys and
+values in front of the ones projected from the input (Li & Liang 2021, "Prefix-Tuning",
+arXiv:2101.00190)::
+
+    K' = [P_K; X W^K],   V' = [P_V; X W^V]        (P + Lk rows)
+
+Every query may attend to every prefix position: :func:`prepend_kv_prefix` widens the
+mask with ``True`` (bool) or ``0`` (additive) columns and a position bias with zeros,
+so a prefix carries no position and a causal or padding mask still applies to the real
+keys. Rotary positions rotate the real queries and keys before the prefix is put in
+front (a prefix key is used as it is, like a key at position 0).
+
 Two implementations side by side
 --------------------------------
 :func:`scaled_dot_product_attention` is the readable version: every step is a
@@ -78,6 +92,7 @@ __all__ = [
     "padding_mask",
     "split_heads",
     "merge_heads",
+    "prepend_kv_prefix",
     "MultiHeadAttention",
 ]
 
@@ -315,6 +330,70 @@ def fast_attention(
 
 
 # ----------------------------------------------------------------------------
+# Key/value prefixes
+# ----------------------------------------------------------------------------
+
+def _widen(extra: Optional[Tensor], n_prefix: int, Lk: int, fill) -> Optional[Tensor]:
+    """A mask or bias broadcastable to (..., Lq, Lk) -> (..., Lq, P + Lk), ``fill`` in front."""
+    if extra is None:
+        return None
+    extra = extra.expand(*extra.shape[:-1], Lk)  # a last dim of 1 would not stretch to P + Lk
+    front = torch.full((*extra.shape[:-1], n_prefix), fill, dtype=extra.dtype, device=extra.device)
+    return torch.cat([front, extra], dim=-1)
+
+
+def prepend_kv_prefix(
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    mask: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+):
+    """Put learned keys and values in front of the real ones (prefix tuning).
+
+    Args:
+        k, v: (B, H, Lk, D) keys and (B, H, Lk, Dv) values projected from the input.
+        prefix_k, prefix_v: (H, P, D) and (H, P, Dv), shared by the batch, or (B, H, P, .).
+        mask: boolean (True = attend) or additive, broadcastable to (B, H, Lq, Lk), for
+            the real keys. bias: additive, broadcastable to (B, H, Lq, Lk), or None.
+
+    Returns:
+        ``(k', v', mask', bias')``: k' (B, H, P + Lk, D) = [prefix_k; k], v' likewise;
+        mask' and bias' widened to (..., Lq, P + Lk) so that every query sees every prefix
+        key (True / 0 in front); ``None`` stays ``None``.
+    """
+    _check_qkv(k, k, v)
+    B, H, Lk = k.shape[0], k.shape[1], k.shape[2]
+    for name, p, t in (("prefix_k", prefix_k, k), ("prefix_v", prefix_v, v)):
+        _check_tensor(name, p)
+        if p.dim() == 3:
+            p = p.unsqueeze(0)
+        if p.dim() != 4 or p.shape[0] not in (1, B) or p.shape[1] != H or p.shape[3] != t.shape[3]:
+            raise ValueError(
+                f"{name} must be (heads={H}, P, {t.shape[3]}) or (batch={B}, heads={H}, P, "
+                f"{t.shape[3]}) to go in front of {'k' if t is k else 'v'} {_shape(t)}; got {_shape(p)}")
+    if prefix_k.shape[-2] != prefix_v.shape[-2]:
+        raise ValueError(f"prefix_k and prefix_v must have the same length P; got "
+                         f"{_shape(prefix_k)} and {_shape(prefix_v)}")
+    n_prefix = prefix_k.shape[-2]
+    if n_prefix < 1:
+        raise ValueError(f"a prefix needs at least one position (P >= 1); got P = {n_prefix}")
+    pk = prefix_k.to(k.dtype).expand(B, H, n_prefix, k.shape[3])  # (B, H, P, D)
+    pv = prefix_v.to(v.dtype).expand(B, H, n_prefix, v.shape[3])  # (B, H, P, Dv)
+    k = torch.cat([pk, k], dim=2)  # K' = [P_K; K]: (B, H, P + Lk, D)
+    v = torch.cat([pv, v], dim=2)  # V' = [P_V; V]: (B, H, P + Lk, Dv)
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a torch.Tensor; got {type(mask).__name__}")
+        fill = True if mask.dtype == torch.bool else 0.0
+        mask = _widen(mask, n_prefix, Lk, fill)  # every query sees the prefix
+    if bias is not None:
+        bias = _widen(bias, n_prefix, Lk, 0.0)  # a prefix key has no position: bias 0
+    return k, v, mask, bias
+
+
+# ----------------------------------------------------------------------------
 # Heads
 # ----------------------------------------------------------------------------
 
@@ -351,14 +430,18 @@ class MultiHeadAttention(nn.Module):
             then the projections are ``self.q`` (d -> d) and ``self.kv`` (d -> 2d);
             otherwise one ``self.qkv`` (d -> 3d), weight rows [W^Q; W^K; W^V].
 
-    ``forward(x, context=None, mask=None, positions=None, need_weights=False)``:
+    ``forward(x, context=None, mask=None, positions=None, need_weights=False, kv_prefix=None)``:
         x (B, Lq, d_model); context (B, Lk, d_model) for cross-attention;
         mask boolean (True = attend) or additive, broadcastable to (B, H, Lq, Lk);
         positions: a ``PositionScheme`` (see positions.py) whose ``rotate``,
-        ``score_bias`` and ``value_term`` hooks are applied here.
+        ``score_bias`` and ``value_term`` hooks are applied here;
+        kv_prefix: ``(prefix_k, prefix_v)``, each (P, d_model) or (B, P, d_model): keys and
+        values (already projected) put in front of the real ones, visible to every query
+        (prefix tuning; see :func:`prepend_kv_prefix`).
         Returns out (B, Lq, d_model), or ``(out, weights (B, H, Lq, Lk))``, the
         per-head softmax weights before dropout (``nn.MultiheadAttention`` with
-        ``average_attn_weights=False`` gives the same when dropout is 0).
+        ``average_attn_weights=False`` gives the same when dropout is 0); with a
+        prefix the weights are (B, H, Lq, P + Lk), the prefix's columns first.
 
     Path: the fused :func:`fast_attention` unless ``fast=False``, ``need_weights=True``
     or ``positions.needs_weights`` (Shaw's value term needs the weights); then the
@@ -418,6 +501,25 @@ class MultiHeadAttention(nn.Module):
                     f"got shape {_shape(context)}"
                 )
 
+    def _prefix_heads(self, kv_prefix, B: int):
+        """``(prefix_k, prefix_v)``, each (P, d) or (B, P, d) -> two (1 or B, H, P, D) tensors."""
+        if not isinstance(kv_prefix, (tuple, list)) or len(kv_prefix) != 2:
+            raise TypeError("kv_prefix must be a pair (prefix_k, prefix_v), each (P, d_model) or "
+                            f"(batch, P, d_model); got {type(kv_prefix).__name__}")
+        heads = []
+        for name, p in zip(("prefix_k", "prefix_v"), kv_prefix, strict=True):
+            _check_tensor(name, p)
+            given = _shape(p)
+            if p.dim() == 2:
+                p = p.unsqueeze(0)  # (1, P, d): one prefix for the whole batch
+            if p.dim() != 3 or p.shape[0] not in (1, B) or p.shape[-1] != self.d_model:
+                raise ValueError(f"{name} must be (P, d_model={self.d_model}) or (batch={B}, P, "
+                                 f"d_model={self.d_model}); got {given}")
+            if p.shape[1] < 1:
+                raise ValueError(f"{name} has length P = 0: a prefix needs at least one position")
+            heads.append(split_heads(p, self.n_heads))  # (1 or B, H, P, D)
+        return heads
+
     def forward(
         self,
         x: Tensor,
@@ -425,6 +527,7 @@ class MultiHeadAttention(nn.Module):
         mask: Optional[Tensor] = None,
         positions=None,
         need_weights: bool = False,
+        kv_prefix=None,
     ):
         self._check_inputs(x, context)
         q, k, v = self.project(x, context)  # (B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D)
@@ -432,18 +535,31 @@ class MultiHeadAttention(nn.Module):
         if positions is not None:
             q, k = positions.rotate(q, k)  # RoPE rotates; others return them unchanged
             bias = positions.score_bias(q, k)  # None or additive, (.., H, Lq, Lk)
+        n_prefix = 0
+        if kv_prefix is not None:  # prefix tuning: P learned keys/values in front of the real ones
+            target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])  # (B, H, Lq, Lk)
+            if mask is not None:
+                _check_mask("mask", mask, target)
+            if bias is not None:
+                _check_mask("bias", bias, target)
+            prefix_k, prefix_v = self._prefix_heads(kv_prefix, x.shape[0])
+            n_prefix = prefix_k.shape[2]
+            k, v, mask, bias = prepend_kv_prefix(k, v, prefix_k, prefix_v, mask, bias)  # P + Lk keys
         needs_weights = positions is not None and getattr(positions, "needs_weights", False)
         p = self.dropout if self.training else 0.0
         weights = None
         if self.fast and not need_weights and not needs_weights:
             out = fast_attention(q, k, v, mask=mask, dropout_p=p, bias=bias)  # (B, H, Lq, D)
         else:
-            out, weights = self._readable(q, k, v, mask, bias, p, positions)
+            out, weights = self._readable(q, k, v, mask, bias, p, positions, n_prefix)
         out = self.out(merge_heads(out))  # Concat(heads) W^O: (B, Lq, d_model)
         return (out, weights) if need_weights else out
 
-    def _readable(self, q, k, v, mask, bias, p, positions):
-        """Step by step, so a position scheme can add a term that uses the weights (Shaw)."""
+    def _readable(self, q, k, v, mask, bias, p, positions, n_prefix=0):
+        """Step by step, so a position scheme can add a term that uses the weights (Shaw).
+
+        With a prefix (``n_prefix`` > 0) the keys start with it; Shaw's value term belongs
+        to the real keys only, so it gets the weights of those columns."""
         target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])  # (B, H, Lq, Lk)
         if bias is not None:
             _check_mask("bias", bias, target)
@@ -454,7 +570,7 @@ class MultiHeadAttention(nn.Module):
         dropped = F.dropout(weights, p=p) if p > 0 else weights
         out = dropped @ v  # (B, H, Lq, D)
         if positions is not None:
-            extra = positions.value_term(dropped)  # Shaw: sum_j w_ij a^V_ij, or None
+            extra = positions.value_term(dropped[..., n_prefix:])  # Shaw: sum_j w_ij a^V_ij, or None
             if extra is not None:
                 out = out + extra
         return out, weights

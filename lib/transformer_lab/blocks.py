@@ -213,12 +213,15 @@ def _check_x(x, d_model: int) -> None:
         )
 
 
-def _keeping_weights(attn, kept: dict, mask, positions, need_weights: bool):
+def _keeping_weights(attn, kept: dict, mask, positions, need_weights: bool, kv_prefix=None):
     """Self-attention as a sublayer ``f(h)`` for :class:`Residual`; when ``need_weights``
-    it stores the attention weights in ``kept["weights"]`` and returns only the output."""
+    it stores the attention weights in ``kept["weights"]`` and returns only the output.
+    ``kv_prefix`` (prefix tuning) is passed on only when given, so any attention module
+    with the library's signature can stand in for ``attn``."""
+    extra = {} if kv_prefix is None else {"kv_prefix": kv_prefix}
 
     def self_attention(h: Tensor) -> Tensor:
-        out = attn(h, mask=mask, positions=positions, need_weights=need_weights)
+        out = attn(h, mask=mask, positions=positions, need_weights=need_weights, **extra)
         if need_weights:
             out, kept["weights"] = out
         return out
@@ -234,8 +237,10 @@ class EncoderBlock(nn.Module):
     copy ``self_attn.in_proj_*`` to ``attn.qkv``, ``self_attn.out_proj`` to ``attn.out``,
     ``linear1/linear2`` to ``ffn.w1/w2``, ``norm1/norm2`` to ``res_attn.norm/res_ffn.norm``.
 
-    ``forward(x, mask=None, positions=None, need_weights=False)``: x (B, L, d_model),
-    mask broadcastable to (B, H, L, L) (True = attend). Returns x, or (x, weights (B, H, L, L)).
+    ``forward(x, mask=None, positions=None, need_weights=False, kv_prefix=None)``: x (B, L,
+    d_model), mask broadcastable to (B, H, L, L) (True = attend); kv_prefix: keys and values
+    put in front of the self-attention's own (prefix tuning, see
+    ``MultiHeadAttention``). Returns x, or (x, weights (B, H, L, L)).
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: Optional[int] = None, dropout: float = 0.0,
@@ -252,10 +257,10 @@ class EncoderBlock(nn.Module):
             _deepnorm_init(self.attn, self.ffn, deepnorm_constants(n_layers)[1])
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, positions=None,
-                need_weights: bool = False):
+                need_weights: bool = False, kv_prefix=None):
         _check_x(x, self.d_model)
         kept = {}
-        self_attention = _keeping_weights(self.attn, kept, mask, positions, need_weights)
+        self_attention = _keeping_weights(self.attn, kept, mask, positions, need_weights, kv_prefix)
 
         x = self.res_attn(x, self_attention)  # (B, L, d_model)
         x = self.res_ffn(x, self.ffn)  # (B, L, d_model)
@@ -268,9 +273,11 @@ class DecoderBlock(nn.Module):
     With ``cross_attention=False`` there is no cross-attention: a GPT block.
     The caller passes the causal mask (see ``attention.causal_mask``).
 
-    ``forward(x, memory=None, mask=None, memory_mask=None, positions=None, need_weights=False)``:
-    x (B, Lt, d_model); memory (B, Ls, d_model); mask broadcastable to (B, H, Lt, Lt);
-    memory_mask broadcastable to (B, H, Lt, Ls). Returns x, or (x, self-attention weights).
+    ``forward(x, memory=None, mask=None, memory_mask=None, positions=None, need_weights=False,
+    kv_prefix=None)``: x (B, Lt, d_model); memory (B, Ls, d_model); mask broadcastable to
+    (B, H, Lt, Lt); memory_mask broadcastable to (B, H, Lt, Ls); kv_prefix: keys and values
+    put in front of the self-attention's own (prefix tuning). Returns x, or (x,
+    self-attention weights).
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: Optional[int] = None, dropout: float = 0.0,
@@ -293,7 +300,8 @@ class DecoderBlock(nn.Module):
                 _deepnorm_init(self.cross, None, beta)
 
     def forward(self, x: Tensor, memory: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                memory_mask: Optional[Tensor] = None, positions=None, need_weights: bool = False):
+                memory_mask: Optional[Tensor] = None, positions=None, need_weights: bool = False,
+                kv_prefix=None):
         _check_x(x, self.d_model)
         if self.cross_attention and memory is None:
             raise ValueError("this DecoderBlock has cross-attention: pass memory (B, Ls, d_model)")
@@ -301,7 +309,7 @@ class DecoderBlock(nn.Module):
             raise ValueError("this DecoderBlock has no cross-attention (cross_attention=False); "
                              "got a memory tensor")
         kept = {}
-        self_attention = _keeping_weights(self.attn, kept, mask, positions, need_weights)
+        self_attention = _keeping_weights(self.attn, kept, mask, positions, need_weights, kv_prefix)
 
         x = self.res_attn(x, self_attention)  # (B, Lt, d_model)
         if self.cross_attention:
