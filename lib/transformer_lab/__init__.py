@@ -5,6 +5,7 @@ One module per concept, mirroring the lectures::
     attention   scaled dot-product and multi-head attention        (lecture 01)
     blocks      LayerNorm, FFN, residual scaling, encoder/decoder  (lecture 02)
     positions   sinusoidal, learned, Shaw, XL, T5, RoPE, ALiBi     (lecture 03)
+    adapters    adapters, LoRA, prompt/prefix tuning, PET cloze     (lecture 04)
     models      small configurable LM / classifier / seq2seq
     data        synthetic tasks and an offline character corpus
     train       a seeded training loop with a progress bar
@@ -24,7 +25,7 @@ from .device import budget, device, grading_mode, seed_everything
 
 __version__ = "0.1.0"
 
-SUBMODULES = ("attention", "blocks", "positions", "models", "data", "train", "viz", "grading")
+SUBMODULES = ("attention", "blocks", "positions", "adapters", "models", "data", "train", "viz", "grading")
 
 __all__ = ["device", "seed_everything", "grading_mode", "budget", "__version__", *SUBMODULES]
 
