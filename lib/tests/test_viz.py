@@ -39,6 +39,11 @@ def pos():
     return viz.position_explorer(length=12)
 
 
+@pytest.fixture(scope="module")
+def lora():
+    return viz.lora_rank_explorer(rank=2)
+
+
 def _heatmap_values(ax):
     return np.asarray(ax.collections[0].get_array()).reshape(-1)
 
@@ -98,7 +103,7 @@ def test_plot_history_one_run_and_several():
 
 
 # ---------------------------------------------------------------- widget protocol
-@pytest.mark.parametrize("name", ["attn", "norms", "pos"])
+@pytest.mark.parametrize("name", ["attn", "norms", "pos", "lora"])
 def test_explorer_protocol(name, request):
     ex = request.getfixturevalue(name)
     assert isinstance(ex, widgets.VBox) and isinstance(ex.output, widgets.Output)
@@ -272,9 +277,64 @@ def test_position_explorer_bad_arguments():
         viz.position_explorer(d_model=30)
 
 
+# ---------------------------------------------------------------- 04 adapters
+def test_low_rank_summary_is_eckart_young(gen):
+    delta = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    s = viz.low_rank_summary(delta, 2)
+    U, sv, Vh = torch.linalg.svd(delta)
+    assert torch.allclose(s["singular_values"], sv)
+    assert torch.linalg.matrix_rank(s["approx"]) == 2
+    err = (delta - s["approx"]).norm() / delta.norm()
+    assert s["relative_error"] == pytest.approx(float(err), rel=1e-9)
+    assert s["energy"] == pytest.approx(float((sv[:2] ** 2).sum() / (sv ** 2).sum()), rel=1e-9)
+    assert (s["lora_params"], s["full_params"]) == (2 * (9 + 6), 54)
+    # no rank-2 matrix is closer: a random one, and the truncation of a perturbed SVD, are worse
+    other = torch.randn(9, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    assert (delta - other).norm() > (delta - s["approx"]).norm()
+    full = viz.low_rank_summary(delta, 6)
+    assert full["relative_error"] == pytest.approx(0.0, abs=1e-7) and torch.allclose(full["approx"], delta)
+    with pytest.raises(ValueError, match=r"r must be an int between 1 and min\(d_out, d_in\) = 6; got 7"):
+        viz.low_rank_summary(delta, 7)
+    with pytest.raises(ValueError, match="must be a non-empty floating-point matrix"):
+        viz.low_rank_summary(torch.zeros(3), 1)
+
+
+def test_lora_explorer_controls_change_the_state(lora):
+    lora.controls["matrix"].value = "rank 3 + noise"
+    lora.controls["rank"].value = 3
+    delta = viz.example_updates()["rank 3 + noise"]
+    direct = viz.low_rank_summary(delta, 3)
+    assert lora.state["name"] == "rank 3 + noise" and lora.state["rank"] == 3
+    assert torch.allclose(lora.state["approx"], direct["approx"])
+    assert lora.state["energy"] == pytest.approx(direct["energy"])
+    assert lora.state["energy"] > 0.9  # a rank-3 signal is almost all kept by rank 3
+    lora.controls["matrix"].value = "random (no structure)"
+    assert lora.state["energy"] < 0.5  # noise spreads its energy over every direction
+    lora.controls["rank"].value = 1
+    assert lora.state["energy"] < viz.low_rank_summary(viz.example_updates()["random (no structure)"], 3)["energy"]
+    bars = lora.figure.axes[2].patches
+    assert len(bars) == 32 and bars[0].get_height() == pytest.approx(float(lora.state["singular_values"][0]))
+    lora.controls["rank"].value = 2
+    lora.controls["matrix"].value = "rank 3 + noise"
+
+
+def test_lora_explorer_takes_real_updates(gen):
+    updates = {"a": torch.randn(5, 4, generator=gen), "b": torch.randn(8, 3, generator=gen)}
+    ex = viz.lora_rank_explorer(updates, rank=1)
+    assert ex.controls["rank"].max == 3  # the smallest matrix bounds the rank
+    ex.controls["matrix"].value = "b"
+    assert ex.state["delta"].shape == (8, 3)
+    with pytest.raises(ValueError, match="rank must be between 1 and 3; got 4"):
+        viz.lora_rank_explorer(updates, rank=4)
+    ax = viz.plot_spectra(updates, ranks=(1, 2))
+    curves = [ln for ln in ax.get_lines() if ln.get_label() in ("a", "b")]
+    assert [ln.get_label() for ln in curves] == ["a", "b"]
+    assert curves[0].get_ydata()[-1] == pytest.approx(1.0)  # all ranks: everything kept
+
+
 # ---------------------------------------------------------------- grading mode
 @pytest.mark.parametrize("builder", [viz.attention_explorer, viz.norm_gradient_explorer,
-                                     viz.position_explorer])
+                                     viz.position_explorer, viz.lora_rank_explorer])
 def test_grading_mode_gives_a_placeholder(builder, monkeypatch):
     monkeypatch.setenv("TRANSFORMER_LAB_GRADING", "1")
     open_before = set(plt.get_fignums())

@@ -28,6 +28,8 @@ builder                                lecture   shows
                                                  arXiv:2002.04745)
 :func:`position_explorer`              03        per-head bias matrices (Shaw, XL, T5, ALiBi), RoPE's
                                                  score vs offset, sinusoidal / learned tables
+:func:`lora_rank_explorer`             04        a weight update ΔW, its best rank-r approximation
+                                                 and singular values: what a LoRA of rank r keeps
 =====================================  ========  ===================================================
 
 In grading mode (``TRANSFORMER_LAB_GRADING=1``) the builders return a
@@ -49,6 +51,7 @@ for lecture 01, ...). Everything is importable from ``transformer_lab.viz``.
 
 from __future__ import annotations
 
+from .adapters import example_updates, lora_rank_explorer, low_rank_summary, plot_spectra
 from .attention import MASKS, SCALES, attention_explorer, row_entropy
 from .blocks import NORMS, layer_grad_profile, norm_gradient_explorer
 from .core import (
@@ -71,9 +74,13 @@ __all__ = [
     "attention_explorer",
     "norm_gradient_explorer",
     "position_explorer",
+    "lora_rank_explorer",
     "row_entropy",
     "layer_grad_profile",
     "position_pattern",
+    "low_rank_summary",
+    "plot_spectra",
+    "example_updates",
     "SCALES",
     "MASKS",
     "NORMS",
