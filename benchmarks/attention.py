@@ -38,6 +38,26 @@ For reference each row also carries ``scores_mib``, the size of one (B, H, L, L)
 
 Outputs: ``attention.json`` (all measurements and the set-up), ``attention.csv`` and
 ``attention.png`` (time and memory versus L, log-log) in ``--out``.
+
+FlexAttention section (``--sections flex``; lecture 05), a causal sliding window of
+``--flex-window`` (``sparse.sliding_window(256, causal=True)``: each query sees the 256 previous
+tokens and itself) at ``--flex-lengths`` (default 1024 ... 8192), same B, H, D, float32:
+
+    flex_b128     ``sparse.sparse_attention(..., compiled=True)``: compiled FlexAttention, tiles of
+                  128 (PyTorch's default); one column per ``--flex-block-sizes`` entry (flex_b64, ...)
+    flex_eager    ``sparse.sparse_attention(...)`` eager: materialises the scores (the teaching path;
+                  up to ``--flex-eager-max``, 2048)
+    sdpa_mask     ``F.scaled_dot_product_attention`` with the same (L, L) boolean mask: **the baseline**
+    sdpa_causal   ``F.scaled_dot_product_attention(is_causal=True)``: dense causal, for context
+
+timed round-robin as above, with ratios to ``sdpa_mask`` from the same run; the BlockMask and the
+boolean mask are built once per L, outside the timing (their build times are reported). Before
+timing, every output is compared with ``sdpa_mask``'s (the run stops above 1e-4). Compile time:
+a fresh Python process compiles flex_b128 at the longest length with an empty
+``TORCHINDUCTOR_CACHE_DIR`` (cold), then a second process with the same folder (warm); each
+reports its first call (compile + one run) and a steady call. The verdict compares flex_b128 with
+sdpa_mask at L = 4096 against the lecture's claim (at least 8x faster). Outputs:
+``attention_flex.json``, ``attention_flex.csv``, ``attention_flex.png``.
 """
 
 from __future__ import annotations
@@ -50,7 +70,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,6 +84,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "lib"))  # run from a checkout without installing
 
 import transformer_lab  # noqa: E402
+from transformer_lab import sparse  # noqa: E402
 from transformer_lab.attention import (  # noqa: E402
     MultiHeadAttention,
     causal_mask,
@@ -457,6 +480,308 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- FlexAttention
+
+
+FLEX_TARGET = {"L": 4096, "speedup": 8.0}  # the lecture's claim: >= 8x faster than sdpa_mask
+
+
+def flex_impls(args) -> list[str]:
+    compiled = [] if args.no_compile else [f"flex_b{bs}" for bs in args.flex_block_sizes]
+    return [*compiled, "flex_eager", "sdpa_mask", "sdpa_causal"]
+
+
+def flex_inputs(L: int, args, device, dtype):
+    g = torch.Generator(device="cpu").manual_seed(L)
+    return tuple(torch.randn(args.batch, args.heads, L, args.head_dim, generator=g).to(device, dtype)
+                 for _ in range(3))
+
+
+def make_flex_cases(L: int, args, device, dtype) -> tuple[dict, dict]:
+    """Zero-argument callables for every FlexAttention-section implementation at length L, and
+    what it cost to build the masks (seconds, tiles) outside the timing."""
+    q, k, v = flex_inputs(L, args, device, dtype)
+    mod = sparse.sliding_window(args.flex_window, causal=True)  # 0 <= i - j <= window
+    t0 = time.perf_counter()
+    mask = sparse.dense_mask(mod, L, device=device)  # (L, L) bool, True = attend
+    built = {"dense_mask_s": time.perf_counter() - t0}
+    masks = {}
+    for bs in sorted({*args.flex_block_sizes, 128}):
+        t0 = time.perf_counter()
+        masks[bs] = sparse.block_mask(mod, L, block_size=bs, device=device)
+        built[f"block_mask_b{bs}_s"] = time.perf_counter() - t0
+        built[f"tiles_b{bs}"] = sparse.block_counts(masks[bs])
+    fns = {}
+    for impl in flex_impls(args):
+        if impl.startswith("flex_b"):
+            bm = masks[int(impl[len("flex_b"):])]
+            fns[impl] = lambda bm=bm: sparse.sparse_attention(q, k, v, block_mask=bm, compiled=True)
+        elif impl == "flex_eager":
+            if L <= args.flex_eager_max:
+                fns[impl] = lambda: sparse.sparse_attention(q, k, v, block_mask=masks[128])
+        elif impl == "sdpa_mask":
+            fns[impl] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            fns[impl] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return fns, built
+
+
+def compile_probe(args) -> dict:
+    """In a fresh process: the first compiled call (compile + run) and a steady call, seconds."""
+    device = torch.device(args.device) if args.device else transformer_lab.device()
+    dtype = getattr(torch, args.dtype)
+    L, bs = args.compile_probe
+    q, k, v = flex_inputs(L, args, device, dtype)
+    bm = sparse.block_mask(sparse.sliding_window(args.flex_window, causal=True), L, block_size=bs,
+                           device=device)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        sparse.sparse_attention(q, k, v, block_mask=bm, compiled=True)
+        sync(device)
+        first = time.perf_counter() - t0
+        steady = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            sparse.sparse_attention(q, k, v, block_mask=bm, compiled=True)
+            sync(device)
+            steady.append(time.perf_counter() - t0)
+    return {"L": L, "block_size": bs, "first_call_s": first, "steady_call_s": statistics.median(steady),
+            "compile_s": first - statistics.median(steady),
+            "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
+
+
+def measure_compile_times(args, L: int, bs: int) -> dict:
+    """Cold and warm compile of flex_b{bs} at L, each in a fresh Python process."""
+    cache = tempfile.mkdtemp(prefix="transformer_lab_inductor_")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--compile-probe", str(L), str(bs),
+           "--flex-window", str(args.flex_window), "--batch", str(args.batch), "--heads",
+           str(args.heads), "--head-dim", str(args.head_dim), "--dtype", args.dtype]
+    if args.device:
+        cmd += ["--device", args.device]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    result = {"method": "a fresh process per measurement; first call (compile + one run) minus "
+                        "the median of 3 steady calls; cold: empty TORCHINDUCTOR_CACHE_DIR, "
+                        "warm: the same folder again"}
+    for kind in ("cold", "warm"):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: the {kind} compile probe failed:\n{proc.stderr[-3000:]}")
+        result[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+        result[kind]["process_wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def run_flex(args) -> dict:
+    """The FlexAttention section; dynamo may recompile once per length and tile size."""
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(64, limit)
+    try:
+        return _run_flex(args)
+    finally:
+        torch._dynamo.config.recompile_limit = limit  # main() may run inside another program
+
+
+def _run_flex(args) -> dict:
+    device = torch.device(args.device) if args.device else transformer_lab.device()
+    dtype = getattr(torch, args.dtype)
+    meter = PeakMemory(device)
+    impls = flex_impls(args)
+    compile_times = None
+    if not args.no_compile and not args.no_compile_probe:
+        compile_times = measure_compile_times(args, max(args.flex_lengths), 128)
+    rows, built_all, agreement = [], {}, {}
+    load_before = load_average()
+    t_start = time.perf_counter()
+    for L in args.flex_lengths:
+        with torch.inference_mode():
+            fns, built = make_flex_cases(L, args, device, dtype)
+            built_all[L] = built
+            first, outs = {}, {}
+            for impl, fn in fns.items():  # first call: compiles (or recompiles) the kernel
+                t0 = time.perf_counter()
+                outs[impl] = fn()
+                sync(device)
+                first[impl] = time.perf_counter() - t0
+            for impl, out in outs.items():
+                agreement[f"{impl}@{L}"] = float((out - outs["sdpa_mask"]).abs().max()) \
+                    if impl != "sdpa_causal" else None
+            del outs
+            times = time_interleaved(fns, device, args.flex_repeats, args.flex_warmup,
+                                     args.sample_ms / 1e3)
+            gc.collect()
+            peaks = {impl: meter.measure(fn) for impl, fn in fns.items()}
+        del fns
+        for impl in impls:
+            if impl not in times:
+                continue
+            row = {"impl": impl, "L": L, "window": args.flex_window,
+                   "time_ms": statistics.median(times[impl]) * 1e3,
+                   "time_min_ms": min(times[impl]) * 1e3,
+                   "times_ms": [round(t * 1e3, 4) for t in times[impl]],
+                   "first_call_s": first[impl], "peak_mib": peaks[impl]}
+            rows.append(row)
+            if not args.silent:
+                mem = "n/a" if row["peak_mib"] is None else f"{row['peak_mib']:8.1f} MiB"
+                print(f"L={L:6d} window={args.flex_window} {impl:12s} {row['time_ms']:10.3f} ms  {mem}"
+                      f"  (first call {first[impl]:.2f} s)", flush=True)
+    off = {k: v for k, v in agreement.items() if v is not None and not v <= 1e-4}
+    if off:
+        raise SystemExit(f"error: FlexAttention disagrees with SDPA and the same mask: {off}")
+    base = {r["L"]: r for r in rows if r["impl"] == "sdpa_mask"}
+    for r in rows:
+        b = base[r["L"]]
+        r["time_vs_sdpa_mask"] = r["time_ms"] / b["time_ms"]
+        r["speedup_vs_sdpa_mask"] = b["time_ms"] / r["time_ms"]
+        r["mem_vs_sdpa_mask"] = (r["peak_mib"] / b["peak_mib"]
+                                 if r["peak_mib"] is not None and b["peak_mib"] else None)
+    return {
+        "setup": {
+            "device": str(device), "device_name": device_name(device), "dtype": args.dtype,
+            "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,
+            "pattern": sparse.describe(sparse.sliding_window(args.flex_window, causal=True)),
+            "lengths": args.flex_lengths, "block_sizes": args.flex_block_sizes,
+            "eager_max": args.flex_eager_max, "repeats": args.flex_repeats,
+            "warmup": args.flex_warmup,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "memory_method": meter.method,
+            "timing": "forward, inference_mode; the first call (compile) is separate; then "
+                      "--flex-warmup calls and the median of --flex-repeats samples, "
+                      "implementations interleaved round-robin",
+            "quick": args.quick,
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.perf_counter() - t_start, 1),
+            "load_average_before_after": [load_before, load_average()],
+        },
+        "compile_time": compile_times,
+        "masks_built": {str(L): v for L, v in built_all.items()},
+        "agreement_max_abs_diff": agreement,
+        "results": rows,
+        "verdict": flex_verdict(rows),
+    }
+
+
+def flex_verdict(rows: list[dict]) -> dict | None:
+    """The lecture's claim: compiled FlexAttention (tiles of 128) >= 8x faster than sdpa_mask."""
+    at = [r for r in rows if r["L"] == FLEX_TARGET["L"] and r["impl"].startswith("flex_b")]
+    if not at:
+        return None
+    default = next((r for r in at if r["impl"] == "flex_b128"), at[0])
+    best = max(at, key=lambda r: r["speedup_vs_sdpa_mask"])
+    target = FLEX_TARGET["speedup"]
+    return {"L": FLEX_TARGET["L"], "target_speedup": target,
+            "impl": default["impl"], "speedup": default["speedup_vs_sdpa_mask"],
+            "met": default["speedup_vs_sdpa_mask"] >= target,
+            "best_impl": best["impl"], "best_speedup": best["speedup_vs_sdpa_mask"],
+            "best_met": best["speedup_vs_sdpa_mask"] >= target}
+
+
+FLEX_CSV_FIELDS = ["impl", "L", "window", "time_ms", "time_min_ms", "first_call_s", "peak_mib",
+                   "time_vs_sdpa_mask", "speedup_vs_sdpa_mask", "mem_vs_sdpa_mask"]
+FLEX_STYLE = {"sdpa_mask": ("black", "-", "o"), "sdpa_causal": ("tab:gray", "--", "o"),
+              "flex_eager": ("tab:red", "-", "^")}
+FLEX_COLORS = ["tab:blue", "tab:green", "tab:purple", "tab:orange"]
+
+
+def write_flex_outputs(report: dict, out: Path, plot: bool = True) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "attention_flex.json", out / "attention_flex.csv"]
+    paths[0].write_text(json.dumps(report, indent=2))
+    with paths[1].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FLEX_CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in report["results"]:
+            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    if plot:
+        paths.append(plot_flex(report, out / "attention_flex.png"))
+    return paths
+
+
+def _flex_style(impl: str, i: int):
+    return FLEX_STYLE.get(impl, (FLEX_COLORS[i % len(FLEX_COLORS)], "-", "s"))
+
+
+def plot_flex(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, s = report["results"], report["setup"]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    for i, impl in enumerate(impls):
+        color, ls, marker = _flex_style(impl, i)
+        pts = [r for r in rows if r["impl"] == impl]
+        xs = [r["L"] for r in pts]
+        axes[0].plot(xs, [r["time_ms"] for r in pts], color=color, ls=ls, marker=marker, label=impl)
+        mem = [(r["L"], r["peak_mib"]) for r in pts if r["peak_mib"] is not None]
+        if mem:
+            axes[2].plot(*zip(*mem, strict=True), color=color, ls=ls, marker=marker, label=impl)
+        if impl != "sdpa_mask":
+            axes[1].plot(xs, [r["speedup_vs_sdpa_mask"] for r in pts], color=color, ls=ls,
+                         marker=marker, label=impl)
+    axes[1].axhline(FLEX_TARGET["speedup"], color="crimson", ls=":", lw=1,
+                    label=f"claim: {FLEX_TARGET['speedup']:g}x at L={FLEX_TARGET['L']}")
+    axes[1].axhline(1.0, color="black", lw=0.8)
+    titles = ("time per forward (ms)", "speed-up over sdpa_mask (x)", "peak extra memory (MiB)")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(title)
+        ax.set_xlabel("sequence length L")
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"{s['pattern']}: FlexAttention vs SDPA with the same boolean mask on {s['device_name']} "
+        f"({s['device']}, {s['torch_threads']} threads, torch {s['torch']}), "
+        f"B={s['batch']} H={s['heads']} D={s['head_dim']} {s['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def flex_summary(report: dict) -> str:
+    rows = report["results"]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    lines = [f"\n{report['setup']['pattern']}: time in ms (x faster than sdpa_mask), "
+             "peak memory in MiB (x sdpa_mask)\n",
+             "| L | " + " | ".join(impls) + " |", "|---" * (len(impls) + 1) + "|"]
+    for L in sorted({r["L"] for r in rows}):
+        cells = []
+        for impl in impls:
+            r = next((r for r in rows if r["impl"] == impl and r["L"] == L), None)
+            if r is None:
+                cells.append("-")
+                continue
+            m = "n/a" if r["peak_mib"] is None else _num(r["peak_mib"])
+            if r.get("mem_vs_sdpa_mask") is not None:
+                m += f" ({_ratio(r['mem_vs_sdpa_mask'])})"
+            x = r["speedup_vs_sdpa_mask"]
+            cells.append(f"{_num(r['time_ms'])} ({_ratio(x) if x >= 0.1 else f'{x:.2g}x'}); {m}")
+        lines.append(f"| {L} | " + " | ".join(cells) + " |")
+    ct = report.get("compile_time")
+    if ct:
+        for kind in ("cold", "warm"):
+            c = ct[kind]
+            lines.append(f"\ncompile {kind}: first call {c['first_call_s']:.2f} s, steady "
+                         f"{c['steady_call_s'] * 1e3:.1f} ms -> compile {c['compile_s']:.2f} s "
+                         f"(L={c['L']}, tiles of {c['block_size']})")
+    v = report.get("verdict")
+    if v:
+        lines.append(f"\nverdict at L={v['L']}: {v['impl']} is {v['speedup']:.2f}x faster than "
+                     f"sdpa_mask (target {v['target_speedup']:g}x): {'MET' if v['met'] else 'NOT MET'}; "
+                     f"best {v['best_impl']} {v['best_speedup']:.2f}x: "
+                     f"{'MET' if v['best_met'] else 'NOT MET'}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Attention: library vs PyTorch, time and memory vs L.")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: transformer_lab.device())")
@@ -478,28 +803,66 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--silent", action="store_true")
     p.add_argument("--show", type=Path, default=None, metavar="JSON",
-                   help="print the tables of an earlier run's attention.json and stop")
+                   help="print the tables of an earlier run's attention.json "
+                        "(or attention_flex.json) and stop")
+    p.add_argument("--sections", nargs="+", default=["dense", "flex"], choices=("dense", "flex"),
+                   help="dense: the table above; flex: FlexAttention with a causal window (lecture 05)")
+    p.add_argument("--flex-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--flex-window", type=int, default=256)
+    p.add_argument("--flex-block-sizes", type=int, nargs="+", default=[128, 64],
+                   help="FlexAttention tile sizes to time, one column each (128 is PyTorch's default)")
+    p.add_argument("--flex-eager-max", type=int, default=2048,
+                   help="longest L for eager FlexAttention (it materialises the scores: 1.7 GiB "
+                        "and seconds per call at 4096)")
+    p.add_argument("--flex-repeats", type=int, default=7,
+                   help="timing samples per implementation and L in the flex section")
+    p.add_argument("--flex-warmup", type=int, default=2)
+    p.add_argument("--no-compile", action="store_true",
+                   help="flex section without torch.compile (--quick sets it)")
+    p.add_argument("--no-compile-probe", action="store_true",
+                   help="skip the cold/warm compile-time processes")
+    p.add_argument("--compile-probe", type=int, nargs=2, default=None, metavar=("L", "BLOCK"),
+                   help=argparse.SUPPRESS)  # internal: one compile, timed, in a fresh process
     args = p.parse_args(argv)
     if args.show:
-        print(summary_table(json.loads(args.show.read_text())))
+        report = json.loads(args.show.read_text())
+        print(flex_summary(report) if "verdict" in report else summary_table(report))
+        return 0
+    if args.compile_probe:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(compile_probe(args)))
         return 0
     if args.quick:
         args.lengths, args.repeats, args.warmup = [64, 128], 2, 1
         args.batch, args.heads, args.head_dim = 1, 2, 16
         args.threads = args.threads or 1
         args.sample_ms = 1.0
+        args.flex_lengths, args.flex_window, args.no_compile = [64, 128], 16, True
+        args.flex_repeats, args.flex_warmup = 2, 1
     out = args.out or (HERE / ("_work" if args.quick else "results"))
     threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    report = flex_report = None
     try:
-        report = run(args)
+        if "dense" in args.sections:
+            report = run(args)
+        if "flex" in args.sections:
+            flex_report = run_flex(args)
     finally:
         torch.set_num_threads(threads_before)  # main() may run inside another program (tests)
-    paths = write_outputs(report, out, plot=not args.no_plot)
+    paths = []
+    if report is not None:
+        paths += write_outputs(report, out, plot=not args.no_plot)
+    if flex_report is not None:
+        paths += write_flex_outputs(flex_report, out, plot=not args.no_plot)
     if not args.silent:
-        print(summary_table(report))
-        print(f"\nmemory: {report['setup']['memory_method']}")
+        if report is not None:
+            print(summary_table(report))
+            print(f"\nmemory: {report['setup']['memory_method']}")
+        if flex_report is not None:
+            print(flex_summary(flex_report))
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
