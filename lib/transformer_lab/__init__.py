@@ -6,6 +6,7 @@ One module per concept, mirroring the lectures::
     blocks      LayerNorm, FFN, residual scaling, encoder/decoder  (lecture 02)
     positions   sinusoidal, learned, Shaw, XL, T5, RoPE, ALiBi     (lecture 03)
     adapters    adapters, LoRA, prompt/prefix tuning, PET cloze     (lecture 04)
+    sparse      sparse patterns as FlexAttention mask_mods, BFS    (lecture 05)
     models      small configurable LM / classifier / seq2seq
     data        synthetic tasks and an offline character corpus
     train       a seeded training loop with a progress bar
@@ -25,7 +26,7 @@ from .device import budget, device, grading_mode, seed_everything
 
 __version__ = "0.1.0"
 
-SUBMODULES = ("attention", "blocks", "positions", "adapters", "models", "data", "train", "viz", "grading")
+SUBMODULES = ("attention", "blocks", "positions", "adapters", "sparse", "models", "data", "train", "viz", "grading")
 
 __all__ = ["device", "seed_everything", "grading_mode", "budget", "__version__", *SUBMODULES]
 
