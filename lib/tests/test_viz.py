@@ -44,6 +44,11 @@ def lora():
     return viz.lora_rank_explorer(rank=2)
 
 
+@pytest.fixture(scope="module")
+def sparse_ex():
+    return viz.sparse_pattern_explorer(length=32, lengths=(32, 64, 128))
+
+
 def _heatmap_values(ax):
     return np.asarray(ax.collections[0].get_array()).reshape(-1)
 
@@ -103,7 +108,7 @@ def test_plot_history_one_run_and_several():
 
 
 # ---------------------------------------------------------------- widget protocol
-@pytest.mark.parametrize("name", ["attn", "norms", "pos", "lora"])
+@pytest.mark.parametrize("name", ["attn", "norms", "pos", "lora", "sparse_ex"])
 def test_explorer_protocol(name, request):
     ex = request.getfixturevalue(name)
     assert isinstance(ex, widgets.VBox) and isinstance(ex.output, widgets.Output)
@@ -332,9 +337,98 @@ def test_lora_explorer_takes_real_updates(gen):
     assert curves[0].get_ydata()[-1] == pytest.approx(1.0)  # all ranks: everything kept
 
 
+# ---------------------------------------------------------------- 05 sparse attention
+def test_sparse_explorer_state_is_the_library_pattern(sparse_ex):
+    from transformer_lab import sparse as S
+
+    c = sparse_ex.controls
+    c["pattern"].value = "longformer"
+    c["causal"].value = False
+    c["window"].value = 6
+    c["dilation"].value = 1
+    c["n_global"].value = 2
+    c["length"].value = 48
+    mod = S.longformer(6, global_tokens=2)
+    st = sparse_ex.state
+    assert torch.equal(st["mask"], S.dense_mask(mod, 48))
+    assert st["pairs"] == S.count_pairs(mod, 48) and st["density"] == pytest.approx(st["pairs"] / 48**2)
+    assert torch.equal(st["hops"], S.hop_distances(mod, 48))
+    assert st["diameter"] == S.diameter(mod, 48) == 2  # every pair through the global tokens
+    assert st["lengths"] == [32, 64, 128]
+    assert st["counts"] == [S.count_pairs(S.longformer(6, global_tokens=2), n) for n in (32, 64, 128)]
+    assert st["dense_counts"] == [n * n for n in (32, 64, 128)]
+    # the figure: the mask, the hop distances, and two curves + the slope-1 guide against L
+    ax_mask, ax_hops, ax_pairs = sparse_ex.figure.axes[:3]  # then the hops' colour bar
+    assert np.array_equal(ax_mask.images[0].get_array(), st["mask"].numpy().astype(float))
+    assert f"{st['pairs']:,} pairs" in ax_mask.get_title() and "diameter 2" in ax_hops.get_title()
+    assert [ln.get_ydata().tolist() for ln in ax_pairs.get_lines()[:2]] == [st["counts"], st["dense_counts"]]
+    # without global tokens the window alone needs ceil((L - 1) / (w/2)) layers
+    c["n_global"].value = 0
+    assert sparse_ex.state["diameter"] == math.ceil(47 / 3)
+    c["n_global"].value = 1
+
+
+def test_sparse_explorer_controls_follow_the_pattern(sparse_ex):
+    from transformer_lab import sparse as S
+
+    c = sparse_ex.controls
+    c["length"].value = 64
+    c["pattern"].value = "bigbird"
+    assert c["random_blocks"].disabled is False and c["window"].disabled is True
+    c["block"].value, c["n_global"].value, c["random_blocks"].value, c["causal"].value = 8, 1, 2, False
+    first = sparse_ex.state["mask"].clone()
+    assert torch.equal(first, S.dense_mask(S.bigbird(64, 8, 3, 1, 2, seed=0), 64))
+    c["seed"].value = 3  # another random draw, the same window and global blocks
+    assert not torch.equal(sparse_ex.state["mask"], first)
+    assert sparse_ex.state["mask"][:8].all() and sparse_ex.state["mask"][:, :8].all()
+    c["seed"].value = 0
+    c["pattern"].value = "strided"
+    assert c["stride"].disabled is False and c["random_blocks"].disabled is True
+    c["causal"].value = True
+    st = sparse_ex.state
+    assert not st["mask"].triu(1).any() and st["dense_counts"] == [n * (n + 1) // 2 for n in (32, 64, 128)]
+    assert torch.equal(st["mask"], S.dense_mask(S.strided(c["stride"].value, causal=True), 64))
+    c["causal"].value = False
+    c["pattern"].value = "dense"
+    assert sparse_ex.state["density"] == 1.0 and sparse_ex.state["diameter"] == 1
+
+
+@pytest.mark.parametrize("name", viz.SPARSE_PATTERNS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_sparse_pattern_fits_every_setting(name, causal):
+    """Extreme knobs at short lengths are clipped so that every pattern draws something."""
+    from transformer_lab import sparse as S
+
+    for L in (16, 30):
+        for window in (1, 7, 64):
+            mod = viz.sparse_pattern(name, L, window=window, stride=32, dilation=8, n_global=8,
+                                     random_blocks=6, block=32, causal=causal)
+            m = S.dense_mask(mod, L)
+            assert m.any(dim=1).sum() >= L - 8 and (not causal or name == "etc" or not m.triu(1).any())
+    with pytest.raises(ValueError, match="unknown pattern 'nope'"):
+        viz.sparse_pattern("nope", 16)
+
+
+def test_sparse_static_plots():
+    from transformer_lab import sparse as S
+
+    masks = {"window": S.dense_mask(S.sliding_window(4), 16), "dense": torch.ones(16, 16, dtype=torch.bool)}
+    fig = viz.plot_patterns(masks, ncols=2)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["window\ndensity 0.29", "dense\ndensity 1.00"]  # |i - j| <= 2: (16 * 5 - 6) / 256
+    ax = viz.plot_pair_counts([64, 128], {"a": [10, 20], "b": [100, 400]})
+    assert [ln.get_label() for ln in ax.get_lines()] == ["a", "b", "slope 1 (linear)"]
+    assert ax.get_lines()[2].get_ydata().tolist() == [10, 20]
+    with pytest.raises(ValueError, match="non-empty dict"):
+        viz.plot_patterns({})
+    with pytest.raises(ValueError, match="length must be between 16"):
+        viz.sparse_pattern_explorer(length=8)
+
+
 # ---------------------------------------------------------------- grading mode
 @pytest.mark.parametrize("builder", [viz.attention_explorer, viz.norm_gradient_explorer,
-                                     viz.position_explorer, viz.lora_rank_explorer])
+                                     viz.position_explorer, viz.lora_rank_explorer,
+                                     viz.sparse_pattern_explorer])
 def test_grading_mode_gives_a_placeholder(builder, monkeypatch):
     monkeypatch.setenv("TRANSFORMER_LAB_GRADING", "1")
     open_before = set(plt.get_fignums())

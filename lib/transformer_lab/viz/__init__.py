@@ -30,6 +30,9 @@ builder                                lecture   shows
                                                  score vs offset, sinusoidal / learned tables
 :func:`lora_rank_explorer`             04        a weight update ΔW, its best rank-r approximation
                                                  and singular values: what a LoRA of rank r keeps
+:func:`sparse_pattern_explorer`        05        a sparse pattern's mask and density, the BFS hop
+                                                 distances of its graph (diameter), and its
+                                                 attended pairs against L next to dense attention's
 =====================================  ========  ===================================================
 
 In grading mode (``TRANSFORMER_LAB_GRADING=1``) the builders return a
@@ -63,6 +66,15 @@ from .core import (
     plot_history,
 )
 from .positions import BIAS_SCHEMES, TABLE_SCHEMES, position_explorer, position_pattern
+from .sparse import (
+    SPARSE_PATTERNS,
+    pattern_summary,
+    plot_pair_counts,
+    plot_pattern,
+    plot_patterns,
+    sparse_pattern,
+    sparse_pattern_explorer,
+)
 
 __all__ = [
     "plot_attention",
@@ -75,15 +87,22 @@ __all__ = [
     "norm_gradient_explorer",
     "position_explorer",
     "lora_rank_explorer",
+    "sparse_pattern_explorer",
     "row_entropy",
     "layer_grad_profile",
     "position_pattern",
     "low_rank_summary",
     "plot_spectra",
     "example_updates",
+    "sparse_pattern",
+    "pattern_summary",
+    "plot_pattern",
+    "plot_patterns",
+    "plot_pair_counts",
     "SCALES",
     "MASKS",
     "NORMS",
     "BIAS_SCHEMES",
     "TABLE_SCHEMES",
+    "SPARSE_PATTERNS",
 ]
