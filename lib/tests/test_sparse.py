@@ -484,6 +484,20 @@ def test_path_and_hops_agree():
     assert S.diameter(S.sliding_window(2, causal=True), 30, causal=False) == math.inf
 
 
+def test_a_cycle_of_layers_may_need_more_than_L_levels():
+    """With layers [nothing, chain] each step of the chain waits a whole cycle: dist[i, j] = 2 (i - j),
+    up to 2 (L - 1) > L levels. The default max_hops (L * number of layers) still finds them."""
+    L = 6
+    nothing = S.intersection(S.full(), lambda b, h, q_idx, kv_idx: q_idx < 0)  # attends to no key
+    chain = S.intersection(S.sliding_window(1, causal=True), lambda b, h, q_idx, kv_idx: q_idx != kv_idx)
+    i, j = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
+    expected = torch.where(j <= i, 2 * (i - j), -1)
+    assert torch.equal(S.hop_distances([nothing, chain], L), expected)
+    assert S.diameter([nothing, chain], L) == 2 * (L - 1)
+    assert S.path([nothing, chain], L, 0, L - 1) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
+    assert S.hop_distances([nothing, chain], L, max_hops=L)[L - 1, 0] == -1  # cut off when asked
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("w", [4, 8])
 def test_receptive_field_is_depth_times_window(causal, w):

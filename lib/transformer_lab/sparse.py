@@ -1166,10 +1166,12 @@ def hop_distances(layers: Layers, L: int, max_hops: Optional[int] = None) -> Ten
 
     Breadth-first search from every position at once: level t is ``R_t = (M_t | I) R_(t-1)``,
     and a pair first reached at level t is t hops apart. Stops when nothing new is reached
-    in a whole cycle of ``layers`` or after ``max_hops`` (default L) levels.
+    in a whole cycle of ``layers`` or after ``max_hops`` levels (default ``L * len(layers)``:
+    a shortest route takes at most L - 1 useful layers, and with a cycle of N layer patterns
+    each may have to wait up to N levels for the pattern it needs).
     """
     steps = _hop_matrices(layers, L)
-    max_hops = L if max_hops is None else _check_int("max_hops", max_hops, 0)
+    max_hops = L * len(steps) if max_hops is None else _check_int("max_hops", max_hops, 0)
     R = torch.eye(L)
     dist = torch.full((L, L), -1, dtype=torch.int64)
     dist.fill_diagonal_(0)
@@ -1231,14 +1233,15 @@ def path(layers: Layers, L: int, source: int, target: int,
 
     ``[source, k, target]`` means: layer 1 moves it from ``source`` to ``k`` (query k
     attends to key ``source``), layer 2 from ``k`` to ``target``. A repeated position is a
-    layer where it stays put (the residual stream). None if not reached within ``max_hops``.
+    layer where it stays put (the residual stream). None if not reached within ``max_hops``
+    (default ``L * len(layers)``, as in :func:`hop_distances`).
     """
     L = _check_int("L", L, 1)
     for name, p in (("source", source), ("target", target)):
         if _check_int(name, p, 0) >= L:
             raise ValueError(f"{name} must be a position in 0..{L - 1}; got {p}")
     masks = [dense_mask(m, L, L) | torch.eye(L, dtype=torch.bool) for m in _layer_list(layers)]
-    max_hops = L if max_hops is None else _check_int("max_hops", max_hops, 0)
+    max_hops = L * len(masks) if max_hops is None else _check_int("max_hops", max_hops, 0)
     seen = torch.zeros(L, dtype=torch.bool)
     seen[source] = True
     parents = []  # parents[t][i]: where the information came from at layer t + 1
