@@ -419,6 +419,10 @@ def test_sparse_static_plots():
     ax = viz.plot_pair_counts([64, 128], {"a": [10, 20], "b": [100, 400]})
     assert [ln.get_label() for ln in ax.get_lines()] == ["a", "b", "slope 1 (linear)"]
     assert ax.get_lines()[2].get_ydata().tolist() == [10, 20]
+    ax = viz.plot_pair_counts([64, 128], {"a": [10, 20], "b": [100, 400]}, guide="b")
+    assert ax.get_lines()[2].get_ydata().tolist() == [100, 200]  # slope 1 through b's first point
+    with pytest.raises(ValueError, match="guide must be one of the curves"):
+        viz.plot_pair_counts([64], {"a": [1]}, guide="c")
     with pytest.raises(ValueError, match="non-empty dict"):
         viz.plot_patterns({})
     with pytest.raises(ValueError, match="length must be between 16"):

@@ -135,6 +135,10 @@ def plot_pattern(mask, ax=None, title: str | None = None, color: str = "tab:blue
     # antialiased: when L is larger than the pixels, a one-token row (a global token) still shows
     ax.imshow(m.astype(float), cmap=ListedColormap(["white", color]), vmin=0, vmax=1,
               interpolation="nearest" if max(m.shape) <= 128 else "antialiased")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # positions are whole numbers
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     pad = 0.5 + max(m.shape) / 80  # a margin, so that row 0 (often a global token) is not under the frame
     ax.set_xlim(-pad, m.shape[1] - 1 + pad)
     ax.set_ylim(m.shape[0] - 1 + pad, -pad)
@@ -166,11 +170,11 @@ def plot_patterns(masks: dict, ncols: int = 4, size: float = 2.8, suptitle: str 
     return fig
 
 
-def plot_pair_counts(lengths, counts: dict, ax=None, title: str | None = None):
+def plot_pair_counts(lengths, counts: dict, ax=None, title: str | None = None, guide: str | None = None):
     """Attended pairs against L on log-log axes, ``counts = {label: [pairs at each length]}``.
 
-    A dotted grey line of slope 1 through the first point of the first curve is drawn for
-    reference: a pattern whose cost grows linearly runs parallel to it.
+    A dotted grey line of slope 1 through the first point of the curve ``guide`` (default: the
+    first) is drawn for reference: a pattern whose cost grows linearly runs parallel to it.
     """
     import matplotlib.pyplot as plt
 
@@ -179,7 +183,9 @@ def plot_pair_counts(lengths, counts: dict, ax=None, title: str | None = None):
     x = np.asarray(lengths, dtype=float)
     for label, ys in counts.items():
         ax.plot(x, np.asarray(ys, dtype=float), marker="o", ms=3, label=label)
-    first = np.asarray(next(iter(counts.values())), dtype=float)
+    if guide is not None and guide not in counts:
+        raise ValueError(f"guide must be one of the curves {list(counts)}; got {guide!r}")
+    first = np.asarray(counts[guide] if guide is not None else next(iter(counts.values())), dtype=float)
     ax.plot(x, first[0] * x / x[0], ls=":", color="gray", lw=1, label="slope 1 (linear)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
