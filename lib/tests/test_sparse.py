@@ -640,3 +640,17 @@ def test_sdpa_with_the_same_boolean_mask_is_the_benchmark_baseline():
     base = F.scaled_dot_product_attention(q, k, v, attn_mask=S.dense_mask(mod, L))
     torch.testing.assert_close(S.sparse_attention(q, k, v, mod, block_size=32), base,
                                atol=2e-6, rtol=1e-5)
+
+
+def test_lecture_reads_the_recorded_flex_benchmark():
+    """Lecture 05 plots the FlexAttention benchmark from a copy beside its notebook (the notebook runs
+    from its own folder in course/, the book and the grader): it must be the recorded one."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    recorded = repo / "benchmarks" / "results" / "attention_flex.json"
+    for copy in (repo / "solutions" / "05_sparse_attention" / "attention_flex.json",
+                 repo / "course" / "05_sparse_attention" / "attention_flex.json"):
+        if copy.parent.is_dir():
+            assert copy.read_bytes() == recorded.read_bytes(), (
+                f"{copy} differs from {recorded}: copy the new benchmark result there (and release)")
