@@ -129,9 +129,10 @@ def lora_rank_explorer(updates: dict | None = None, rank: int = 4, max_rank: int
 
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1, 1, 1.3]})
         lim = float(s["delta"].abs().max()) or 1.0
-        for ax, m, title in ((axes[0], s["delta"], "ΔW"), (axes[1], s["approx"], f"best rank-{s['rank']} ΔW")):
+        for ax, m, title in ((axes[0], s["delta"], f"{s['name']}: ΔW"),
+                             (axes[1], s["approx"], f"its best rank-{s['rank']} approximation")):
             im = ax.imshow(m.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-            ax.set_title(title)
+            ax.set_title(title, fontsize=9)
             ax.set_xlabel("input feature")
         axes[0].set_ylabel("output feature")
         fig.colorbar(im, ax=axes[:2].tolist(), shrink=0.8)
@@ -142,7 +143,6 @@ def lora_rank_explorer(updates: dict | None = None, rank: int = 4, max_rank: int
         axes[2].set_ylabel("s_i")
         axes[2].set_title(f"kept {100 * s['energy']:.0f}% of ||ΔW||², LoRA {s['lora_params']:,} "
                           f"vs full {s['full_params']:,} params", fontsize=9)
-        fig.suptitle(s["name"], fontsize=10)
         return fig
 
     return Explorer(controls, compute, draw, title="How much of an update fits in rank r?")
