@@ -41,10 +41,10 @@ LoRA on a frozen linear layer W (d_out, d_in), rank r (Hu et al. eq. 3)::
     h = x W^T + (alpha / r) (x A^T) B^T,    A (r, d_in) random,  B (d_out, r) = 0 at init
     merged:  W' = W + (alpha / r) B A       (the same outputs, no extra cost at inference)
 
-Prompt tuning (Lester et al.): n learned vectors P (n, d_model) in front of the embedded
-input, ``[P; E(x)]``; the frozen model runs on n + L positions. Prefix tuning (Li & Liang):
+Prompt tuning (Lester et al.): L_p learned vectors E_p (L_p, d_model) in front of the embedded
+input, ``[E_p; E(x)]``; the frozen model runs on L_p + L positions. Prefix tuning (Li & Liang):
 in every layer l, learned keys and values in front of the real ones,
-``K'_l = [P_K^l; X_l W^K]``, ``V'_l = [P_V^l; X_l W^V]`` (see
+``K'_l = [K_p^(l); X_l W^K]``, ``V'_l = [V_p^(l); X_l W^V]`` (see
 ``attention.prepend_kv_prefix``); every query sees the prefix.
 
 PET (Schick & Schütze): a pattern turns the input x into a cloze text with one blank, a
@@ -52,12 +52,12 @@ verbaliser maps each label y to a word v(y); the language model's score of the t
 blank filled by v(y) is the label's score, and ``softmax`` over the labels gives q(y | x).
 With a left-to-right LM the score is the log-probability of the filled-in text.
 
-Parameter counts (d = d_model, N layers, m bottleneck, r rank, n prompt/prefix length)::
+Parameter counts (d = d_model, N layers, m bottleneck, r rank, L_p prompt/prefix length)::
 
     one adapter              2 d m + m + d
     one LoRA on Linear(d_in -> d_out)    r (d_in + d_out)
-    prompt tuning            n d
-    prefix tuning            2 N n d          (keys and values in each of N layers)
+    prompt tuning            L_p d
+    prefix tuning            2 N L_p d        (keys and values in each of N layers)
 
 Shapes: between blocks ``(B, L, d_model)``; inside attention ``(B, H, L, D)``.
 
@@ -71,9 +71,9 @@ Glossary (variable -> paper symbol)
 ``A``, ``B``           LoRA's factors: A (r, d_in) ~ Kaiming-uniform, B (d_out, r) = 0
 ``targets``            names of the ``nn.Linear`` modules LoRA adapts (``qkv`` = [W^Q; W^K;
                        W^V], ``out`` = W^O, ``w1``/``w2`` the FFN, ``head``)
-``n_prompt``           n, the number of soft prompt vectors (Lester: prompt length)
-``n_prefix``           P, the prefix length (Li & Liang: |P_idx|)
-``prefix_k/prefix_v``  P_K^l, P_V^l: (N, P, d_model) learned keys and values, one per layer
+``n_prompt``           L_p, the number of soft prompt vectors (Lester: prompt length)
+``n_prefix``           L_p (P in shapes), the prefix length (Li & Liang: |P_idx|)
+``prefix_k/prefix_v``  K_p^(l), V_p^(l): (N, P, d_model) learned keys and values, one per layer
 ``pattern``            PET's P(x): a text with ``{x}`` for the input and ``{mask}`` for the blank
 ``verbalizer``         PET's v: label -> word
 =====================  ===================================================================
@@ -643,7 +643,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
 
     q (B, H, Lq, D); k, v (B, H, Lk, D); prefix_k, prefix_v (H, P, D) (shared by the batch) or
     (B, H, P, D); mask: boolean (True = attend) or additive, broadcastable to (B, H, Lq, Lk),
-    for the real keys only. Returns ``softmax([q P_K^T, q K^T] / sqrt(D) + M') [P_V; V]``:
+    for the real keys only. Returns ``softmax(q [K_p; K]^T / sqrt(D) + M') [V_p; V]``:
     (B, H, Lq, D). A query whose real keys are all masked still attends to the prefix.
     """
     k2, v2, mask2, _ = prepend_kv_prefix(k, v, prefix_k, prefix_v, mask)

@@ -58,7 +58,7 @@ Key/value prefixes (prefix tuning)
 values in front of the ones projected from the input (Li & Liang 2021, "Prefix-Tuning",
 arXiv:2101.00190)::
 
-    K' = [P_K; X W^K],   V' = [P_V; X W^V]        (P + Lk rows)
+    K' = [K_p; X W^K],   V' = [V_p; X W^V]        (P + Lk rows; lecture 04 writes P as L_p)
 
 Every query may attend to every prefix position: :func:`prepend_kv_prefix` widens the
 mask with ``True`` (bool) or ``0`` (additive) columns and a position bias with zeros,
@@ -381,8 +381,8 @@ def prepend_kv_prefix(
         raise ValueError(f"a prefix needs at least one position (P >= 1); got P = {n_prefix}")
     pk = prefix_k.to(k.dtype).expand(B, H, n_prefix, k.shape[3])  # (B, H, P, D)
     pv = prefix_v.to(v.dtype).expand(B, H, n_prefix, v.shape[3])  # (B, H, P, Dv)
-    k = torch.cat([pk, k], dim=2)  # K' = [P_K; K]: (B, H, P + Lk, D)
-    v = torch.cat([pv, v], dim=2)  # V' = [P_V; V]: (B, H, P + Lk, Dv)
+    k = torch.cat([pk, k], dim=2)  # K' = [K_p; K]: (B, H, P + Lk, D)
+    v = torch.cat([pv, v], dim=2)  # V' = [V_p; V]: (B, H, P + Lk, Dv)
     if mask is not None:
         if not isinstance(mask, Tensor):
             raise TypeError(f"mask must be a torch.Tensor; got {type(mask).__name__}")
