@@ -68,7 +68,7 @@ Glossary (variable -> paper symbol)
 ``down``, ``up``       W_down (d -> m) and W_up (m -> d) of an adapter
 ``scale``              s, the parallel adapter's scaling (He et al.)
 ``r``, ``alpha``       LoRA's rank r and alpha; the update is scaled by alpha / r
-``A``, ``B``           LoRA's factors: A (r, d_in) ~ Kaiming-uniform, B (d_out, r) = 0
+``A``, ``B``           LoRA's factors: A (r, d_in) random, B (d_out, r) = 0 (see LoRALinear)
 ``targets``            names of the ``nn.Linear`` modules LoRA adapts (``qkv`` = [W^Q; W^K;
                        W^V], ``out`` = W^O, ``w1``/``w2`` the FFN, ``head``)
 ``n_prompt``           L_p, the number of soft prompt vectors (Lester: prompt length)
@@ -350,10 +350,11 @@ class LoRALinear(nn.Module):
             changing r does not change the size of the update's effect at the same learning rate.
         dropout: dropout on the input of the low-rank path (training mode only).
 
-    ``A`` (r, d_in) starts Kaiming-uniform and ``B`` (d_out, r) at zero (Hu et al. section
-    4.1; the same as ``peft``), so the layer starts as ``base``. ``merge()`` folds the update
-    into the weight, ``W <- W + (alpha/r) B A``: the same outputs, no extra cost at inference;
-    ``unmerge()`` takes it out again. ``delta_weight()`` is ``(alpha/r) B A`` (d_out, d_in).
+    ``B`` (d_out, r) starts at zero (Hu et al. section 4.1), so the layer starts as ``base``;
+    ``A`` (r, d_in) starts random: the paper draws it from a Gaussian, the authors' code
+    (loralib) and ``peft`` use ``nn.Linear``'s Kaiming-uniform, and so does this class.
+    ``merge()`` folds the update into the weight, ``W <- W + (alpha/r) B A``: the same outputs,
+    no extra cost at inference; ``unmerge()`` takes it out again. ``delta_weight()`` is ``(alpha/r) B A`` (d_out, d_in).
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: Optional[float] = None, dropout: float = 0.0):
@@ -531,7 +532,7 @@ class _Frozen(nn.Module):
         return m.positions.embed(x), padding_mask, lead
 
     def _finish(self, h: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
-        """Final norm and head: LM logits (B, L, V), or pooled classifier logits (B, C)."""
+        """Final norm and head: LM logits (B, L, vocab_size), or pooled classifier logits (B, C)."""
         m = self.model
         h = m.norm(h)
         if self.is_lm:
@@ -545,7 +546,7 @@ class PromptTuning(_Frozen):
     The wrapped model is frozen; the only trainable parameter is ``prompt`` (n, d_model). The
     frozen model runs on ``[prompt; E(x)]`` (for a classifier: ``[CLS; prompt; E(x)]``), and the
     prompt's own outputs are dropped, so ``forward`` returns what the model returns: logits
-    (B, L, V) for a ``TransformerLM``, (B, C) for a ``TransformerClassifier``. Absolute
+    (B, L, vocab_size) for a ``TransformerLM``, (B, C) for a ``TransformerClassifier``. Absolute
     position vectors are added to the input tokens before the prompt goes in front, so the input
     keeps the positions it had in pretraining; score-level schemes (RoPE, ALiBi, ...) see
     ``n + L`` positions. Every real token can attend to the prompt (in a causal model the prompt
@@ -657,7 +658,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
 def sequence_log_prob(logits: Tensor, ids: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Log-probability a causal LM gives each sequence: ``sum_t log p(ids[t] | ids[:t])``, t >= 1.
 
-    logits (B, L, V): the LM's output on ids (B, L); position t's logits predict token t + 1.
+    logits (B, L, vocab_size): the LM's output on ids (B, L); position t's logits predict token t + 1.
     mask (B, L) boolean, True on real tokens (right padding is False); None: all real.
     Returns (B,) in the logits' dtype. The first token is the given context (not scored).
     """

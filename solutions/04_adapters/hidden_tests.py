@@ -32,7 +32,8 @@ def adapter_reference(h, w_down, b_down, w_up, b_up):
 
 
 def adapter_cases(rng):
-    for lead, d, m, dtype in [((3, 5), 8, 4, torch.float64), ((2, 2, 3), 6, 6, torch.float64),
+    # the square case first: a forgotten .T gives wrong numbers there, not a shape error, so its hint shows
+    for lead, d, m, dtype in [((2, 2, 3), 6, 6, torch.float64), ((3, 5), 8, 4, torch.float64),
                               ((7,), 16, 2, torch.float32), ((4, 9), 5, 1, torch.float32)]:
         h = torch.randn(*lead, d, generator=rng, dtype=dtype) * 2
         w_down = torch.randn(m, d, generator=rng, dtype=dtype)
@@ -65,6 +66,18 @@ def _ad_gelu(h, w_down, b_down, w_up, b_up):
 
 def _ad_no_transpose(h, w_down, b_down, w_up, b_up):
     return h + F.relu(h @ w_down + b_down) @ w_up + b_up
+
+
+def _ad_no_b_up(h, w_down, b_down, w_up, b_up):
+    return h + F.relu(h @ w_down.T + b_down) @ w_up.T
+
+
+def _ad_relu_on_sum(h, w_down, b_down, w_up, b_up):
+    return F.relu(h + F.relu(h @ w_down.T + b_down) @ w_up.T + b_up)
+
+
+def _ad_relu_moved_to_sum(h, w_down, b_down, w_up, b_up):
+    return F.relu(h + (h @ w_down.T + b_down) @ w_up.T + b_up)
 
 
 # --------------------------------------------------------------------------- ex2: lora_linear
@@ -127,6 +140,10 @@ def _lora_no_bias(x, weight, bias, A, B, alpha):
     return x @ weight.T + (alpha / A.shape[0]) * (x @ A.T) @ B.T
 
 
+def _lora_floor_division(x, weight, bias, A, B, alpha):
+    return F.linear(x, weight, bias) + (alpha // A.shape[0]) * (x @ A.T) @ B.T
+
+
 # --------------------------------------------------------------------------- ex3: sequence_log_prob
 
 
@@ -182,6 +199,11 @@ def _seq_mask_ignored(logits, ids, mask=None):
     return _picked(logits, ids).sum(-1)
 
 
+def _seq_mask_off_by_one(logits, ids, mask=None):
+    picked = _picked(logits, ids)
+    return (picked if mask is None else picked * mask[:, :-1]).sum(-1)
+
+
 def _seq_log_of_softmax(logits, ids, mask=None):
     p = torch.softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     picked = torch.log(p)                                  # -inf where the softmax underflows to 0
@@ -233,6 +255,16 @@ def _prefix_scale_by_keys(q, k, v, prefix_k, prefix_v, mask=None):
     return A.scaled_dot_product_attention(q, k2, v2, mask=m2, scale=1.0 / math.sqrt(k2.shape[2]))
 
 
+def _prefix_scale_by_width(q, k, v, prefix_k, prefix_v, mask=None):
+    k2, v2, m2, _ = A.prepend_kv_prefix(k, v, prefix_k, prefix_v, mask)
+    width = q.shape[1] * q.shape[-1]                        # H * D = d_model
+    return A.scaled_dot_product_attention(q, k2, v2, mask=m2, scale=1.0 / math.sqrt(width))
+
+
+def _prefix_mask_inverted(q, k, v, prefix_k, prefix_v, mask=None):
+    return AD.prefix_attention(q, k, v, prefix_k, prefix_v, None if mask is None else ~mask)
+
+
 TESTS = [
     HiddenTest(
         cell="ex1_bottleneck_adapter_test",
@@ -240,6 +272,7 @@ TESTS = [
         cases=adapter_cases,
         reference=adapter_reference,
         blocked=[AD.BottleneckAdapter, AD.SerialAdapter, AD.ParallelAdapter],
+        unchanged=True,
         mistakes={
             "the residual is missing: the adapter returns h + its branch, not the branch alone (the popular "
             "demo's adapter)":
@@ -252,6 +285,14 @@ TESTS = [
                 _ad_gelu,
             "forgot the .T: the weights are in nn.Linear's (out, in) layout, so h W_down^T is h @ w_down.T":
                 _ad_no_transpose,
+            "b_up is missing: the up-projection has a bias too, ... @ w_up.T + b_up":
+                _ad_no_b_up,
+            "an extra ReLU on the whole sum: the only nonlinearity is between the projections; the residual h is "
+            "added as it is":
+                _ad_relu_on_sum,
+            "the ReLU is on the whole sum instead of between the projections: relu(h W_down^T + b_down), then "
+            "W_up; the residual h is added as it is":
+                _ad_relu_moved_to_sum,
         },
         hint="h + relu(h @ w_down.T + b_down) @ w_up.T + b_up over the last axis, in the dtype of h",
     ),
@@ -274,8 +315,11 @@ TESTS = [
                 _lora_r_over_alpha,
             "the bias of the frozen layer is missing: x W^T + b + ... (and no b when bias is None)":
                 _lora_no_bias,
+            "alpha // r rounds the scale down: alpha / r is a true division":
+                _lora_floor_division,
         },
-        hint="x @ weight.T + bias + (alpha / r) * (x @ A.T) @ B.T with r = A.shape[0]; bias may be None",
+        hint="x @ weight.T + bias + (alpha / r) * (x @ A.T) @ B.T with r = A.shape[0]; bias may be None; "
+             "keep the dtype of x",
     ),
     HiddenTest(
         cell="ex3_sequence_log_prob_test",
@@ -294,11 +338,14 @@ TESTS = [
                 _seq_probabilities,
             "the mask is ignored: padded tokens (mask False) must contribute nothing":
                 _seq_mask_ignored,
+            "the mask is off by one: token t counts where mask[:, t] is True, so the scored tokens 1..L-1 "
+            "take mask[:, 1:], not mask[:, :-1]":
+                _seq_mask_off_by_one,
             "log(softmax(...)) underflows to -inf for large logits: use torch.log_softmax":
                 _seq_log_of_softmax,
         },
-        hint="sum over t >= 1 of log_softmax(logits[:, t - 1])[ids[:, t]], skipping padded tokens; "
-             "a row with one real token scores 0",
+        hint="sum over t >= 1 of log_softmax(logits[:, t - 1])[ids[:, t]] (log_softmax over the last axis), "
+             "skipping padded tokens; a row with one real token scores 0; keep the dtype of logits",
     ),
     HiddenTest(
         cell="ex4_prefix_attention_test",
@@ -318,8 +365,12 @@ TESTS = [
                 _prefix_swapped,
             "the scale is 1/sqrt(D) with D the head dimension, not the number of keys":
                 _prefix_scale_by_keys,
+            "the scale is 1/sqrt(D) with D = q.shape[-1], the head dimension, not the model width H * D":
+                _prefix_scale_by_width,
+            "the mask is inverted: True means may attend, so hide the real keys where mask is False":
+                _prefix_mask_inverted,
         },
-        hint="softmax(q [P_K; K]^T / sqrt(D) with masked real keys at -inf) [P_V; V]; the prefix's columns "
-             "are never masked, so a query with no visible real key reads the prefix alone",
+        hint="softmax(q [K_p; K]^T / sqrt(D) with masked real keys at -inf) [V_p; V]; the prefix's columns "
+             "are never masked, so a query with no visible real key reads the prefix alone; keep the dtype of q",
     ),
 ]
