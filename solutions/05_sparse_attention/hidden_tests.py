@@ -112,6 +112,10 @@ def _dense_keys_are_queries(mask_mod, Lq, Lk=None, B=None, H=None):
     return S.dense_mask(mask_mod, Lq, Lq, B=B, H=H)
 
 
+def _dense_float(mask_mod, Lq, Lk=None, B=None, H=None):
+    return S.dense_mask(mask_mod, Lq, Lk, B=B, H=H).float()
+
+
 def _dense_always_4d(mask_mod, Lq, Lk=None, B=None, H=None):
     b, h, i, j, shape = _grids(Lq, Lk, B, H)
     return torch.broadcast_to(mask_mod(b, h, i, j), shape)
@@ -138,7 +142,17 @@ def drive_mask_mod(fn, args, L, H=None):
     h = torch.arange(nh).view(1, nh, 1, 1)
     q = torch.arange(L).view(1, 1, L, 1)
     kv = torch.arange(L).view(1, 1, 1, L)
-    m = mask_mod(b, h, q, kv)
+    try:
+        m = mask_mod(b, h, q, kv)
+    except NotImplementedError:
+        raise
+    except RuntimeError as err:
+        if "Boolean value of Tensor" not in str(err):
+            raise
+        raise TypeError("the mask_mod branches on an index tensor (a Python if, and, or on q_idx or kv_idx): on "
+                        "a grid of index tensors that has no single truth value. Combine tensor comparisons with "
+                        "&, | and ~ instead (a Python if on the factory's own arguments, such as causal, is fine)"
+                        ) from None
     if not isinstance(m, torch.Tensor):
         raise TypeError(f"the mask_mod returned a {type(m).__name__}, not a tensor: build it from tensor "
                         "comparisons (q_idx - kv_idx <= w) combined with & and |, not Python if/and/or")
@@ -210,6 +224,8 @@ _WINDOW_MISTAKES = {
         lambda d, w, c: _correct_window(d, w, c) if c else d.abs() < w // 2,
     "causal=False was ignored: a bidirectional window reads both sides, |i - j| <= w/2":
         lambda d, w, c: (d >= 0) & (d <= w),
+    "a mask_mod returns a bool tensor: comparisons combined with & and |, without .int() or .float()":
+        lambda d, w, c: _correct_window(d, w, c).int(),
 }
 
 
@@ -277,6 +293,8 @@ def _band(off, reach, c):
 _LONGFORMER_MISTAKES = {
     "every query reads the global tokens too (global attention is symmetric): ... | (kv_idx < n_global)":
         {"global_rule": lambda q, kv, g: q < g},
+    "the global tokens are positions 0 .. n_global - 1: q_idx < n_global and kv_idx < n_global, not <=":
+        {"global_rule": lambda q, kv, g: (q <= g) | (kv <= g)},
     "a global token also reads every key (global attention is symmetric): ... | (q_idx < n_global)":
         {"global_rule": lambda q, kv, g: kv < g},
     "dilate the offset, not the position: (q_idx - kv_idx) % dilation == 0, not kv_idx % dilation == 0":
@@ -344,11 +362,13 @@ def hop_distances_cases(rng):
     yield Case("one token, L = 1", torch.ones(1, 1, dtype=torch.bool), show={"masks": [[True]]})
 
 
-def _bfs(masks, max_hops=None, residual=True, right=False, patience=None, unreached=-1, ignore_max=False):
+def _bfs(masks, max_hops=None, residual=True, right=False, patience=None, unreached=-1, ignore_max=False,
+         overwrite=False, default_hops=None, first_layer=0):
     """The BFS with one step changed (the mistakes below)."""
     layers = masks if masks.dim() == 3 else masks[None]
     N, L = layers.shape[0], layers.shape[-1]
-    max_hops = L * N if max_hops is None or ignore_max else max_hops
+    default = L * N if default_hops is None else default_hops(L, N)
+    max_hops = default if max_hops is None or ignore_max else max_hops
     eye = torch.eye(L, dtype=torch.bool)
     steps = (layers | eye).float() if residual else layers.float()
     seen = eye.float()
@@ -356,10 +376,15 @@ def _bfs(masks, max_hops=None, residual=True, right=False, patience=None, unreac
     dist[eye] = 0
     quiet = 0
     for t in range(1, max_hops + 1):
-        step = steps[(t - 1) % N]
+        step = steps[(t - 1 + first_layer) % N]
+        before = seen
         seen = ((seen @ step if right else step @ seen) > 0).float()
         fresh = (seen > 0) & (dist < 0)
-        dist[fresh] = t
+        if overwrite:                                   # no visited set: every pair seen gets the latest level
+            fresh = (seen > 0) & (before == 0)
+            dist[seen > 0] = t
+        else:
+            dist[fresh] = t
         quiet = 0 if fresh.any() else quiet + 1
         if quiet >= (patience or N):
             break
@@ -383,6 +408,14 @@ _HOP_MISTAKES = {
         lambda masks, max_hops=None: _bfs(masks, max_hops, patience=1),
     "run at most max_hops levels: what is not reached by then stays -1":
         lambda masks, max_hops=None: _bfs(masks, max_hops, ignore_max=True),
+    "keep the FIRST level at which a pair is reached: write dist only where it is still -1 (dist < 0), and the "
+    "diagonal stays 0; you overwrote it at later levels":
+        lambda masks, max_hops=None: _bfs(masks, max_hops, overwrite=True),
+    "max_hops defaults to L * N, not L: with a cycle of N layer patterns each hop may wait up to N levels for "
+    "the pattern it needs":
+        lambda masks, max_hops=None: _bfs(masks, max_hops, default_hops=lambda L, N: L),
+    "layer t = 1, 2, 3, ... uses masks[(t - 1) % N]: the first layer is masks[0]":
+        lambda masks, max_hops=None: _bfs(masks, max_hops, first_layer=1),
     "return int64 distances: torch.full((L, L), -1, dtype=torch.int64)":
         lambda masks, max_hops=None: _bfs(masks, max_hops).float(),
 }
@@ -413,6 +446,8 @@ TESTS = [
                 _wrong_dense(_dense_head_zero),
             "b must hold the batch indices, torch.arange(B) shaped (B, 1, 1, 1): every sequence has its own mask":
                 _wrong_dense(_dense_batch_zero),
+            "return the mask_mod's boolean values as they are (dtype torch.bool): no .float() or .int()":
+                _wrong_dense(_dense_float),
         },
         hint="evaluate mask_mod once on int64 index grids b (B, 1, 1, 1), h (1, H, 1, 1), q_idx (1, 1, Lq, 1), "
              "kv_idx (1, 1, 1, Lk), broadcast to (B, H, Lq, Lk) and return [0, 0] when B and H are None",

@@ -52,8 +52,9 @@ def sparse_pattern(name: str, L: int, window: int = 8, stride: int = 8, dilation
     ``window``: w of the sliding window (keys back if causal, w/2 on each side otherwise;
     rounded up to an even number when bidirectional), Longformer's window, ETC's local
     window, the Image Transformer's memory l_m; ``stride``: the Sparse Transformer's l;
-    ``dilation``: Longformer's d; ``n_global``: global tokens (Longformer, ETC) or global
-    blocks (BigBird); ``random_blocks``: BigBird's r; ``block``: BigBird's block size and
+    ``dilation``: Longformer's dilation (the lecture's δ, the paper's d); ``n_global``: global
+    tokens (Longformer, ETC) or global blocks (BigBird); ``random_blocks``: BigBird's random
+    blocks per query block; ``block``: BigBird's block size and
     the Image Transformer's query block l_q; ``seed``: BigBird's random draw. Knobs that
     would not fit L are clipped so every setting draws something.
     """
@@ -248,7 +249,7 @@ def sparse_pattern_explorer(pattern: str = "longformer", length: int = 64, windo
                                     **slider),
         "window": widgets.IntSlider(value=window, min=1, max=64, description="window w", **slider),
         "stride": widgets.IntSlider(value=stride, min=2, max=32, description="stride l", **slider),
-        "dilation": widgets.IntSlider(value=dilation, min=1, max=8, description="dilation d", **slider),
+        "dilation": widgets.IntSlider(value=dilation, min=1, max=8, description="dilation δ", **slider),
         "n_global": widgets.IntSlider(value=n_global, min=0, max=8, description="global", **slider),
         "random_blocks": widgets.IntSlider(value=random_blocks, min=0, max=6, description="random blocks",
                                            **slider),
