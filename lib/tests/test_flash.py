@@ -411,3 +411,31 @@ def test_bad_inputs_named():
     out, lse = FL.flash_attention_forward(q, k, v)
     with pytest.raises(ValueError, match=r"dout must have shape \(1, 2, 4, 3\)"):
         FL.flash_attention_backward(q, k, v, out, lse, out[..., :2])
+
+
+def test_backward_tile_terms_sum_to_the_gradients():
+    q, k, v = _qkv(2, 1, 9, 10, 4, 3, seed=20, grad=True)
+    dout = torch.randn(2, 1, 9, 3, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    out, lse = FL.flash_attention_forward(q, k, v, 4, 5)
+    delta = (dout * out).sum(-1)  # D_i = rowsum(dO * O)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for i0 in range(0, 9, 4):
+        for j0 in range(0, 10, 5):
+            i, j = slice(i0, i0 + 4), slice(j0, j0 + 5)
+            a, b, c = FL.backward_tile(q[:, :, i].detach(), k[:, :, j].detach(), v[:, :, j].detach(),
+                                       dout[:, :, i], lse[:, :, i], delta[:, :, i])
+            dq[:, :, i] += a
+            dk[:, :, j] += b
+            dv[:, :, j] += c
+    want = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), dout)
+    for a, b in zip((dq, dk, dv), want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_largest_allocation_sees_the_score_matrix():
+    q, k, v = _qkv(1, 2, 40, 48, 4, dtype=torch.float32)
+    _, dense, shape = FL.largest_allocation(lambda: A.scaled_dot_product_attention(q, k, v))
+    assert dense == 2 * 40 * 48 and math.prod(shape) == dense  # the (Lq, Lk) scores of 2 heads
+    out, tiled, _ = FL.largest_allocation(lambda: FL.flash_attention_forward(q, k, v, 8, 8))
+    assert tiled <= 2 * 48 * 4  # the inputs' size: one tile is 2 x 8 x 8
+    assert FL.largest_allocation(lambda: q.expand(3, 2, 40, 4))[1] == 0  # a view makes nothing

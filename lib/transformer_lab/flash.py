@@ -217,6 +217,7 @@ __all__ = [
     "flash_attention_forward",
     "flash_attention_forward_fa1",
     "flash_attention_backward",
+    "backward_tile",
     "FlashAttention",
     "flash_attention",
     # the common mistake
@@ -227,6 +228,7 @@ __all__ = [
     "flash_flops",
     "memory_traffic",
     "peak_memory",
+    "largest_allocation",
 ]
 
 #: Default tile sizes: measured fastest on a 2-core CPU at L = 1024-8192 (B=1, H=8, D=64).
@@ -775,6 +777,35 @@ def _backward(q, k, v, out, lse, dout, block_q, block_k, causal, scale, mask, dt
     return dq, dk, dv
 
 
+def backward_tile(q_i: Tensor, k_j: Tensor, v_j: Tensor, dout_i: Tensor, lse_i: Tensor,
+                  delta_i: Tensor, scale: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """The gradient contributions of one (query block i, key block j) tile, recomputed from lse.
+
+    The body of :func:`flash_attention_backward`'s inner loop, readable and without a mask::
+
+        P_ij  = exp(scale Q_i K_j^T - L_i)      the forward's weights, recomputed
+        dV_j += P_ij^T dO_i
+        dP_ij = dO_i V_j^T
+        dS_ij = P_ij * (dP_ij - D_i)            D_i = rowsum(dO_i * O_i), computed once
+        dQ_i += scale dS_ij K_j
+        dK_j += scale dS_ij^T Q_i
+
+    Args:
+        q_i: (..., n, D). k_j: (..., nk, D). v_j: (..., nk, Dv). dout_i: (..., n, Dv).
+        lse_i, delta_i: (..., n), the forward's log-sum-exp and rowsum(dO_i * O_i).
+        scale: default 1/sqrt(D).
+
+    Returns ``(dq_i (..., n, D), dk_j (..., nk, D), dv_j (..., nk, Dv))``: this tile's terms
+    of the sums; the gradients are their sums over the other index.
+    """
+    scale = 1.0 / math.sqrt(q_i.shape[-1]) if scale is None else float(scale)
+    p = torch.exp(scale * q_i @ k_j.transpose(-2, -1) - lse_i[..., None])  # P_ij: (..., n, nk)
+    dv = p.transpose(-2, -1) @ dout_i  # P_ij^T dO_i: (..., nk, Dv)
+    dp = dout_i @ v_j.transpose(-2, -1)  # dP_ij = dO_i V_j^T: (..., n, nk)
+    ds = p * (dp - delta_i[..., None])  # dS_ij = P_ij * (dP_ij - D_i)
+    return scale * ds @ k_j, scale * ds.transpose(-2, -1) @ q_i, dv  # dQ_i, dK_j, dV_j terms
+
+
 class FlashAttention(torch.autograd.Function):
     """Exact attention with FlashAttention's forward and recomputing backward.
 
@@ -996,6 +1027,37 @@ class _LiveTensorBytes(TorchDispatchMode):
             self.current += size
         self.peak = max(self.peak, self.current)
         return result
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor storage (in elements) created by the operations run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+        self.shape = ()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(t, Tensor)}
+        for t in torch.utils._pytree.tree_leaves(result):
+            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in seen:
+                n = t.untyped_storage().nbytes() // max(t.element_size(), 1)  # a view counts its storage
+                if n > self.elements:
+                    self.elements, self.shape = n, tuple(t.shape)
+        return result
+
+
+def largest_allocation(fn: Callable[[], object]) -> Tuple[object, int, tuple]:
+    """Run ``fn()``; return ``(its result, the elements of the largest tensor it created, that
+    tensor's shape)``. Views and in-place results create nothing. A tiled attention never
+    creates an (Lq, Lk) tensor; dense attention does (the scores and the weights)."""
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable taking no arguments; got {type(fn).__name__}")
+    with _LargestTensor() as mode:
+        result = fn()
+    return result, int(mode.elements), mode.shape
 
 
 def _rss_status() -> dict:
