@@ -841,13 +841,13 @@ def _chunked_causal_plain(fq: Tensor, fk: Tensor, v: Tensor, C: int):
     fq = fq.reshape(G * N, C, m)
     fk = fk.reshape(G * N, C, m)
     v = v.reshape(G * N, C, Dv)
-    scores = torch.bmm(fq, fk.transpose(1, 2)).tril()  # phi(q_i) . phi(k_j), j <= i: (GN, C, C)
+    scores = torch.bmm(fq, fk.transpose(1, 2)).tril_()  # phi(q_i) . phi(k_j), j <= i: (GN, C, C)
     den = scores.sum(-1)  # inside the chunk: (GN, C)
     T = torch.bmm(fk.transpose(1, 2), v).reshape(G, N, m, Dv)  # each chunk's phi(K_n)^T V_n
-    z = fk.sum(1).reshape(G, N, m)  # each chunk's sum of phi(k_j)
-    S_before = torch.cat([torch.zeros_like(T[:, :1]), torch.cumsum(T[:, :-1], dim=1)], dim=1)
-    z_before = torch.cat([torch.zeros_like(z[:, :1]), torch.cumsum(z[:, :-1], dim=1)], dim=1)
-    num = torch.baddbmm(torch.bmm(fq, S_before.reshape(G * N, m, Dv)), scores, v)  # (GN, C, Dv)
+    z = fk.reshape(G, N, C, m).sum(2)  # each chunk's sum of phi(k_j): (G, N, m)
+    S_before = torch.cumsum(T, dim=1) - T  # exclusive prefix sum: the chunks before n
+    z_before = torch.cumsum(z, dim=1) - z
+    num = torch.bmm(scores, v).baddbmm_(fq, S_before.reshape(G * N, m, Dv))  # + phi(Q_n) S_{<n}
     den = den + torch.bmm(fq, z_before.reshape(G * N, m, 1)).squeeze(-1)  # + phi(q_i) . z_{<n}
     return num.reshape(B, H, N * C, Dv)[:, :, :L], den.reshape(B, H, N * C)[:, :, :L]
 
@@ -988,15 +988,25 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, n_features: Optional[in
     Wt = W.transpose(-2, -1)  # (.., D, m)
     q_proj, k_proj = qs @ Wt, ks @ Wt  # omega_r . q', omega_r . k': (B, H, L, m)
     if kind == "positive":
-        # log phi(x) = omega . x - |x|^2/2 (the 1/sqrt(m) cancels in the ratio)
-        q_log = q_proj - qs.square().sum(-1, keepdim=True) / 2  # (B, H, Lq, m)
-        k_log = k_proj - ks.square().sum(-1, keepdim=True) / 2  # (B, H, Lk, m)
-        q_log = q_log - q_log.amax(-1, keepdim=True).detach()  # a query's own max: cancels
-        fq = torch.exp(q_log)  # (B, H, Lq, m), max 1 per row
-        shift = k_log.amax(-1).detach()  # (B, H, Lk): each key's own max
-        if keep is not None:
-            shift = shift.masked_fill(~keep, float("-inf"))  # a hidden key: exp(-inf) = 0
-        fk = torch.exp(k_log - _finite_or_zero(shift)[..., None])  # (B, H, Lk, m), max 1 per row
+        # log phi(x) = omega . x - |x|^2/2 (the 1/sqrt(m) cancels in the ratio). A query's
+        # exp(-|q'|^2/2) and its own maximum are common to its numerator and denominator:
+        # both cancel, so phi(q) is computed as exp(omega . q' - max_r omega_r . q').
+        fq = torch.exp(q_proj - q_proj.amax(-1, keepdim=True).detach())  # (B, H, Lq, m), max 1 per row
+        k_half = ks.square().sum(-1) / 2  # |k'|^2 / 2: (B, H, Lk)
+        if causal:  # each key's own max kept apart, for the running maximum of the prefix sums
+            k_log = k_proj - k_half[..., None]  # log phi(k): (B, H, Lk, m)
+            shift = k_log.amax(-1).detach()  # (B, H, Lk): each key's own max
+            if keep is not None:
+                shift = shift.masked_fill(~keep, float("-inf"))  # a hidden key: exp(-inf) = 0
+            fk = torch.exp(k_log - _finite_or_zero(shift)[..., None])  # (B, H, Lk, m), max 1 per row
+        else:  # one maximum over all keys and features, folded into the exponent
+            k_log_max = (k_proj.amax(-1) - k_half).detach()  # (B, H, Lk)
+            if keep is not None:
+                k_half = k_half.masked_fill(~keep, float("inf"))  # a hidden key: exp(-inf) = 0
+                k_log_max = k_log_max.masked_fill(~keep, float("-inf"))
+            c = _finite_or_zero(k_log_max.amax(-1, keepdim=True))  # (B, H, 1)
+            fk = torch.exp(k_proj - (k_half + c)[..., None])  # exp(omega . k' - |k'|^2/2 - c) <= 1
+            shift = None
     else:
         # phi_trig(x) = exp(|x|^2/2)/sqrt(m) [cos, sin]: the query's exp(|q|^2/2) cancels
         fq = torch.cat([torch.cos(q_proj), torch.sin(q_proj)], dim=-1)  # (B, H, Lq, 2m)
@@ -1094,7 +1104,7 @@ class PerformerSelfAttention(_KernelSelfAttentionBase):
 
 def elu_plus_one(x: Tensor) -> Tensor:
     """``phi(x) = elu(x) + 1``: positive, = x + 1 for x > 0 and exp(x) for x <= 0 (eq. 7)."""
-    return nnf.elu(x) + 1.0
+    return torch.exp(x.clamp(max=0.0)) + x.clamp(min=0.0)  # one pass cheaper than nnf.elu(x) + 1
 
 
 FEATURE_MAPS = {"elu+1": elu_plus_one, "relu": nnf.relu}
