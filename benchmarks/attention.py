@@ -58,6 +58,32 @@ a fresh Python process compiles flex_b128 at the longest length with an empty
 reports its first call (compile + one run) and a steady call. The verdict compares flex_b128 with
 sdpa_mask at L = 4096 against the lecture's claim (at least 8x faster). Outputs:
 ``attention_flex.json``, ``attention_flex.csv``, ``attention_flex.png``.
+
+Attention-family section (``--sections family``; lectures 05-08, read by lectures 07 and 08): every
+attention variant of the course on the same q, k, v ~ N(0, 1) of shape (B, H, L, D), at
+``--family-lengths`` (default 256 ... 8192), without a mask and causal:
+
+    sdpa           ``F.scaled_dot_product_attention``: **the baseline** of every ratio
+    readable       lecture 01's teaching path (stores the scores; up to ``--naive-max``)
+    flash          ``flash.flash_attention`` (lecture 08): tiled, online softmax
+    flex_window    compiled FlexAttention, causal window ``--flex-window`` (lecture 05; causal only)
+    lsh_1/2/4      ``lsh.lsh_attention`` with 1, 2, 4 hash rounds, chunks of ``--lsh-chunk`` and
+                   2 L / chunk buckets (lecture 06; shared QK: hashes q, ignores k; no mask only)
+    linformer      ``lowrank.linformer_attention``, k = min(``--linformer-k``, L/2), a random E = F
+                   (untrained: the error is an untrained projection's; lecture 07; no mask only)
+    performer      ``lowrank.performer_attention``, ``--performer-features`` orthogonal positive
+                   features drawn once per L (lecture 07; no mask only)
+    linear_causal  ``lowrank.linear_attention(causal=True)``, elu+1 (lecture 07; causal only)
+
+Time and memory as above (round-robin, RSS growth on the CPU), each as a ratio to ``sdpa`` at the
+same L and masking, from the same run; masks, projections and features are built outside the
+timing. Every variant's output is compared with an exact reference: exact variants with the same
+function computed densely (their error is rounding), approximations with softmax attention
+(LSH with full shared-QK attention, its own exact form): ``max_error`` (max |difference|) and
+``rel_error`` (Frobenius norm of the difference over the reference's). The verdict reports the
+issue's targets: flash at L = 8192 within 1.3x SDPA's time and 2x its memory, exact to 1e-5;
+causal elu+1 linear attention faster than causal SDPA from L <= 512 on. Outputs:
+``attention_family.json``, ``attention_family.csv``, ``attention_family.png``.
 """
 
 from __future__ import annotations
@@ -67,6 +93,7 @@ import csv
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -79,6 +106,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "lib"))  # run from a checkout without installing
@@ -782,6 +810,312 @@ def flex_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- attention family
+
+
+# Every attention variant of lectures 01 and 05-08, on the same (B, H, L, D) inputs. Each entry:
+# (label, causal, kind). kind "exact": computes the same function as a dense reference (its
+# error is rounding); "approx": approximates softmax attention (its error is the method's).
+FAMILY = {
+    "sdpa": ("F.scaled_dot_product_attention (the baseline)", None, "exact"),
+    "readable": ("attention.scaled_dot_product_attention (lecture 01, stores the L x L scores)", None, "exact"),
+    "flash": ("flash.flash_attention (lecture 08, tiled, online softmax)", None, "exact"),
+    "flex_window": ("sparse.sparse_attention, compiled FlexAttention, causal window 256 (lecture 05)", True, "exact"),
+    "lsh_1": ("lsh.lsh_attention, 1 round (lecture 06)", False, "approx"),
+    "lsh_2": ("lsh.lsh_attention, 2 rounds (lecture 06)", False, "approx"),
+    "lsh_4": ("lsh.lsh_attention, 4 rounds (lecture 06)", False, "approx"),
+    "linformer": ("lowrank.linformer_attention, k = min(256, L/2), random E = F (lecture 07)", False, "approx"),
+    "performer": ("lowrank.performer_attention, 256 orthogonal positive features (lecture 07)", False, "approx"),
+    "linear_causal": ("lowrank.linear_attention, elu+1, causal (lecture 07)", True, "exact"),
+}
+FAMILY_REFERENCE = {
+    "sdpa": "itself",
+    "readable": "SDPA, same mask",
+    "flash": "SDPA, same mask",
+    "flex_window": "SDPA with the window's (L, L) boolean mask",
+    "lsh_1": "full shared-QK attention (keys q/|q|, no attention to oneself), via SDPA",
+    "linformer": "exact softmax attention (SDPA)",
+    "performer": "exact softmax attention (SDPA)",
+    "linear_causal": "the same elu+1 attention computed densely in float64 (phi(Q) phi(K)^T, causal)",
+}
+FAMILY_REFERENCE["lsh_2"] = FAMILY_REFERENCE["lsh_4"] = FAMILY_REFERENCE["lsh_1"]
+FAMILY_TARGETS = {"flash_time_L": 8192, "flash_time_ratio": 1.3, "flash_mem_ratio": 2.0,
+                  "flash_error": 1e-5, "linear_crossover_L": 512}
+
+
+def family_variants(causal: bool, L: int, args) -> list[str]:
+    names = [n for n, (_, c, _) in FAMILY.items() if c is None or c == causal]
+    if L > args.naive_max:
+        names.remove("readable")
+    if args.no_compile and "flex_window" in names:
+        names.remove("flex_window")
+    return names
+
+
+def family_inputs(L: int, args, device, dtype):
+    g = torch.Generator(device="cpu").manual_seed(1000 + L)
+    return tuple(torch.randn(args.batch, args.heads, L, args.head_dim, generator=g).to(device, dtype)
+                 for _ in range(3))
+
+
+def make_family_cases(L: int, causal: bool, args, device, dtype) -> dict:
+    """Zero-argument callables for every variant at (L, causal); masks, projections and feature
+    draws are made here, outside the timing (a trained model holds them as parameters)."""
+    from transformer_lab import attention as att
+    from transformer_lab import flash, lowrank, lsh
+
+    q, k, v = family_inputs(L, args, device, dtype)
+    fns = {}
+    for name in family_variants(causal, L, args):
+        if name == "sdpa":
+            fns[name] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        elif name == "readable":
+            mask = causal_mask(L, device=device) if causal else None
+            fns[name] = lambda mask=mask: att.scaled_dot_product_attention(q, k, v, mask=mask)
+        elif name == "flash":
+            fns[name] = lambda: flash.flash_attention(q, k, v, causal=causal)
+        elif name == "flex_window":
+            bm = sparse.block_mask(sparse.sliding_window(args.flex_window, causal=True), L,
+                                   block_size=128, device=device)
+            fns[name] = lambda bm=bm: sparse.sparse_attention(q, k, v, block_mask=bm, compiled=True)
+        elif name.startswith("lsh_"):
+            rounds = int(name[4:])
+            n_buckets = max(2, (2 * L // args.lsh_chunk) // 2 * 2)  # even; chunk_len = 2 L / n_buckets
+            fns[name] = lambda r=rounds, nb=n_buckets: lsh.lsh_attention(
+                q, v, nb, n_rounds=r, chunk_len=min(args.lsh_chunk, L), generator=L)
+        elif name == "linformer":
+            kp = min(args.linformer_k, L // 2)
+            E = torch.randn(kp, L, generator=torch.Generator().manual_seed(L)).to(device, dtype) / math.sqrt(kp)
+            fns[name] = lambda E=E: lowrank.linformer_attention(q, k, v, E)
+        elif name == "performer":
+            W = lowrank.gaussian_features(args.performer_features, args.head_dim,
+                                          generator=torch.Generator().manual_seed(L),
+                                          orthogonal=True).to(device, dtype)
+            fns[name] = lambda W=W: lowrank.performer_attention(q, k, v, features=W)
+        elif name == "linear_causal":
+            fns[name] = lambda: lowrank.linear_attention(q, k, v, causal=True)
+    return fns
+
+
+def family_reference(name: str, L: int, causal: bool, args, device, dtype) -> Tensor:
+    """The exact output each variant is compared with (FAMILY_REFERENCE)."""
+    q, k, v = family_inputs(L, args, device, dtype)
+    if name.startswith("lsh_"):
+        keys = q / q.norm(dim=-1, keepdim=True)
+        not_self = ~torch.eye(L, dtype=torch.bool, device=device)  # every row has another key
+        return F.scaled_dot_product_attention(q, keys, v, attn_mask=not_self)
+    if name == "flex_window":
+        mask = sparse.dense_mask(sparse.sliding_window(args.flex_window, causal=True), L, device=device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if name == "linear_causal":
+        out = torch.empty(args.batch, args.heads, L, args.head_dim, dtype=torch.float64, device=device)
+        keep = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        for b in range(args.batch):
+            for h in range(args.heads):  # one head at a time: an (L, L) float64 matrix
+                fq = F.elu(q[b, h].double()) + 1
+                fk = F.elu(k[b, h].double()) + 1
+                w = (fq @ fk.T).masked_fill_(~keep, 0.0)
+                out[b, h] = (w @ v[b, h].double()) / (w.sum(-1, keepdim=True) + 1e-6)
+        return out
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def run_family(args) -> dict:
+    device = torch.device(args.device) if args.device else transformer_lab.device()
+    dtype = getattr(torch, args.dtype)
+    meter = PeakMemory(device)
+    rows = []
+    load_before = load_average()
+    t_start = time.perf_counter()
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(64, limit)  # one FlexAttention compile per L
+    try:
+        for L in args.family_lengths:
+            repeats = args.repeats * 2 if L <= 512 else args.repeats if L < 4096 else max(3, args.repeats // 2)
+            for causal in (False, True):
+                with torch.inference_mode():
+                    fns = make_family_cases(L, causal, args, device, dtype)
+                    errors, rel = {}, {}
+                    for name, fn in fns.items():  # the first call compiles flex_window
+                        out = fn()
+                        ref = family_reference(name, L, causal, args, device, dtype)
+                        diff = out.to(ref.dtype) - ref
+                        errors[name] = float(diff.abs().max())
+                        rel[name] = float(diff.norm() / ref.norm())
+                        del out, ref, diff
+                    times = time_interleaved(fns, device, repeats, args.warmup, args.sample_ms / 1e3)
+                    gc.collect()
+                    peaks = {name: meter.measure(fn) for name, fn in fns.items()}
+                del fns
+                for name in times:
+                    row = {"variant": name, "L": L, "causal": causal, "kind": FAMILY[name][2],
+                           "time_ms": statistics.median(times[name]) * 1e3,
+                           "time_min_ms": min(times[name]) * 1e3,
+                           "times_ms": [round(t * 1e3, 4) for t in times[name]],
+                           "peak_mib": peaks[name], "max_error": errors[name], "rel_error": rel[name],
+                           "scores_mib": args.batch * args.heads * L * L * torch.finfo(dtype).bits / 8 / MIB}
+                    rows.append(row)
+                    if not args.silent:
+                        mem = "n/a" if row["peak_mib"] is None else f"{row['peak_mib']:8.1f} MiB"
+                        print(f"L={L:6d} {'causal' if causal else 'full  '} {name:13s} "
+                              f"{row['time_ms']:10.3f} ms  {mem}  max|err| {row['max_error']:.2e}", flush=True)
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+    base = {(r["L"], r["causal"]): r for r in rows if r["variant"] == "sdpa"}
+    for r in rows:
+        b = base[(r["L"], r["causal"])]
+        r["time_ratio"] = r["time_ms"] / b["time_ms"]
+        r["mem_ratio"] = (r["peak_mib"] / b["peak_mib"]
+                          if r["peak_mib"] is not None and b["peak_mib"] else None)
+    return {
+        "setup": {
+            "device": str(device), "device_name": device_name(device), "dtype": args.dtype,
+            "B": args.batch, "H": args.heads, "D": args.head_dim, "lengths": args.family_lengths,
+            "naive_max": args.naive_max, "repeats": args.repeats, "warmup": args.warmup,
+            "lsh_chunk_len": args.lsh_chunk, "lsh_n_buckets": "2 L / chunk_len (even)",
+            "linformer_k": f"min({args.linformer_k}, L/2)", "performer_features": args.performer_features,
+            "flex_window": args.flex_window,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "memory_method": meter.method,
+            "timing": "forward, inference_mode, after warm-up; median of samples (2x --repeats at "
+                      "L <= 512, half but at least 3 at L >= 4096); variants interleaved round-robin",
+            "inputs": "q, k, v ~ N(0, 1), seeded per L; LSH hashes q (shared QK) and ignores k",
+            "quick": args.quick,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.perf_counter() - t_start, 1),
+            "load_average_before_after": [load_before, load_average()],
+        },
+        "variants": {n: {"label": lab, "kind": kind, "error_against": FAMILY_REFERENCE[n]}
+                     for n, (lab, _, kind) in FAMILY.items()},
+        "rows": rows,
+        "verdict": family_verdict(rows),
+    }
+
+
+def family_verdict(rows: list[dict]) -> dict:
+    """The issue's targets, checked on this run (reported, never asserted in tests)."""
+    def row(name, L, causal):
+        return next((r for r in rows if r["variant"] == name and r["L"] == L and r["causal"] == causal), None)
+
+    out = {}
+    L = FAMILY_TARGETS["flash_time_L"]
+    f = row("flash", L, False)
+    if f is not None:
+        out["flash"] = {"L": L, "time_ratio": f["time_ratio"], "mem_ratio": f["mem_ratio"],
+                        "max_error": f["max_error"],
+                        "met": f["time_ratio"] <= FAMILY_TARGETS["flash_time_ratio"]
+                        and (f["mem_ratio"] is None or f["mem_ratio"] <= FAMILY_TARGETS["flash_mem_ratio"])
+                        and f["max_error"] <= FAMILY_TARGETS["flash_error"]}
+    lin = sorted((r["L"], r["time_ratio"]) for r in rows if r["variant"] == "linear_causal")
+    if lin:
+        faster = [L for L, ratio in lin if ratio < 1.0]
+        # the crossover: the shortest L from which on linear attention stays faster
+        cross = next((L for i, (L, _) in enumerate(lin) if all(r < 1.0 for _, r in lin[i:])), None)
+        out["linear_causal"] = {"crossover_L": cross, "faster_at": faster,
+                                "target_L": FAMILY_TARGETS["linear_crossover_L"],
+                                "met": cross is not None and cross <= FAMILY_TARGETS["linear_crossover_L"]}
+    return out
+
+
+FAMILY_STYLE = {
+    "sdpa": ("black", "-", "o"), "readable": ("tab:red", "-", "^"), "flash": ("tab:blue", "--", "s"),
+    "flex_window": ("tab:green", "-", "D"), "lsh_1": ("tab:purple", ":", "v"),
+    "lsh_2": ("tab:purple", "-.", "v"), "lsh_4": ("tab:purple", "-", "v"),
+    "linformer": ("tab:orange", "-", "P"), "performer": ("tab:brown", "-", "X"),
+    "linear_causal": ("tab:cyan", "-", "*"),
+}
+FAMILY_CSV_FIELDS = ["variant", "L", "causal", "kind", "time_ms", "time_min_ms", "peak_mib",
+                     "time_ratio", "mem_ratio", "max_error", "rel_error", "scores_mib"]
+
+
+def write_family_outputs(report: dict, out: Path, plot: bool = True) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "attention_family.json", out / "attention_family.csv"]
+    paths[0].write_text(json.dumps(report, indent=2))
+    with paths[1].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FAMILY_CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in report["rows"]:
+            w.writerow({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()})
+    if plot:
+        paths.append(plot_family(report, out / "attention_family.png"))
+    return paths
+
+
+def plot_family(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, s = report["rows"], report["setup"]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9), sharex=True)
+    for i, causal in enumerate((False, True)):
+        for j, (key, title) in enumerate((("time_ms", "time per forward (ms)"),
+                                          ("peak_mib", "peak extra memory (MiB)"),
+                                          ("rel_error", "relative error |out - exact| / |exact|"))):
+            ax = axes[i, j]
+            for name, (color, ls, marker) in FAMILY_STYLE.items():
+                pts = [(r["L"], r[key]) for r in rows if r["variant"] == name and r["causal"] == causal
+                       and r[key] is not None and not (key == "rel_error" and name == "sdpa")]
+                if pts:
+                    xs, ys = zip(*pts, strict=True)
+                    ax.plot(xs, [max(y, 1e-9) for y in ys], color=color, ls=ls, marker=marker, ms=4,
+                            label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_title(f"{'causal' if causal else 'no mask'}: {title}", fontsize=10)
+            if i == 1:
+                ax.set_xlabel("sequence length L")
+        axes[i, 0].legend(fontsize=8, ncol=2)
+    fig.suptitle(f"Every attention variant of the course on {s['device_name']} ({s['device']}, "
+                 f"{s['threads']} threads, torch {s['torch']}), B={s['B']} H={s['H']} D={s['D']} "
+                 f"{s['dtype']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def family_summary(report: dict) -> str:
+    rows = report["rows"]
+    lines = []
+    for causal in (False, True):
+        names = [n for n in FAMILY if any(r["variant"] == n and r["causal"] == causal for r in rows)]
+        lines += [f"\n{'Causal' if causal else 'No mask'}: time in ms (x sdpa); peak MiB (x sdpa); "
+                  "max |error| against the exact reference\n",
+                  "| L | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for L in sorted({r["L"] for r in rows}):
+            cells = []
+            for n in names:
+                r = next((r for r in rows if r["variant"] == n and r["L"] == L and r["causal"] == causal), None)
+                if r is None:
+                    cells.append("-")
+                    continue
+                m = "n/a" if r["peak_mib"] is None else _num(r["peak_mib"])
+                if r["mem_ratio"] is not None:
+                    m += f" ({_ratio(r['mem_ratio'])})"
+                cells.append(f"{_num(r['time_ms'])} ({_ratio(r['time_ratio'])}); {m}; {r['max_error']:.0e}")
+            lines.append(f"| {L} | " + " | ".join(cells) + " |")
+    v = report.get("verdict") or {}
+    if "flash" in v:
+        f = v["flash"]
+        mem = "n/a" if f["mem_ratio"] is None else f"{f['mem_ratio']:.2f}x"
+        lines.append(f"\nflash at L={f['L']}: {f['time_ratio']:.2f}x SDPA's time, {mem} its memory, "
+                     f"max |error| {f['max_error']:.1e} (targets <= {FAMILY_TARGETS['flash_time_ratio']}x, "
+                     f"<= {FAMILY_TARGETS['flash_mem_ratio']}x, <= {FAMILY_TARGETS['flash_error']:g}): "
+                     f"{'MET' if f['met'] else 'NOT MET'}")
+    if "linear_causal" in v:
+        c = v["linear_causal"]
+        lines.append(f"causal elu+1 linear attention faster than causal SDPA from L={c['crossover_L']} on "
+                     f"(faster at {c['faster_at']}; target <= {c['target_L']}): {'MET' if c['met'] else 'NOT MET'}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Attention: library vs PyTorch, time and memory vs L.")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: transformer_lab.device())")
@@ -805,8 +1139,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--show", type=Path, default=None, metavar="JSON",
                    help="print the tables of an earlier run's attention.json "
                         "(or attention_flex.json) and stop")
-    p.add_argument("--sections", nargs="+", default=["dense", "flex"], choices=("dense", "flex"),
-                   help="dense: the table above; flex: FlexAttention with a causal window (lecture 05)")
+    p.add_argument("--sections", nargs="+", default=["dense", "flex", "family"],
+                   choices=("dense", "flex", "family"),
+                   help="dense: the table above; flex: FlexAttention with a causal window (lecture 05); "
+                        "family: every attention variant of lectures 01 and 05-08")
+    p.add_argument("--family-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
+    p.add_argument("--lsh-chunk", type=int, default=64, help="LSH chunk length m (n_buckets = 2 L / m)")
+    p.add_argument("--linformer-k", type=int, default=256, help="Linformer's projected length (at most L/2)")
+    p.add_argument("--performer-features", type=int, default=256, help="Performer's random features m")
     p.add_argument("--flex-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--flex-window", type=int, default=256)
     p.add_argument("--flex-block-sizes", type=int, nargs="+", default=[128, 64],
@@ -826,7 +1166,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.show:
         report = json.loads(args.show.read_text())
-        print(flex_summary(report) if "verdict" in report else summary_table(report))
+        print(family_summary(report) if "variants" in report
+              else flex_summary(report) if "verdict" in report else summary_table(report))
         return 0
     if args.compile_probe:
         if args.threads:
@@ -840,16 +1181,19 @@ def main(argv: list[str] | None = None) -> int:
         args.sample_ms = 1.0
         args.flex_lengths, args.flex_window, args.no_compile = [64, 128], 16, True
         args.flex_repeats, args.flex_warmup = 2, 1
+        args.family_lengths, args.performer_features, args.lsh_chunk = [64, 128], 32, 16
     out = args.out or (HERE / ("_work" if args.quick else "results"))
     threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = flex_report = None
+    report = flex_report = family_report = None
     try:
         if "dense" in args.sections:
             report = run(args)
         if "flex" in args.sections:
             flex_report = run_flex(args)
+        if "family" in args.sections:
+            family_report = run_family(args)
     finally:
         torch.set_num_threads(threads_before)  # main() may run inside another program (tests)
     paths = []
@@ -857,12 +1201,16 @@ def main(argv: list[str] | None = None) -> int:
         paths += write_outputs(report, out, plot=not args.no_plot)
     if flex_report is not None:
         paths += write_flex_outputs(flex_report, out, plot=not args.no_plot)
+    if family_report is not None:
+        paths += write_family_outputs(family_report, out, plot=not args.no_plot)
     if not args.silent:
         if report is not None:
             print(summary_table(report))
             print(f"\nmemory: {report['setup']['memory_method']}")
         if flex_report is not None:
             print(flex_summary(flex_report))
+        if family_report is not None:
+            print(family_summary(family_report))
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -36,6 +36,20 @@ def test_attention_benchmark_quick(tmp_path):
     assert (tmp_path / "attention.csv").read_text().startswith("impl,level,L,causal,time_ms")
     assert (tmp_path / "attention.png").stat().st_size > 10_000
 
+    # the attention family (lectures 05-08): every variant, its error against its exact reference
+    family = json.loads((tmp_path / "attention_family.json").read_text())
+    rows = family["rows"]
+    assert {r["variant"] for r in rows if not r["causal"]} == {
+        "sdpa", "readable", "flash", "lsh_1", "lsh_2", "lsh_4", "linformer", "performer"}
+    assert {r["variant"] for r in rows if r["causal"]} == {"sdpa", "readable", "flash", "linear_causal"}
+    for r in rows:
+        assert r["time_ms"] > 0 and r["time_ratio"] > 0
+        if r["kind"] == "exact":  # the same function as its reference: rounding only
+            assert r["max_error"] < 1e-4, r
+    # an approximation is measured against softmax attention, not against itself
+    assert all(r["max_error"] > 1e-3 for r in rows if r["kind"] == "approx"), rows
+    assert set(family["verdict"]) == {"linear_causal"}  # flash's target is read at L = 8192 only
+
 
 def test_notebook_benchmark_on_a_tiny_learner_notebook(tmp_path):
     notebooks = _load("notebooks")
