@@ -247,6 +247,23 @@ def test_lsh_attention_is_exact_attention_over_the_pairs_it_visits(gen):
         assert torch.equal(order.gather(-1, rank), torch.arange(24).expand_as(order))
 
 
+def test_combine_rounds_is_the_log_sum_exp_weighting():
+    qk, v = qkv(L=20)
+    out, d = S.lsh_attention(qk, v, 4, 3, 5, generator=1, return_details=True)
+    found = ~d.alone
+    torch.testing.assert_close(S.combine_rounds(d.round_outputs, d.round_lse)[found], out[found])
+    # stable for large log normalisers, and a query with no key in any round keeps round 0's output
+    outs = torch.randn(1, 1, 2, 3, 4, dtype=torch.float64)
+    lses = torch.tensor([[[[1000.0, -math.inf, 5.0], [1000.0 + math.log(3), -math.inf, -math.inf]]]],
+                        dtype=torch.float64)
+    got = S.combine_rounds(outs, lses)
+    torch.testing.assert_close(got[0, 0, 0], 0.25 * outs[0, 0, 0, 0] + 0.75 * outs[0, 0, 1, 0])
+    torch.testing.assert_close(got[0, 0, 1], outs[0, 0, 0, 1])
+    torch.testing.assert_close(got[0, 0, 2], outs[0, 0, 0, 2])
+    with pytest.raises(ValueError, match=r"lses must be \(B, H, R, L\) = \(1, 1, 2, 3\).*got \(1, 1, 3, 3\)"):
+        S.combine_rounds(outs, torch.zeros(1, 1, 3, 3))
+
+
 def test_duplicates_count_once_only_with_dedupe():
     qk, v = qkv(L=12)
     g = torch.Generator().manual_seed(4)

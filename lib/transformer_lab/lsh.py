@@ -190,6 +190,7 @@ __all__ = [
     "look_one_back",
     "lsh_mask",
     "LSHDetails",
+    "combine_rounds",
     "lsh_attention",
     "LSHSelfAttention",
     # reversible layers and chunking
@@ -372,9 +373,10 @@ def collision_probability(angle, n_buckets: int, n_rounds: int = 1, n_points: in
     n_rounds = _check_int("n_rounds", n_rounds, 1)
     n_points = _check_int("n_points", n_points, 4)
     angle = torch.as_tensor(angle, dtype=torch.float64)
-    if ((angle < 0) | (angle > math.pi)).any() or angle.isnan().any():
+    if ((angle < -1e-6) | (angle > math.pi + 1e-6)).any() or angle.isnan().any():
         raise ValueError(f"angle must be in [0, pi] radians; got values in "
                          f"[{float(angle.min()):.4g}, {float(angle.max()):.4g}]")
+    angle = angle.clamp(0.0, math.pi)  # float32 pi rounds up past math.pi
     k = n_buckets // 2
     flat = angle.detach().cpu().reshape(-1)
     out = torch.empty_like(flat)
@@ -646,6 +648,31 @@ class LSHDetails:
     weights: Tensor
     visited: Tensor
     alone: Tensor
+
+
+def combine_rounds(outs: Tensor, lses: Tensor) -> Tensor:
+    """Combine hash rounds by their log-sum-exp weights: ``o_i = sum_r exp(z_i^(r) - z_i) o_i^(r)``.
+
+    Args:
+        outs: (B, H, R, L, Dv) the rounds' outputs o_i^(r).
+        lses: (B, H, R, L) their log normalisers z_i^(r) (``-inf`` for a round with no key).
+
+    ``z_i = logsumexp_r z_i^(r)``: round r weighs ``sum_{j in A_i^(r)} exp(s_ij) / sum_r' ...``, its
+    share of the softmax mass, so the result is one softmax over all the rounds' keys (each key
+    once per round that found it; :func:`lsh_attention` also subtracts ``log N_ij``). A query
+    whose every round is ``-inf`` gets ``outs[:, :, 0]``. Stable for large ``z``. Returns
+    (B, H, L, Dv).
+    """
+    _check_tensor("outs", outs, 5, "(B, H, R, L, Dv)")
+    _check_tensor("lses", lses, 4, "(B, H, R, L)")
+    if tuple(lses.shape) != tuple(outs.shape[:4]):
+        raise ValueError(f"lses must be (B, H, R, L) = {tuple(outs.shape[:4])} to match outs "
+                         f"{_shape(outs)}; got {_shape(lses)}")
+    found = torch.isfinite(lses).any(dim=2, keepdim=True)  # (B, H, 1, L): some round has a key
+    safe = lses.masked_fill(~found, 0.0)  # all -inf: equal weights, then replaced below
+    weights = torch.softmax(safe, dim=2)  # exp(z^(r) - logsumexp_r z^(r)): (B, H, R, L)
+    out = (weights[..., None] * outs).sum(dim=2)  # (B, H, L, Dv)
+    return torch.where(found[:, :, 0, :, None], out, outs[:, :, 0])
 
 
 def lsh_attention(qk: Tensor, v: Tensor, n_buckets: int, n_rounds: int = 1,

@@ -14,7 +14,7 @@ each number is computed:
   1 .. ``max_rounds`` rounds with the same knobs.
 
 The queries/keys are drawn around a few random directions (as trained queries cluster), with
-values of unit scale, from a seed: the same knobs always give the same picture.
+values similar within a cluster (:func:`clustered_qk`), from a seed: the same knobs always give the same picture.
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ __all__ = ["clustered_qk", "lsh_picture", "plot_buckets", "plot_sorted_chunks", 
            "lsh_explorer"]
 
 
-def clustered_qk(L: int, D: int = 16, n_centres: int = 6, spread: float = 0.35, sharpness: float = 3.0,
-                 seed: int = 0, dtype=torch.float32):
+def clustered_qk(L: int, D: int = 16, n_centres: int = 8, spread: float = 0.5, sharpness: float = 6.0,
+                 value_noise: float = 0.5, seed: int = 0, dtype=torch.float32):
     """Shared queries/keys (1, 1, L, D) around ``n_centres`` random directions, and values (1, 1, L, D).
 
-    ``qk_i = sharpness * sqrt(D) * normalise(c_{a(i)} + spread * noise)``: tokens about the same
-    thing point the same way, and the scale makes attention peaked, as in a trained model.
+    Token i belongs to topic a(i): ``qk_i = sharpness * sqrt(D) * normalise(c_a + spread * noise / sqrt(D))``
+    and ``v_i = u_a + value_noise * noise``. Tokens about the same thing point the same way and
+    carry similar values, and the scale makes attention peaked, as in a trained model: the
+    scores ``q_i . k_j / sqrt(D) = sharpness * cos(q_i, q_j)``.
     """
     if L < 2 or D < 2 or n_centres < 1:
         raise ValueError(f"need L >= 2, D >= 2 and n_centres >= 1; got L={L}, D={D}, n_centres={n_centres}")
@@ -45,7 +47,8 @@ def clustered_qk(L: int, D: int = 16, n_centres: int = 6, spread: float = 0.35, 
     which = torch.randint(0, n_centres, (L,), generator=g)
     x = centres[which] + spread * torch.randn(L, D, generator=g) / D ** 0.5
     qk = sharpness * D ** 0.5 * torch.nn.functional.normalize(x, dim=-1)
-    v = torch.randn(L, D, generator=g)
+    topic_values = torch.randn(n_centres, D, generator=g)
+    v = topic_values[which] + value_noise * torch.randn(L, D, generator=g)
     return qk.to(dtype)[None, None], v.to(dtype)[None, None]
 
 
