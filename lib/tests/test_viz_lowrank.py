@@ -48,11 +48,13 @@ def test_state_is_the_library_performer(ex):
 
 
 def test_trig_features_make_negative_weights():
-    q, k, v = vz.example_qkv(16, 8, 2.0)
-    st = vz.kernel_attention_state(q, k, v, 4, "trig", False, seed=0, curve=False)
+    q, k, v = vz.example_qkv(32, 16, 2.0)
+    st = vz.kernel_attention_state(q, k, v, 4, "trig", True, seed=0, curve=False)
     assert st["negative"] > 0.05 and "errors" not in st
-    pos = vz.kernel_attention_state(q, k, v, 4, "positive", False, seed=0, curve=False)
-    assert pos["negative"] == 0.0
+    pos = vz.kernel_attention_state(q, k, v, 4, "positive", True, seed=0, curve=False)
+    assert pos["negative"] == 0.0 and pos["error"] < 1.5 < 5 < st["error"] and st["min_row_sum"] < 0  # trig blows up
+    q1, k1, v1 = vz.example_qkv(32, 16, 1.0, seed=0)
+    assert torch.equal(q1 * 2.0, q * 1.0)  # sharpness only scales q and k
     fig = vz.plot_kernel_attention([pos, st])
     assert len(fig.axes) == 3
     plt.close(fig)
@@ -63,8 +65,8 @@ def test_bad_input_and_grading_mode(monkeypatch):
         vz.kernel_attention_explorer(n_features=3)
     with pytest.raises(ValueError, match="kind must be one of"):
         vz.kernel_attention_explorer(kind="cos")
-    with pytest.raises(ValueError, match="length must be at least 4"):
-        vz.example_qkv(3)
+    with pytest.raises(ValueError, match="sharpness must be a positive number"):
+        vz.example_qkv(8, 4, 0.0)
     with pytest.raises(ValueError, match="states must hold at least one"):
         vz.plot_kernel_attention([])
     monkeypatch.setenv("TRANSFORMER_LAB_GRADING", "1")

@@ -27,28 +27,23 @@ __all__ = ["example_qkv", "kernel_attention_state", "plot_kernel_attention", "ke
 FEATURE_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
-def example_qkv(length: int = 24, head_dim: int = 16, sharpness: float = 1.5, seed: int = 0):
-    """Queries, keys and values (1, 1, L, D) whose exact attention has visible structure.
+def example_qkv(length: int = 32, head_dim: int = 16, sharpness: float = 1.5, seed: int = 0):
+    """Random queries, keys and values (1, 1, L, D), float64, for the explorer.
 
-    Keys come in 4 clusters along the sequence (positions cut into 4 runs); each query points
-    at one cluster's centre, so the exact map shows blocks. ``sharpness`` scales q and k: at 1.5
-    the scores q . k / sqrt(D) spread over a few units, like a trained head's.
+    q and k have i.i.d. N(0, (sharpness / 2)^2) entries, v standard normal. ``sharpness``
+    sets both the spread of the scores (q . k / sqrt(D) has standard deviation
+    (sharpness / 2)^2) and the norms that the random features' variances grow with
+    (|q'|^2 = |q|^2 / sqrt(D) is about (sharpness / 2)^2 sqrt(D)): at 1 positive and
+    trigonometric features are both tame, at 1.5-2 trigonometric ones blow up at few features.
     """
     for name, value in (("length", length), ("head_dim", head_dim), ("seed", seed)):
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
             raise ValueError(f"{name} must be a positive int; got {value!r}")
-    if length < 4:
-        raise ValueError(f"length must be at least 4 (four clusters of keys); got {length}")
+    if not isinstance(sharpness, (int, float)) or sharpness <= 0:
+        raise ValueError(f"sharpness must be a positive number; got {sharpness!r}")
     g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(4, head_dim, generator=g, dtype=torch.float64)
-    centres = centres / centres.norm(dim=-1, keepdim=True) * head_dim ** 0.5  # |c| = sqrt(D)
-    run = torch.arange(length) * 4 // length  # which cluster each key position belongs to
-    k = centres[run] * 0.6 + 0.5 * torch.randn(length, head_dim, generator=g, dtype=torch.float64)
-    target = torch.randint(0, 4, (length,), generator=g)  # which cluster each query looks for
-    q = centres[target] * 0.6 + 0.5 * torch.randn(length, head_dim, generator=g, dtype=torch.float64)
-    v = torch.randn(length, head_dim, generator=g, dtype=torch.float64)
-    scale = sharpness / 1.5
-    return (q * scale)[None, None], (k * scale)[None, None], v[None, None]
+    q, k, v = torch.randn(3, 1, 1, length, head_dim, generator=g, dtype=torch.float64).unbind(0)
+    return q * sharpness / 2, k * sharpness / 2, v
 
 
 def kernel_attention_state(q, k, v, n_features: int, kind: str = "positive", orthogonal: bool = True,
@@ -117,13 +112,13 @@ def plot_kernel_attention(states, titles=None):
 
 
 def kernel_attention_explorer(n_features: int = 16, kind: str = "positive", orthogonal: bool = True,
-                              seed: int = 0, length: int = 24, head_dim: int = 16, sharpness: float = 1.5):
+                              seed: int = 0, length: int = 32, head_dim: int = 16, sharpness: float = 1.5):
     """Lecture 07: random-feature attention beside exact attention.
 
     Controls: ``n_features`` m (a slider over :data:`FEATURE_COUNTS`), ``kind`` (positive or
     trig features), ``orthogonal`` (FAVOR+'s blocks of orthogonal directions, or i.i.d.),
-    ``seed`` (a new draw of the features), ``sharpness`` (scales q and k: sharper exact
-    attention is harder to approximate). The figure: the exact softmax matrix, the matrix the
+    ``seed`` (a new draw of the features), ``sharpness`` (scales q and k, see
+    :func:`example_qkv`: sharper attention, larger norms, noisier estimates). The figure: the exact softmax matrix, the matrix the
     features imply (negative entries, which only trig features make, in red), and the error
     of the output against exact attention as m grows, the current m marked.
 
@@ -142,12 +137,12 @@ def kernel_attention_explorer(n_features: int = 16, kind: str = "positive", orth
         "kind": widgets.Dropdown(options=list(LR.FEATURE_KINDS), value=kind, description="kind", style=style),
         "orthogonal": widgets.Checkbox(value=orthogonal, description="orthogonal (FAVOR+)"),
         "seed": widgets.IntSlider(value=seed, min=0, max=9, description="seed", style=style),
-        "sharpness": widgets.FloatSlider(value=sharpness, min=0.5, max=3.0, step=0.25,
+        "sharpness": widgets.FloatSlider(value=sharpness, min=0.5, max=2.5, step=0.25,
                                          description="sharpness", style=style),
     }
 
     def compute(val):
-        q, k, v = example_qkv(length, head_dim, val["sharpness"])
+        q, k, v = example_qkv(length, head_dim, val["sharpness"], seed=0)
         state = kernel_attention_state(q, k, v, val["n_features"], val["kind"], val["orthogonal"], val["seed"])
         state["sharpness"] = val["sharpness"]
         return state
