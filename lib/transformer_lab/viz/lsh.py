@@ -169,10 +169,10 @@ def lsh_explorer(n_buckets: int = 8, n_rounds: int = 2, chunk_len: int = 8, leng
     style = {"description_width": "initial"}
     slider = dict(style=style, continuous_update=False)
     controls = {
-        "n_buckets": widgets.IntSlider(value=n_buckets, min=2, max=16, step=2, description="buckets b",
+        "n_buckets": widgets.IntSlider(value=n_buckets, min=2, max=16, step=2, description="buckets n_b",
                                        **slider),
         "n_rounds": widgets.IntSlider(value=n_rounds, min=1, max=max_rounds, description="rounds", **slider),
-        "chunk_len": widgets.IntSlider(value=chunk_len, min=2, max=64, description="chunk m", **slider),
+        "chunk_len": widgets.IntSlider(value=chunk_len, min=2, max=64, description="chunk L_c", **slider),
         "length": widgets.IntSlider(value=length, min=16, max=max_length, step=16, description="length L",
                                     **slider),
         "causal": widgets.Checkbox(value=causal, description="causal", indent=False),
@@ -190,9 +190,9 @@ def lsh_explorer(n_buckets: int = 8, n_rounds: int = 2, chunk_len: int = 8, leng
 
         fig, axes = plt.subplots(1, 4, figsize=(17, 4.3), gridspec_kw={"width_ratios": [1.3, 1, 1, 1]})
         plot_buckets(s["buckets"], s["n_buckets"], ax=axes[0],
-                     title=f"buckets (b = {s['n_buckets']}) of each position, each round")
+                     title=f"buckets (n_b = {s['n_buckets']}) of each position, each round")
         plot_sorted_chunks(s["sorted_mask"], s["window"], s["sorted_buckets"], s["chunk_len"], s["n_buckets"],
-                           ax=axes[1], title=f"round 0, sorted: {s['n_chunks']} chunks of m = {s['chunk_len']}\n"
+                           ax=axes[1], title=f"round 0, sorted: {s['n_chunks']} chunks of L_c = {s['chunk_len']}\n"
                                              "grey: own + previous chunk; colour: attended")
         axes[2].imshow(s["full"].numpy(), cmap="Greys", interpolation="nearest")
         ii, jj = np.nonzero(s["visited"].numpy())
