@@ -37,6 +37,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from . import kernel_wakeup
 from .course import COURSE_ID, REPO, config_file_text, nbgrader_config
 from .sandbox import Limits, available, kill_uid, sandbox_uid
 
@@ -553,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m autograder.worker TASKS.json", file=sys.stderr)
         return 2
     tasks = json.loads(Path(argv[0]).read_text())
+    kernel_wakeup.install()  # nbclient's wait for a cell's reply cannot stall (see the module)
     for task in tasks:
         run_task(task)
     return 0
