@@ -93,6 +93,8 @@ def test_trig_features_are_noisier_where_the_kernel_is_small():
             for f in mse:  # the measurements follow the formulas (heavy tails at theta = 0 aside)
                 assert mse[f] == pytest.approx(formula[f], rel=0.25), (theta, f)
             ratios.append(mse["trig"] / mse["positive"])
+    opposite = LR.kernel_estimate_variance(q, -q, m, "positive")  # q + k = 0: the positive estimate is exact
+    assert (opposite >= 0).all() and opposite.max() < 1e-12
     assert ratios[0] < 0.1  # exp(q.k) = e^0.5: positive is the noisier one
     assert ratios[1] > 2  # exp(q.k) = e^-0.5
     assert ratios[2] > 300  # exp(q.k) = e^-0.99: trig's relative error is huge

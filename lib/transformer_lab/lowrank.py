@@ -780,7 +780,7 @@ def kernel_estimate_variance(q: Tensor, k: Tensor, n_features: int,
     qq = q.square().sum(-1)[..., :, None]  # |q|^2: (..., Lq, 1)
     kk = k.square().sum(-1)[..., None, :]  # |k|^2: (..., 1, Lk)
     if features == "positive":
-        plus = qq + kk + 2 * qk  # |q + k|^2
+        plus = (qq + kk + 2 * qk).clamp_min(0)  # |q + k|^2 (>= 0 despite rounding at k = -q)
         return torch.exp(2 * qk) * torch.expm1(plus) / m  # SM^2 (e^{|q+k|^2} - 1) / m
     minus = (qq + kk - 2 * qk).clamp_min(0)  # |q - k|^2
     return torch.exp(qq + kk) * (-torch.expm1(-minus)).square() / (2 * m)
