@@ -194,7 +194,8 @@ def lsh_explorer(n_buckets: int = 8, n_rounds: int = 2, chunk_len: int = 8, leng
         plot_sorted_chunks(s["sorted_mask"], s["window"], s["sorted_buckets"], s["chunk_len"], s["n_buckets"],
                            ax=axes[1], title=f"round 0, sorted: {s['n_chunks']} chunks of L_c = {s['chunk_len']}\n"
                                              "grey: own + previous chunk; colour: attended")
-        axes[2].imshow(s["full"].numpy(), cmap="Greys", interpolation="nearest")
+        axes[2].imshow(s["full"].numpy(), cmap="Greys", interpolation="nearest",
+                       vmax=float(s["full"].quantile(0.99)))  # the heavy weights dark
         ii, jj = np.nonzero(s["visited"].numpy())
         axes[2].scatter(jj, ii, s=4, c="tab:red", marker="s", linewidths=0)
         axes[2].set(xlabel="key j", ylabel="query i",
