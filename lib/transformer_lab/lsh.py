@@ -52,7 +52,8 @@ In each round, positions are sorted by ``(bucket, position)`` (:func:`sort_by_bu
 sorted sequence is cut into chunks of ``m`` = ``chunk_len`` consecutive entries (the last chunk is
 padded when ``m`` does not divide ``L``); chunk ``c`` attends to chunks ``c`` and ``c - 1``
 (:func:`look_one_back`; chunk 0 looks back at the last chunk, as in the reference
-implementations, which matters only when one bucket spans the whole sorted sequence). Within
+implementations, which matters only with two chunks or when one bucket spans the whole sorted
+sequence). Within
 that window a query keeps only keys of its own bucket, and under ``causal`` only keys at
 positions ``j <= i`` (positions, not sorted slots). With ``s_i`` the slot of ``i`` after sorting,
 the keys query ``i`` attends to in round ``r`` are::
