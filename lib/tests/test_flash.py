@@ -439,3 +439,46 @@ def test_largest_allocation_sees_the_score_matrix():
     out, tiled, _ = FL.largest_allocation(lambda: FL.flash_attention_forward(q, k, v, 8, 8))
     assert tiled <= 2 * 48 * 4  # the inputs' size: one tile is 2 x 8 x 8
     assert FL.largest_allocation(lambda: q.expand(3, 2, 40, 4))[1] == 0  # a view makes nothing
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_query_blocks_in_parallel_threads(two_threads, causal, monkeypatch):
+    """With 2 threads the query blocks are dealt to 2 Python threads (FA-2's parallelism over
+    the sequence): the same numbers, under inference_mode too, and the setting restored."""
+    q, k, v = _qkv(2, 2, 77, 77, 8, dtype=torch.float32, seed=30)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert FL._workers(10) == 2
+    monkeypatch.setattr(FL, "_PARALLEL_SCORES", 0)  # parallel even for this small case
+    calls = []
+    parallel = FL._forward_fa2_parallel
+    monkeypatch.setattr(FL, "_forward_fa2_parallel", lambda *a: calls.append(a[-1]) or parallel(*a))
+    with torch.inference_mode():
+        out, lse = FL.flash_attention_forward(q, k, v, 16, 8, causal=causal)
+    assert calls == [2]  # two threads shared the 5 query blocks
+    assert (out - ref).abs().max() < 1e-5
+    serial = FL._forward_fa2(q, k, v, 16, 8, causal, 1 / math.sqrt(8), None, torch.float32)
+    torch.testing.assert_close(out.reshape(4, 77, 8), serial[0])
+    torch.testing.assert_close(lse.reshape(4, 77, 1), serial[1])
+    assert torch.get_num_threads() == 2
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    FL.flash_attention(qg, kg, vg, causal=causal, block_q=16, block_k=8).sum().backward()
+    assert torch.isfinite(qg.grad).all()
+
+
+def test_counting_modes_run_in_one_thread(two_threads):
+    """Modes are per thread: under FlopCounterMode (or peak_memory) the forward stays in the
+    calling thread, so every matrix product is counted."""
+    q, k, v = _qkv(1, 2, 96, 96, 8, dtype=torch.float32, seed=31)
+    with FlopCounterMode(display=False) as counter:
+        assert FL._workers(10) == 1
+        FL.flash_attention_forward(q, k, v, 16, 32, causal=True)
+    assert counter.get_total_flops() == FL.flash_flops(96, 8, causal=True, block_q=16, block_k=32, H=2)
+    assert FL._workers(1) == 1  # one query block: nothing to share
