@@ -581,7 +581,8 @@ def flash_attention_forward(q: Tensor, k: Tensor, v: Tensor, block_q: Optional[i
     if Lq == 0 or Lk == 0:  # nothing to attend to: zeros and lse = -inf
         return (q.new_zeros(B, H, Lq, Dv), q.new_full((B, H, Lq), _NEG_INF, dtype=dtype))
     with torch.no_grad():
-        workers = _workers(-(-Lq // min(block_q, Lq))) if B * H * Lq * Lk >= _PARALLEL_SCORES else 1
+        big = q.device.type == "cpu" and B * H * Lq * Lk >= _PARALLEL_SCORES  # threads: CPU only
+        workers = _workers(-(-Lq // min(block_q, Lq))) if big else 1
         if workers > 1:
             out, lse = _forward_fa2_parallel(q, k, v, block_q, block_k, causal, scale, mask, dtype, workers)
         else:
