@@ -51,6 +51,18 @@ def test_attention_benchmark_quick(tmp_path):
     assert set(family["verdict"]) == {"linear_causal"}  # flash's target is read at L = 8192 only
 
 
+def test_recorded_attention_family_is_what_the_lectures_read():
+    """Lectures 07 and 08 read their copy of the recorded run; it must be the recorded run."""
+    recorded = BENCH / "results" / "attention_family.json"
+    report = json.loads(recorded.read_text())
+    assert not report["setup"]["quick"]
+    assert {r["L"] for r in report["rows"]} >= {512, 8192}
+    for lecture in ("07_low_rank_attention", "08_flash_attention"):
+        for side in ("solutions", "course"):
+            copy = BENCH.parent / side / lecture / "attention_family.json"
+            assert copy.read_bytes() == recorded.read_bytes(), f"{copy} differs from {recorded}: copy it again"
+
+
 def test_notebook_benchmark_on_a_tiny_learner_notebook(tmp_path):
     notebooks = _load("notebooks")
     nb = nbformat.v4.new_notebook()
