@@ -411,18 +411,26 @@ CSV_FIELDS = ["impl", "level", "L", "causal", "time_ms", "time_min_ms", "peak_mi
               "time_vs_sdpa", "mem_vs_sdpa", "time_vs_torch_mha", "mem_vs_torch_mha"]
 
 
-def write_outputs(report: dict, out: Path, plot: bool = True) -> list[Path]:
+def write_report(report: dict, out: Path, stem: str, fields: list[str], rows: list[dict],
+                 plot=None, number=lambda v: round(v, 4)) -> list[Path]:
+    """``stem``.json (everything), ``stem``.csv (``fields`` of ``rows``) and, given ``plot``
+    (a function of report and path), ``stem``.png in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "attention.json", out / "attention.csv"]
+    paths = [out / f"{stem}.json", out / f"{stem}.csv"]
     paths[0].write_text(json.dumps(report, indent=2))
     with paths[1].open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
-        for r in report["results"]:
-            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-    if plot:
-        paths.append(plot_results(report, out / "attention.png"))
+        for r in rows:
+            w.writerow({k: (number(v) if isinstance(v, float) else v) for k, v in r.items()})
+    if plot is not None:
+        paths.append(plot(report, out / f"{stem}.png"))
     return paths
+
+
+def write_outputs(report: dict, out: Path, plot: bool = True) -> list[Path]:
+    return write_report(report, out, "attention", CSV_FIELDS, report["results"],
+                        plot_results if plot else None)
 
 
 STYLE = {
@@ -718,17 +726,8 @@ FLEX_COLORS = ["tab:blue", "tab:green", "tab:purple", "tab:orange"]
 
 
 def write_flex_outputs(report: dict, out: Path, plot: bool = True) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "attention_flex.json", out / "attention_flex.csv"]
-    paths[0].write_text(json.dumps(report, indent=2))
-    with paths[1].open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FLEX_CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in report["results"]:
-            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-    if plot:
-        paths.append(plot_flex(report, out / "attention_flex.png"))
-    return paths
+    return write_report(report, out, "attention_flex", FLEX_CSV_FIELDS, report["results"],
+                        plot_flex if plot else None)
 
 
 def _flex_style(impl: str, i: int):
@@ -1053,17 +1052,8 @@ FAMILY_CSV_FIELDS = ["variant", "L", "causal", "kind", "time_ms", "time_min_ms",
 
 
 def write_family_outputs(report: dict, out: Path, plot: bool = True) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "attention_family.json", out / "attention_family.csv"]
-    paths[0].write_text(json.dumps(report, indent=2))
-    with paths[1].open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FAMILY_CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in report["rows"]:
-            w.writerow({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()})
-    if plot:
-        paths.append(plot_family(report, out / "attention_family.png"))
-    return paths
+    return write_report(report, out, "attention_family", FAMILY_CSV_FIELDS, report["rows"],
+                        plot_family if plot else None, number=lambda v: float(f"{v:.4g}"))
 
 
 def plot_family(report: dict, path: Path) -> Path:
