@@ -159,12 +159,16 @@ TESTS = [
             "forgot the - |x'|^2 / 2 in the exponent (the h(x) = exp(-|x|^2/2) factor)":
                 lambda x, W: torch.exp((x * x.shape[-1] ** -0.25) @ W.to(x.dtype).T) / math.sqrt(W.shape[0]),
             "used - |x'|^2 instead of - |x'|^2 / 2": lambda x, W: _features(x, W, x.shape[-1] ** -0.25, half=1.0),
+            "subtracted |x|^2 / 2, the squared norm of x before the scaling: both terms use x' = x * D**-0.25":
+                lambda x, W: torch.exp((x * x.shape[-1] ** -0.25) @ W.to(x.dtype).T - (x * x).sum(-1, keepdim=True) / 2)
+                / math.sqrt(W.shape[0]),
             "divided by n_f instead of sqrt(n_f)":
                 lambda x, W: _features(x, W, x.shape[-1] ** -0.25, norm=W.shape[0]),
             "forgot the 1 / sqrt(n_f)": lambda x, W: _features(x, W, x.shape[-1] ** -0.25, norm=1.0),
         },
         hint="phi(x) = exp(x' W^T - |x'|^2 / 2) / sqrt(n_f) with x' = x * D**-0.25, the squared norm per row "
              "(keepdim=True); keep the input's dtype",
+        unchanged=True,
     ),
     HiddenTest(
         cell="ex2_kernel_attention_test",
@@ -185,13 +189,17 @@ TESTS = [
             "no eps in the denominator: a query with all-zero features gives 0 / 0 = NaN":
                 lambda fq, fk, v, eps: ((fq @ (fk.transpose(-2, -1) @ v))
                                         / (fq * fk.sum(-2)[..., None, :]).sum(-1, keepdim=True), 0),
+            "added eps to the quotient, not to the denominator: num / (den + eps)":
+                lambda fq, fk, v, eps: ((fq @ (fk.transpose(-2, -1) @ v))
+                                        / (fq * fk.sum(-2)[..., None, :]).sum(-1, keepdim=True) + eps, 0),
             "divided by the number of keys (a plain mean), not by fq_i . sum_j fk_j":
                 lambda fq, fk, v, eps: (fq @ (fk.transpose(-2, -1) @ v) / fk.shape[-2], 0),
             "divided by the sum of fq_i's features: the normaliser is fq_i . (sum_j fk_j)":
                 lambda fq, fk, v, eps: ((fq @ (fk.transpose(-2, -1) @ v)) / (fq.sum(-1, keepdim=True) + eps), 0),
         },
         hint="out_i = fq_i (fk^T v) / (fq_i . sum_j fk_j + eps), with fk^T v = fk.transpose(-2, -1) @ v and the "
-             "sum over the keys fk.sum(dim=-2); keep the dtype",
+             "sum over the keys fk.sum(dim=-2); the denominator keeps its last dim (keepdim=True: (B, H, Lq, 1)); "
+             "keep the dtype",
     ),
     HiddenTest(
         cell="ex3_rnn_step_test",
@@ -209,6 +217,15 @@ TESTS = [
             "the outer product is transposed: S_new[r, c] = S[r, c] + fk_t[r] * v_t[c], rows for features":
                 lambda fq_t, fk_t, v_t, S, z, eps=1e-6: (
                     _read(fq_t, S + _outer(v_t, fk_t), z + fk_t, eps), S + _outer(v_t, fk_t), z + fk_t),
+            "normalised with the old z: the denominator is fq_t . z_new, with z_new = z + fk_t":
+                lambda fq_t, fk_t, v_t, S, z, eps=1e-6: (
+                    (fq_t[..., None, :] @ (S + _outer(fk_t, v_t))).squeeze(-2)
+                    / ((fq_t * z).sum(-1, keepdim=True) + eps), S + _outer(fk_t, v_t), z + fk_t),
+            "multiplied the state from the wrong side: the numerator is fq_t S_new, a (1, n_f) row times the "
+            "(n_f, Dv) state, (fq_t[..., None, :] @ S_new).squeeze(-2), not S_new @ fq_t":
+                lambda fq_t, fk_t, v_t, S, z, eps=1e-6: (
+                    ((S + _outer(fk_t, v_t)) @ fq_t[..., :, None]).squeeze(-1)
+                    / ((fq_t * (z + fk_t)).sum(-1, keepdim=True) + eps), S + _outer(fk_t, v_t), z + fk_t),
             "forgot the normalisation by fq_t . z_new + eps":
                 lambda fq_t, fk_t, v_t, S, z, eps=1e-6: (
                     (fq_t[..., None, :] @ (S + _outer(fk_t, v_t))).squeeze(-2), S + _outer(fk_t, v_t), z + fk_t),
@@ -217,6 +234,7 @@ TESTS = [
                     _read(fq_t, S + _outer(fk_t, v_t), z + fk_t, 0.0), S + _outer(fk_t, v_t), z + fk_t),
         },
         hint="S_new = S + outer(fk_t, v_t) (fk_t[..., :, None] * v_t[..., None, :]), z_new = z + fk_t, then "
-             "out_t = fq_t S_new / (fq_t . z_new + eps); return new tensors and keep the dtype",
+             "out_t = fq_t S_new / (fq_t . z_new + eps), the denominator (B, H, 1) (keepdim=True); return new "
+             "tensors and keep the dtype",
     ),
 ]

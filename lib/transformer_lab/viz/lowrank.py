@@ -87,7 +87,8 @@ def plot_kernel_attention(states, titles=None):
     """Exact and approximated attention side by side, one row per state; returns the Figure.
 
     ``states``: a list of :func:`kernel_attention_state` results (``curve`` not needed).
-    Column 1 the exact softmax matrix (the same for every row), then one column per state.
+    Column 1 the exact softmax matrix (the same for every row), then one column per state; the
+    colour scale is the exact matrix's, so larger weights saturate, and negative weights are red.
     """
     import matplotlib.pyplot as plt  # imported on first draw (see viz/__init__.py)
 
@@ -100,8 +101,12 @@ def plot_kernel_attention(states, titles=None):
     axes[0].set_title("exact softmax", fontsize=9)
     for i, s in enumerate(states):
         ax = axes[i + 1]
-        ax.imshow(s["approx"].numpy(), cmap="viridis", vmin=0, vmax=vmax)
-        title = titles[i] if titles else f"{s['kind']}, m = {s['n_features']}"
+        approx = s["approx"].numpy()
+        ax.imshow(np.ma.masked_less(approx, 0), cmap="viridis", vmin=0, vmax=vmax)
+        negative = np.ma.masked_greater_equal(approx, 0)
+        if negative.count():  # negative weights (only trig features make them) in red, as in the explorer
+            ax.imshow(-negative, cmap="Reds", vmin=0, vmax=vmax)
+        title = titles[i] if titles else f"{s['kind']}, n_f = {s['n_features']}"
         ax.set_title(f"{title}\nerror {s['error']:.2f}", fontsize=9)
     for ax in axes:
         ax.set_xticks([])
@@ -133,7 +138,7 @@ def kernel_attention_explorer(n_features: int = 16, kind: str = "positive", orth
     style = {"description_width": "initial"}
     controls = {
         "n_features": widgets.SelectionSlider(options=list(FEATURE_COUNTS), value=n_features,
-                                              description="features m", style=style),
+                                              description="features n_f", style=style),
         "kind": widgets.Dropdown(options=list(LR.FEATURE_KINDS), value=kind, description="kind", style=style),
         "orthogonal": widgets.Checkbox(value=orthogonal, description="orthogonal (FAVOR+)"),
         "seed": widgets.IntSlider(value=seed, min=0, max=9, description="seed", style=style),
@@ -160,7 +165,7 @@ def kernel_attention_explorer(n_features: int = 16, kind: str = "positive", orth
         neg = np.ma.masked_greater_equal(approx, 0)
         if neg.count():
             axes[1].imshow(-neg, cmap="Reds", vmin=0, vmax=vmax)
-        axes[1].set_title(f"{s['kind']} features, m = {s['n_features']}"
+        axes[1].set_title(f"{s['kind']} features, n_f = {s['n_features']}"
                           f"{', orthogonal' if s['orthogonal'] else ', i.i.d.'}\n"
                           f"error {s['error']:.3f}, negative entries {100 * s['negative']:.0f}%", fontsize=9)
         for ax in axes[:2]:
@@ -171,8 +176,8 @@ def kernel_attention_explorer(n_features: int = 16, kind: str = "positive", orth
         axes[2].plot(s["counts"], s["errors"], marker="o", label="this draw")
         axes[2].plot(s["counts"], [s["errors"][0] * (s["counts"][0] / m) ** 0.5 for m in s["counts"]],
                      ls=":", color="gray", label="slope -1/2")
-        axes[2].scatter([s["n_features"]], [s["error"]], color="red", zorder=3, s=50, label="current m")
-        axes[2].set(xscale="log", yscale="log", xlabel="features m", ylabel="relative error of the output")
+        axes[2].scatter([s["n_features"]], [s["error"]], color="red", zorder=3, s=50, label="current n_f")
+        axes[2].set(xscale="log", yscale="log", xlabel="random features n_f", ylabel="relative error of the output")
         axes[2].grid(True, which="both", alpha=0.3)
         axes[2].legend(fontsize=8)
         fig.tight_layout()
