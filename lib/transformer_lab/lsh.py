@@ -67,9 +67,9 @@ Cost per round: ``L / m`` chunks of ``m x 2m`` scores, ``2 m L D`` multiply-adds
 --------------------------------------------------------------------------------------
 Each round gives an output and the log of its softmax normaliser::
 
-    z_i^(r) = logsumexp_{j in A_i^(r)} (s_ij - log N_ij)
-    o_i^(r) = sum_{j in A_i^(r)} exp(s_ij - log N_ij - z_i^(r)) v_j
-    o_i     = sum_r exp(z_i^(r) - z_i) o_i^(r),        z_i = logsumexp_r z_i^(r)
+    lse_i^(r) = logsumexp_{j in A_i^(r)} (s_ij - log N_ij)
+    o_i^(r) = sum_{j in A_i^(r)} exp(s_ij - log N_ij - lse_i^(r)) v_j
+    o_i     = sum_r exp(lse_i^(r) - lse_i) o_i^(r),        lse_i = logsumexp_r lse_i^(r)
 
 ``N_ij`` counts the rounds in which ``i`` attends to ``j``; subtracting ``log N_ij`` stops a key
 found in several rounds from counting several times. Then ``o_i`` is exactly softmax attention
@@ -147,8 +147,8 @@ Glossary (variable -> paper symbol)
 ``order`` / ``rank``       the sort: ``order[s]`` is the position in slot s; ``rank[i]`` = s_i
 ``chunk_len``              m, the chunk length (the paper suggests about 2 L / n_buckets)
 ``counts``                 N_ij, the number of rounds in which i attends to j
-``round_lse``              z_i^(r) = z(i, P_i^(r)) of the paper, ``(B, H, n_rounds, L)``
-``round_weights``          exp(z_i^(r) - z_i), the weight of round r for query i
+``round_lse``              lse_i^(r) = z(i, P_i^(r)) of the paper, ``(B, H, n_rounds, L)``
+``round_weights``          exp(lse_i^(r) - lse_i), the weight of round r for query i
 ``x1, x2`` / ``y1, y2``    the two halves of a reversible block's input / output
 ``F``, ``G``               the reversible block's sub-layers (attention, feed-forward)
 ``chunks``                 c, the number of position chunks of the feed-forward network
@@ -627,8 +627,8 @@ class LSHDetails:
         order: (B, H, n_rounds, L) the position in each sorted slot; ``rank`` its inverse.
         chunk_len: m. n_chunks: ceil(L / m).
         counts_max: the largest N_ij seen (1 means no key was found twice).
-        round_lse: (B, H, n_rounds, L) z_i^(r), -inf where round r found no key for i.
-        round_weights: (B, H, n_rounds, L) exp(z_i^(r) - z_i); each row sums to 1 over rounds
+        round_lse: (B, H, n_rounds, L) lse_i^(r), -inf where round r found no key for i.
+        round_weights: (B, H, n_rounds, L) exp(lse_i^(r) - lse_i); each row sums to 1 over rounds
             (all 0 for a query that is alone).
         round_outputs: (B, H, n_rounds, L, Dv) o_i^(r).
         weights: (B, H, L, L) the effective attention matrix: out = weights @ v.
@@ -652,13 +652,13 @@ class LSHDetails:
 
 
 def combine_rounds(outs: Tensor, lses: Tensor) -> Tensor:
-    """Combine hash rounds by their log-sum-exp weights: ``o_i = sum_r exp(z_i^(r) - z_i) o_i^(r)``.
+    """Combine hash rounds by their log-sum-exp weights: ``o_i = sum_r exp(lse_i^(r) - lse_i) o_i^(r)``.
 
     Args:
         outs: (B, H, R, L, Dv) the rounds' outputs o_i^(r).
-        lses: (B, H, R, L) their log normalisers z_i^(r) (``-inf`` for a round with no key).
+        lses: (B, H, R, L) their log normalisers lse_i^(r) (``-inf`` for a round with no key).
 
-    ``z_i = logsumexp_r z_i^(r)``: round r weighs ``sum_{j in A_i^(r)} exp(s_ij) / sum_r' ...``, its
+    ``lse_i = logsumexp_r lse_i^(r)``: round r weighs ``sum_{j in A_i^(r)} exp(s_ij) / sum_r' ...``, its
     share of the softmax mass, so the result is one softmax over all the rounds' keys (each key
     once per round that found it; :func:`lsh_attention` also subtracts ``log N_ij``). A query
     whose every round is ``-inf`` gets ``outs[:, :, 0]``. Stable for large ``z``. Returns
@@ -671,7 +671,7 @@ def combine_rounds(outs: Tensor, lses: Tensor) -> Tensor:
                          f"{_shape(outs)}; got {_shape(lses)}")
     found = torch.isfinite(lses).any(dim=2, keepdim=True)  # (B, H, 1, L): some round has a key
     safe = lses.masked_fill(~found, 0.0)  # all -inf: equal weights, then replaced below
-    weights = torch.softmax(safe, dim=2)  # exp(z^(r) - logsumexp_r z^(r)): (B, H, R, L)
+    weights = torch.softmax(safe, dim=2)  # exp(lse^(r) - logsumexp_r lse^(r)): (B, H, R, L)
     out = (weights[..., None] * outs).sum(dim=2)  # (B, H, L, Dv)
     return torch.where(found[:, :, 0, :, None], out, outs[:, :, 0])
 
@@ -744,7 +744,7 @@ def lsh_attention(qk: Tensor, v: Tensor, n_buckets: int, n_rounds: int = 1,
         scores = scores - w.counts.to(scores.dtype).log()  # - log N_ij (0 when found once)
     scores = scores.masked_fill(~w.visible, float("-inf"))  # other buckets, future, self, padding
     has_key = w.visible.any(dim=-1)  # (B, H, R, nc, m)
-    lse = torch.logsumexp(scores, dim=-1)  # z_i^(r): (B, H, R, nc, m); -inf for a row with no key
+    lse = torch.logsumexp(scores, dim=-1)  # lse_i^(r): (B, H, R, nc, m); -inf for a row with no key
     # exp(-inf - 0) = 0 in an empty row; its NaN gradient inside logsumexp is zeroed by masked_fill
     probs = torch.exp(scores - lse.masked_fill(~has_key, 0.0)[..., None])  # (B, H, R, nc, m, 2m)
     out_sorted = probs @ v_w  # o_i^(r) in sorted order: (B, H, R, nc, m, Dv)
@@ -755,11 +755,11 @@ def lsh_attention(qk: Tensor, v: Tensor, n_buckets: int, n_rounds: int = 1,
     lse_r = lse.reshape(B, H, R, nc * m)[..., :L].gather(-1, w.rank)  # (B, H, R, L)
     has_r = has_key.reshape(B, H, R, nc * m)[..., :L].gather(-1, w.rank)  # (B, H, R, L)
 
-    # Combine the rounds: o_i = sum_r exp(z_i^(r) - z_i) o_i^(r), z_i = logsumexp_r z_i^(r).
+    # Combine the rounds: o_i = sum_r exp(lse_i^(r) - lse_i) o_i^(r), lse_i = logsumexp_r lse_i^(r).
     found = has_r.any(dim=2)  # (B, H, L): some key in some round
     lse_r = lse_r.masked_fill(~has_r, float("-inf"))  # a round with no key weighs 0
     lse_safe = lse_r.masked_fill(~found[:, :, None], 0.0)  # alone: no -inf - (-inf)
-    total = torch.logsumexp(lse_safe, dim=2)  # z_i: (B, H, L)
+    total = torch.logsumexp(lse_safe, dim=2)  # lse_i: (B, H, L)
     round_w = torch.exp(lse_safe - total[:, :, None]).masked_fill(~has_r, 0.0)  # (B, H, R, L)
     out = (round_w[..., None] * out_r).sum(dim=2)  # (B, H, L, Dv)
     out = torch.where(found[..., None], out, v)  # alone: attend to oneself, o_i = v_i

@@ -56,6 +56,12 @@ HASH_MISTAKES = {
         lambda x, R: _rotated(x, R).abs().argmax(dim=-1),
     "rounds go before positions: the result is (..., n_r, L), not (..., L, n_r)":
         lambda x, R: hash_reference(x, R).transpose(-2, -1),
+    "xR and -xR were concatenated along the positions (dim -2): concatenate along the last dimension":
+        lambda x, R: torch.cat([_rotated(x, R), -_rotated(x, R)], dim=-2).argmax(dim=-1),
+    "torch.cat joins along dim 0 unless told otherwise: torch.cat([xR, -xR], dim=-1)":
+        lambda x, R: torch.cat([_rotated(x, R), -_rotated(x, R)]).argmax(dim=-1),
+    "the argmax ran over the positions (dim -2): take it over the n_b buckets, the last dimension":
+        lambda x, R: torch.cat([_rotated(x, R), -_rotated(x, R)], dim=-1).argmax(dim=-2),
 }
 
 
@@ -89,7 +95,8 @@ def lsh_round_reference(qk, v, buckets, chunk_len, causal=False, watch=False):
 
 
 def _round(qk, v, buckets, m, causal=False, watch=False, *, self_mask=True, wrap=True, same_bucket=True,
-           unsort=True, once=True, alone_v=True, dense=False):
+           unsort=True, once=True, alone_v=True, dense=False, shift=1, norm=True, scale=True,
+           causal_slots=False, unsort_lse=True, gather_unsort=False, norm_dim=-1):
     """One LSH round written plainly, with a switch for each mistake (trusted side only)."""
     B, H, L, D = qk.shape
     Dv, n = v.shape[-1], L // m
@@ -102,13 +109,13 @@ def _round(qk, v, buckets, m, causal=False, watch=False, *, self_mask=True, wrap
     def prev(t):
         if n == 1:
             return torch.cat([t, t], dim=3) if not once else t
-        before = t.roll(1, dims=2)
+        before = t.roll(shift, dims=2)
         if not wrap:  # chunk 0 has nothing before it: pad with copies that the mask removes
             before = before.clone()
             before[:, :, 0] = -1 if not t.is_floating_point() else 0.0
         return torch.cat([t, before], dim=3)
 
-    k = qk / qk.norm(dim=-1, keepdim=True)
+    k = qk / qk.norm(dim=norm_dim, keepdim=True) if norm else qk
     q_c, k_w, v_w = sort_chunk(qk), prev(sort_chunk(k)), prev(sort_chunk(v))
     pos_q, bkt_q = sort_chunk(pos.expand(B, H, L)[..., None]), sort_chunk(buckets[..., None])
     pos_k, bkt_k = prev(pos_q), prev(bkt_q)
@@ -117,9 +124,12 @@ def _round(qk, v, buckets, m, causal=False, watch=False, *, self_mask=True, wrap
         allowed = allowed & (bkt_q == bkt_k.transpose(-2, -1))
     if self_mask:
         allowed = allowed & (pos_q != pos_k.transpose(-2, -1))
-    if causal:
+    if causal and causal_slots:  # compared by index in the window (own chunk first), not by position
+        allowed = allowed & (torch.arange(allowed.shape[-1]) <= torch.arange(m)[:, None])
+    elif causal:
         allowed = allowed & (pos_k.transpose(-2, -1) <= pos_q)
-    scores = (q_c @ k_w.transpose(-2, -1) / math.sqrt(D)).masked_fill(~allowed, float("-inf"))
+    scores = q_c @ k_w.transpose(-2, -1) / (math.sqrt(D) if scale else 1.0)
+    scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     has = allowed.any(-1)
     probs = torch.exp(scores - lse.masked_fill(~has, 0.0)[..., None])
@@ -128,7 +138,12 @@ def _round(qk, v, buckets, m, causal=False, watch=False, *, self_mask=True, wrap
     out_s, lse = out_s.reshape(B, H, L, Dv), lse.reshape(B, H, L)
     if not unsort:
         return out_s, lse, int(dense)
+    if gather_unsort:  # the sort applied a second time instead of undone (to out, and to lse unless "out")
+        lse_back = torch.empty_like(lse).scatter_(-1, order, lse) if gather_unsort == "out" else lse.gather(-1, order)
+        return out_s.gather(2, order[..., None].expand(-1, -1, -1, Dv)), lse_back, int(dense)
     out = torch.empty_like(out_s).scatter_(2, order[..., None].expand(-1, -1, -1, Dv), out_s)
+    if not unsort_lse:
+        return out, lse, int(dense)
     return out, torch.empty_like(lse).scatter_(-1, order, lse), int(dense)
 
 
@@ -151,6 +166,20 @@ ROUND_MISTAKES = {
     "with a single chunk, use it once: the previous chunk is the chunk itself, so every key came twice "
     "(lse log 2 too large)": _mistake(once=False),
     "a query with no allowed key must attend to itself: its output is v_i, not zeros": _mistake(alone_v=False),
+    "the keys are not normalised: in shared-QK attention k_j = q_j / |q_j| (per position, dim=-1)": _mistake(norm=False),
+    "the scores are missing the 1 / sqrt(D) scale": _mistake(scale=False),
+    "the keys were normalised over the positions (dim=-2): normalise each vector, dim=-1": _mistake(norm_dim=-2),
+    "causal was decided by the index in the window: the previous chunk's keys come after the own chunk's there "
+    "but are earlier positions; compare the positions carried along": _mistake(causal_slots=True),
+    # after causal_slots: under a causal mask both read the own chunk only
+    "each chunk read the chunk after it: the previous chunk is torch.roll(t, 1) along the chunk dimension, not -1":
+        _mistake(shift=-1),
+    "the outputs were unsorted but lse came back in sorted order: unsort lse the same way": _mistake(unsort_lse=False),
+    "the sort was applied a second time (gather with order) instead of undone: scatter slot s back to position "
+    "order[s], or gather with the inverse permutation": _mistake(gather_unsort=True),
+    "the outputs got the sort a second time (gather with order) instead of having it undone: scatter slot s "
+    "back to position order[s] (as you did for lse), or gather with the inverse permutation":
+        _mistake(gather_unsort="out"),
 }
 
 
@@ -189,16 +218,26 @@ def _naive(outs, lses):
 
 
 COMBINE_MISTAKES = {
-    "that is the plain average of the rounds: weight round u by exp(z^(u) - z), z = logsumexp over the rounds":
+    "that is the plain average of the rounds: weight round u by exp(lse^(u) - lse), lse = logsumexp over the rounds":
         lambda outs, lses: outs.mean(dim=2),
     "a query whose every round is -inf must keep outs[:, :, 0], not NaN (softmax of all -inf is NaN)":
         lambda outs, lses: (torch.softmax(lses, dim=2)[..., None] * outs).sum(dim=2),
-    "exp(z) overflows for large z (and gives NaN): subtract the largest z first, or use torch.softmax over dim 2":
+    "exp(lse) overflows for large lse (and gives NaN): subtract the largest lse first, or use torch.softmax over dim 2":
         _naive,
-    "the weights exp(z^(u)) must be normalised: divide by their sum over the rounds":
+    "the weights exp(lse^(u)) must be normalised: divide by their sum over the rounds":
         lambda outs, lses: (lses.exp().nan_to_num(posinf=0.0)[..., None] * outs).sum(dim=2),
-    "the weights are exp(z^(u) - z), not z^(u) / sum_u z^(u)":
+    "the weights are exp(lse^(u) - lse), not lse^(u) / sum_u lse^(u)":
         lambda outs, lses: ((lses / lses.sum(dim=2, keepdim=True))[..., None] * outs).sum(dim=2),
+    "the softmax ran over the positions (dim -1): the rounds are dim 2 of lses (B, H, n_r, L)":
+        lambda outs, lses: (torch.softmax(lses, dim=-1)[..., None] * outs).sum(dim=2),
+    "only the round with the largest lse was kept: every round weighs exp(lse^(u) - lse)":
+        lambda outs, lses: outs.gather(2, lses.argmax(dim=2)[:, :, None, :, None].expand(
+            -1, -1, 1, -1, outs.shape[-1]))[:, :, 0],
+    "a query with no key in any round keeps round 0's row (outs[:, :, 0]), not zeros":
+        lambda outs, lses: (torch.softmax(lses, dim=2).nan_to_num(0.0)[..., None] * outs).sum(dim=2),
+    "a query with no key in any round keeps round 0's row (outs[:, :, 0]), not the last round's":
+        lambda outs, lses: torch.where(torch.isfinite(lses).any(dim=2)[..., None],
+                                       S.combine_rounds(outs, lses), outs[:, :, -1]),
 }
 
 
@@ -207,10 +246,10 @@ def combine_cases(rng):
         return torch.randn(*shape, generator=rng, dtype=dtype)
 
     lses = randn(2, 2, 3, 7) * 2
-    yield Case("3 rounds, B = 2, H = 2, L = 7, Dv = 4, z in about [-4, 4]", randn(2, 2, 3, 7, 4), lses)
+    yield Case("3 rounds, B = 2, H = 2, L = 7, Dv = 4, lse in about [-4, 4]", randn(2, 2, 3, 7, 4), lses)
     lses = randn(1, 2, 4, 6) + 1000.0
     lses[0, 0, 1, 2] = -math.inf
-    yield Case("4 rounds, z near 1000 (exp overflows), one round with no key", randn(1, 2, 4, 6, 3), lses)
+    yield Case("4 rounds, lse near 1000 (exp overflows), one round with no key", randn(1, 2, 4, 6, 3), lses)
     lses = randn(1, 1, 3, 5)
     lses[0, 0, :, 4] = -math.inf
     lses[0, 0, 0, 1] = -math.inf
@@ -253,7 +292,7 @@ TESTS = [
         reference=S.combine_rounds,
         blocked=[S.combine_rounds, S.lsh_attention],
         mistakes=COMBINE_MISTAKES,
-        hint="weights exp(z^(u) - logsumexp_u z^(u)) over dim 2, a round at -inf weighing 0; a query with every "
-             "round at -inf keeps outs[:, :, 0]",
+        hint="weights exp(lse^(u) - logsumexp_u lse^(u)) over dim 2 (weights[..., None] to scale the rows of outs), "
+             "a round at -inf weighing 0; a query with every round at -inf keeps outs[:, :, 0]",
     ),
 ]
