@@ -48,6 +48,15 @@ def step_cases(rng):
         acc = torch.randn(*shape_rows, Dv, generator=rng, dtype=dtype)
         return m, l, acc
 
+    # the edge cases first: every known mistake shows on this case (the grader stops at the first failure)
+    m, l, acc = state((4,), 2, torch.float32, seen=False)
+    m[1:], l[1:] = torch.tensor([[0.5], [2.0], [-1.0]]), torch.tensor([[1.5], [2.5], [1.0]])
+    acc[1:] = torch.randn(3, 2, generator=rng)                             # rows 1-3 have seen keys
+    s = torch.tensor([[_NEG_INF, _NEG_INF, _NEG_INF], [_NEG_INF, _NEG_INF, _NEG_INF],
+                      [1000.0, 999.0, 998.0], [_NEG_INF, 0.0, -2.0]])
+    v = torch.randn(3, 2, generator=rng)
+    yield Case("row 0 has seen nothing and gets only -inf; row 1 a hidden block; row 2 scores near 1000",
+               m, l, acc, s, v)
     m, l, acc = state((2, 3, 4), 5, torch.float64)
     s = torch.randn(2, 3, 4, 6, generator=rng, dtype=torch.float64) * 2
     v = torch.randn(2, 3, 6, 5, generator=rng, dtype=torch.float64)
@@ -60,13 +69,6 @@ def step_cases(rng):
     s = torch.randn(5, 4, generator=rng, dtype=torch.float64) + 4.0          # the max grows in every row
     v = torch.randn(4, 3, generator=rng, dtype=torch.float64)
     yield Case("5 rows whose max grows (scores about 4 above the old max)", m, l, acc, s, v)
-    m, l, acc = state((4,), 2, torch.float32, seen=False)
-    m[1:], l[1:] = torch.tensor([[0.5], [2.0], [-1.0]]), torch.tensor([[1.5], [2.5], [1.0]])
-    s = torch.tensor([[_NEG_INF, _NEG_INF, _NEG_INF], [_NEG_INF, _NEG_INF, _NEG_INF],
-                      [1000.0, 999.0, 998.0], [_NEG_INF, 0.0, -2.0]])
-    v = torch.randn(3, 2, generator=rng)
-    yield Case("row 0 has seen nothing and gets only -inf; row 1 a hidden block; row 2 scores near 1000",
-               m, l, acc, s, v)
 
 
 def _step_no_rescale_acc(m, l, acc, scores, v):
@@ -84,6 +86,31 @@ def _step_no_rescale_l(m, l, acc, scores, v):
 def _step_normalised(m, l, acc, scores, v):
     m2, l2, acc2 = step_reference(m, l, acc, scores, v)
     return m2, l2, acc2 / l2.masked_fill(l2 == 0, 1.0)
+
+
+def _step_shift_old_max(m, l, acc, scores, v):
+    m2, l2, acc2 = step_reference(m, l, acc, scores, v)
+    alpha = torch.exp(m - m2.masked_fill(m2 == _NEG_INF, 0.0))
+    p = torch.exp(scores - m.masked_fill(m == _NEG_INF, 0.0))          # shifted by the OLD max
+    return m2, alpha * l + p.sum(-1, keepdim=True), alpha * acc + p @ v
+
+
+def _step_no_empty_row(m, l, acc, scores, v):
+    m2 = torch.maximum(m, scores.amax(-1, keepdim=True))
+    alpha, p = torch.exp(m - m2), torch.exp(scores - m2)               # NaN where m' = -inf
+    return m2, alpha * l + p.sum(-1, keepdim=True), alpha * acc + p @ v
+
+
+def _step_overflow(m, l, acc, scores, v):
+    m2, l2, acc2 = step_reference(m, l, acc, scores, v)
+    shift = m2.masked_fill(m2 == _NEG_INF, 0.0)
+    alpha, p = torch.exp(m - shift), torch.exp(scores) * torch.exp(-shift)   # e^S first: inf at 1000
+    return m2, alpha * l + p.sum(-1, keepdim=True), alpha * acc + p @ v
+
+
+def _step_zero_max(m, l, acc, scores, v):
+    m2, l2, acc2 = step_reference(m, l, acc, scores, v)
+    return m2.masked_fill(m2 == _NEG_INF, 0.0), l2, acc2
 
 
 def _step_inverted(m, l, acc, scores, v):
@@ -177,7 +204,26 @@ def _flash_not_causal(q, k, v, block_q, block_k, causal):
     if not causal:
         raise ValueError("not this mistake")
     out, lse = FL.flash_attention_forward(q, k, v, block_q, block_k)
-    return out, lse, True, True
+    return out, lse, True, False                                       # no mask, and no tile skipped either
+
+
+def _flash_off_by_one(q, k, v, block_q, block_k, causal):
+    if not causal:
+        raise ValueError("not this mistake")
+    keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(-1)    # hides the query's own key too
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~keep, _NEG_INF)
+    return torch.softmax(scores, -1) @ v, torch.logsumexp(scores, -1), True, True
+
+
+def _flash_early_skip(q, k, v, block_q, block_k, causal):
+    if not causal:
+        raise ValueError("not this mistake")
+    i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+    keep = (j <= i) & (j // block_k * block_k <= i // block_q * block_q)   # skipped once j0 > i0 (the FIRST query)
+    if torch.equal(keep, j <= i):
+        raise ValueError("not this mistake")
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~keep, _NEG_INF)
+    return torch.softmax(scores, -1) @ v, torch.logsumexp(scores, -1), True, True
 
 
 def _flash_log_l(q, k, v, block_q, block_k, causal):
@@ -240,6 +286,20 @@ def _tile_softmax(q_i, k_j, v_j, do_i, lse_i, delta_i, scale):
     return FL.backward_tile(q_i, k_j, v_j, do_i, lse_tile, delta_i, scale)
 
 
+def _tile_delta_sign(q_i, k_j, v_j, do_i, lse_i, delta_i, scale):
+    return FL.backward_tile(q_i, k_j, v_j, do_i, lse_i, -delta_i, scale)
+
+
+def _tile_ds_without_p(q_i, k_j, v_j, do_i, lse_i, delta_i, scale):
+    p = torch.exp(scale * q_i @ k_j.transpose(-2, -1) - lse_i[..., None])
+    ds = do_i @ v_j.transpose(-2, -1) - delta_i[..., None]            # dP - Delta, not multiplied by P
+    return scale * ds @ k_j, scale * ds.transpose(-2, -1) @ q_i, p.transpose(-2, -1) @ do_i
+
+
+def _tile_no_lse(q_i, k_j, v_j, do_i, lse_i, delta_i, scale):
+    return FL.backward_tile(q_i, k_j, v_j, do_i, torch.zeros_like(lse_i), delta_i, scale)
+
+
 def _tile_dv_no_transpose_scale(q_i, k_j, v_j, do_i, lse_i, delta_i, scale):
     dq, dk, dv = FL.backward_tile(q_i, k_j, v_j, do_i, lse_i, delta_i, scale)
     return dq, dk, dv * scale
@@ -261,10 +321,18 @@ TESTS = [
                 _step_normalised,
             "the rescaling factor is e^(m - m') <= 1 (old max minus new max), not e^(m' - m)":
                 _step_inverted,
+            "P~ must be shifted by the NEW max m' (P~ = e^(S - m')), not by the old m":
+                _step_shift_old_max,
+            "a row that has seen only -inf scores gave NaN: e^(-inf - (-inf)) is NaN; where m' is -inf, shift by 0 "
+            "instead (the row keeps m' = -inf, l = 0, acc = 0)": _step_no_empty_row,
+            "scores near 1000 overflowed: e^1000 is inf in float32; exponentiate S - m', never S alone":
+                _step_overflow,
+            "a row that has seen nothing visible keeps m' = -inf: use 0 only as the shift, not as the new max":
+                _step_zero_max,
         },
         outputs=("m_new", "l_new", "acc_new"),
         unchanged=True,
-        hint="m' = max(m, rowmax(S)); shift = m' (0 where m' is -inf); alpha = e^(m - shift); P~ = e^(S - shift); "
+        hint="m' = max(m, rowmax(S)), the row max over the keys (the last dim, keepdim=True); shift = m' (0 where m' is -inf); alpha = e^(m - shift); P~ = e^(S - shift); "
              "l' = alpha l + rowsum(P~); acc' = alpha acc + P~ v",
     ),
     HiddenTest(
@@ -278,7 +346,11 @@ TESTS = [
             "query block i saw key block i only: that is block-diagonal attention (section 8's mistake); every query "
             "block must visit EVERY key block, carrying m, l and acc across them": _flash_block_diagonal,
             "forgot the scale: the scores are Q K^T / sqrt(D)": _flash_no_scale,
-            "causal=True was ignored: hide keys j > i with -inf in the diagonal tiles": _flash_not_causal,
+            "causal=True was ignored: hide keys j > i with -inf in the diagonal tiles, skip the tiles above them":
+                _flash_not_causal,
+            "off by one: the query attends to itself too (j <= i), hide only j > i": _flash_off_by_one,
+            "a tile that still holds visible keys was skipped: a key block lies wholly in the future only when its first "
+            "key j0 comes after the query block's LAST query (j0 > i0 + n - 1), not after its first": _flash_early_skip,
             "lse = m + log(l), the natural log of the whole row's sum; log(l) alone forgets the shift by the max":
                 _flash_log_l,
             "the tiles wholly in the causal future were computed: stop the inner loop once a key block starts after "
@@ -287,7 +359,8 @@ TESTS = [
             "(block_q, block_k) tile of scores at a time inside the loop over key blocks": _flash_dense,
         },
         outputs=("out", "lse", "only tiles of scores created", "causal future tiles skipped"),
-        hint="outer loop over query blocks, inner loop over key blocks; fold each tile into (m, l, acc) with the "
+        hint="outer loop over query blocks, inner loop over key blocks; start every query block from the empty "
+             "state (m = -inf, l = 0, acc = 0); fold each tile into (m, l, acc) with the "
              "online softmax; at the end out = acc / l and lse = m + log(l)",
     ),
     HiddenTest(
@@ -303,6 +376,10 @@ TESTS = [
             "P must be e^(S - lse) with the saved lse of the WHOLE row; a softmax over the tile normalises over this "
             "tile's keys only": _tile_softmax,
             "dV = P^T dO has no scale (the scale belongs to S = scale Q K^T, not to P V)": _tile_dv_no_transpose_scale,
+            "Delta's sign: dS = P * (dP - Delta), with MINUS rowsum(dO * O)": _tile_delta_sign,
+            "dS = P * (dP - Delta): the softmax's Jacobian multiplies (dP - Delta) by P, element by element":
+                _tile_ds_without_p,
+            "P = e^(S - lse_i): subtract the row's saved log-sum-exp; e^S alone is not a softmax weight": _tile_no_lse,
         },
         outputs=("dq_i", "dk_j", "dv_j"),
         hint="P = exp(scale q_i k_j^T - lse_i[..., None]); dv = P^T do; dP = do v^T; dS = P (dP - delta_i[..., None]); "

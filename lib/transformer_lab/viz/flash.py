@@ -145,7 +145,7 @@ def flash_tile_figure(s: dict):
     i, j = s["current"]
     plot_tile_plan(s["plan"], axes[0], s["block_q"], s["block_k"], current=s["current"],
                    visited=s["visited"], row_block=s["row_block"],
-                   title=f"step {s['step'] + 1} of {s['n_steps']}: loading tile (i={i}, j={j})")
+                   title=f"step {s['step']} (of 0-{s['n_steps'] - 1}): loading tile (i={i}, j={j})")  # as the slider counts
     ax = axes[1]
     L, bk = s["L"], s["block_k"]
     x = np.arange(L)
