@@ -600,7 +600,7 @@ def test_bad_inputs_are_named():
     q, k, v = qkv(L=6, D=4)
     g = torch.Generator().manual_seed(0)
     # a feature count of 0
-    with pytest.raises(ValueError, match=r"n_features \(m, the number of random features\) must be >= 1; got n_features=0"):
+    with pytest.raises(ValueError, match=r"n_features \(n_f, the number of random features; the paper's m\) must be >= 1; got n_features=0"):
         LR.performer_attention(q, k, v, 0)
     with pytest.raises(ValueError, match=r"m \(the number of random features\) must be >= 1; got m=0"):
         LR.gaussian_features(0, 4, g)

@@ -772,7 +772,7 @@ def kernel_estimate_variance(q: Tensor, k: Tensor, n_features: int,
 
     Orthogonal features (FAVOR+) have a lower variance than this (Theorem 2).
     """
-    m = _check_int("n_features", n_features, 1, " (m, the number of random features)")
+    m = _check_int("n_features", n_features, 1, " (n_f, the number of random features; the paper's m)")
     _check_choice("features", features, FEATURE_KINDS)
     _check_tensor("q", q)
     _check_tensor("k", k)
@@ -928,7 +928,7 @@ def _draw_or_check_features(n_features, features, D, H, generator, orthogonal, d
                 "give n_features (m: draw m new random features, i.e. redraw at every call) "
                 "or features (W (m, D) from gaussian_features: reuse one draw); got neither"
             )
-        m = _check_int("n_features", n_features, 1, " (m, the number of random features)")
+        m = _check_int("n_features", n_features, 1, " (n_f, the number of random features; the paper's m)")
         with torch.no_grad():
             return gaussian_features(m, D, generator, orthogonal, dtype=dtype, device=device)
     m = _check_W(features, D, "features")
@@ -1051,7 +1051,7 @@ class PerformerSelfAttention(_KernelSelfAttentionBase):
         D = self.head_dim
         if n_features is None:
             n_features = max(1, round(D * math.log(D))) if D > 1 else 1
-        self.n_features = _check_int("n_features", n_features, 1, " (m, the number of random features)")
+        self.n_features = _check_int("n_features", n_features, 1, " (n_f, the number of random features; the paper's m)")
         self.causal = _check_bool("causal", causal)
         self.orthogonal = _check_bool("orthogonal", orthogonal)
         if redraw_interval is not None:
@@ -1289,7 +1289,7 @@ def feature_error_curve(q: Tensor, k: Tensor, v: Tensor, feature_counts: Sequenc
     :func:`performer_attention` with m = each count, a new draw of W each time. The mean
     over draws should fall like 1/sqrt(m).
     """
-    counts = [_check_int("feature count", m, 1, " (m, the number of random features)")
+    counts = [_check_int("feature count", m, 1, " (n_f, the number of random features; the paper's m)")
               for m in feature_counts]
     if not counts:
         raise ValueError("feature_counts must name at least one feature count; got none")

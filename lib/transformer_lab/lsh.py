@@ -237,7 +237,7 @@ def _check_bool(name: str, value) -> bool:
 
 def _check_buckets(n_buckets) -> int:
     """The angular hash takes the argmax over [xR; -xR]: b/2 directions and their negatives."""
-    what = " (the hash picks one of b/2 rotated axes or its negative: b must be even and >= 2)"
+    what = " (the hash picks one of n_b/2 rotated axes or its negative: n_b must be even and >= 2)"
     n_buckets = _check_int("n_buckets", n_buckets, what=what)
     if n_buckets < 2 or n_buckets % 2:
         raise ValueError(f"n_buckets must be an even number >= 2{what}; got n_buckets={n_buckets}")
