@@ -87,7 +87,10 @@ def test_each_hint_names_a_mistake_the_cases_tell_apart(lecture):
                     wrong = exp
                 if case.raises is None and not hidden._close(wrong, exp, t):
                     differs = True
-                outs.append({"ok": wrong} if case.raises is None else {"raised": {"type": case.raises.__name__, "mro": [case.raises.__name__], "message": ""}})
+                if case.raises is None:  # the mistake ran on copies: the caller's inputs are as they were
+                    outs.append({"ok": wrong, "after": [list(hidden._clone(case.args)), dict(hidden._clone(case.kwargs))]})
+                else:
+                    outs.append({"raised": {"type": case.raises.__name__, "mro": [case.raises.__name__], "message": ""}})
             assert differs, f"{lecture} {t.cell}: the mistake {text!r} gives the reference's values on every case"
             verdict = hidden.judge(t, cases, expected, _payload(outs))
             assert not verdict.passed and f"hint: {text}" in verdict.message, (t.cell, text, verdict.message)

@@ -268,6 +268,7 @@ TESTS = [
         reference=hash_reference,
         blocked=[S.lsh_hash, S.lsh_attention, S.LSHSelfAttention, S.collision_probability_mc],
         mistakes=HASH_MISTAKES,
+        unchanged=True,
         hint="bucket = argmax over the last dimension of [xR, -xR], with xR = x.unsqueeze(-3) @ R: (..., n_r, L) int64",
     ),
     HiddenTest(
@@ -292,6 +293,7 @@ TESTS = [
         reference=S.combine_rounds,
         blocked=[S.combine_rounds, S.lsh_attention],
         mistakes=COMBINE_MISTAKES,
+        unchanged=True,
         hint="weights exp(lse^(u) - logsumexp_u lse^(u)) over dim 2 (weights[..., None] to scale the rows of outs), "
              "a round at -inf weighing 0; a query with every round at -inf keeps outs[:, :, 0]",
     ),
