@@ -83,3 +83,25 @@ def test_notebook_benchmark_on_a_tiny_learner_notebook(tmp_path):
     [row] = json.loads(out.read_text())["results"]
     assert row["mode"] == "grading" and row["errors"] == 1 and row["errors_outside_exercises"] == []
     assert row["code_cells"] == 4 and row["seconds"] > 0
+
+
+def test_inference_benchmark_quick(tmp_path):
+    """benchmarks/inference.py (lectures 09-10): XL cache against sliding windows, exact against
+    faiss search, early exit against the full model, each measured in one run."""
+    inference = _load("inference")
+    assert inference.main(["--quick", "--silent", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "inference.json").read_text())
+    xl = {r["name"]: r for r in report["xl"]["rows"]}
+    assert set(xl) == {"sliding", "cached"} and xl["sliding"]["ratio"] == 1.0
+    assert xl["cached"]["tokens"] == xl["sliding"]["tokens"]  # the same tokens were scored
+    knn = {r["name"]: r for r in report["knn"]["rows"]}
+    assert knn["torch"]["recall"] == 1.0 and knn["faiss_flat"]["recall"] == 1.0  # both exact
+    assert knn["faiss_ivf_16"]["recall"] == 1.0  # every list probed: exact again
+    assert 0 < knn["faiss_ivf_1"]["recall"] < 1  # one list of 16: approximate, and measured as such
+    exit_ = report["exit"]
+    assert {r["name"] for r in exit_["rows"]} == {"full", "early_exit"}
+    fractions = [c["layers_fraction"] for c in exit_["curve"]]
+    assert fractions[0] == 1.0 and all(0 < f <= 1 for f in fractions)  # threshold 1: every layer
+    assert exit_["curve"][0]["agreement"] == 1.0  # and exactly the full model's predictions
+    assert (tmp_path / "inference.csv").read_text().startswith("section,name,time_ms")
+    assert (tmp_path / "inference.png").stat().st_size > 10_000

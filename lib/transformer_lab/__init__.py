@@ -10,6 +10,9 @@ One module per concept, mirroring the lectures::
     lsh         LSH and routing attention, reversible layers       (lecture 06)
     lowrank     Linformer, Performer, linear attention as an RNN   (lecture 07)
     flash       tiled attention, online softmax, recomputed backward (lecture 08)
+    memory      Transformer-XL recurrence, compressive and kNN memory (lecture 09)
+    retrieval   nearest neighbours (torch, faiss), kNN-LM             (lecture 09)
+    adaptive    Universal Transformer, ACT, adaptive span, early exit (lecture 10)
     models      small configurable LM / classifier / seq2seq
     data        synthetic tasks and an offline character corpus
     train       a seeded training loop with a progress bar
@@ -29,8 +32,8 @@ from .device import budget, device, grading_mode, seed_everything
 
 __version__ = "0.1.0"
 
-SUBMODULES = ("attention", "blocks", "positions", "adapters", "sparse", "lsh", "lowrank", "flash", "models",
-              "data", "train", "viz", "grading")
+SUBMODULES = ("attention", "blocks", "positions", "adapters", "sparse", "lsh", "lowrank", "flash", "memory",
+              "retrieval", "adaptive", "models", "data", "train", "viz", "grading")
 
 __all__ = ["device", "seed_everything", "grading_mode", "budget", "__version__", *SUBMODULES]
 
