@@ -295,3 +295,20 @@ def test_cuda_xl_and_memorizing():
     x = torch.randn(1, 4, 16, device="cuda")
     layer(x)
     assert layer(x).device.type == "cuda"
+
+
+def test_knn_memory_with_the_retrieval_index_finds_the_same_neighbours():
+    pytest.importorskip("faiss")
+    torch.manual_seed(3)
+    k, v = torch.randn(2, 2, 20, 4), torch.randn(2, 2, 20, 4)
+    q = torch.randn(2, 2, 5, 4)
+    exact, flat = MEM.KNNMemory(32), MEM.KNNMemory(32, index="faiss-flat")
+    for m in (exact, flat):
+        m.add(k, v)
+    a, b = exact.search(q, 3), flat.search(q, 3)
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+    index = MEM.make_knn_index("torch", 4, "ip")
+    index.add(k[0, 0])
+    s, i = index.search(q[0, 0], 3)
+    assert i.tolist() == (q[0, 0] @ k[0, 0].T).topk(3).indices.tolist()
