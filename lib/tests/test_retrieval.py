@@ -176,6 +176,16 @@ def test_lm_outputs_match_a_direct_forward_and_score_every_position_once():
         window = ids[None, 15:31]
         direct = torch.log_softmax(model(window), -1)[0, -1]
     assert torch.allclose(logp[t], direct, atol=1e-5)
+    class Pair(torch.nn.Module):                                     # a model returning (logits, state)
+        def __init__(self, lm):
+            super().__init__()
+            self.lm, self.head = lm, lm.head
+
+        def forward(self, idx):
+            return self.lm(idx), None
+
+    vec2, logp2 = RT.lm_outputs(Pair(model), ids, context=16, stride=5)
+    assert torch.equal(vec2, vec) and torch.equal(logp2, logp)
     # short text: fewer tokens than the context
     vec, logp = RT.lm_outputs(model, ids[:5], context=16)
     assert vec.shape == (4, 16)

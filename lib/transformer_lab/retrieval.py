@@ -447,7 +447,8 @@ def lm_outputs(model: nn.Module, ids: Tensor, context: int, stride: Optional[int
     f(c_t)) and ``log_softmax`` of its logits. Windows of ``context`` tokens move by ``stride``
     (default ``context // 2``); each position is taken from the first window in which it is
     new, so it sees at least ``context - stride`` earlier tokens (fewer only at the start).
-    The model runs in eval mode; its mode is restored.
+    ``model(idx)`` may return the logits or a tuple whose first item they are (a memory model's
+    ``(logits, new_mems)``, called without memory). The model runs in eval mode; its mode is restored.
     """
     if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.is_floating_point():
         raise ValueError(f"ids must be a 1-d integer tensor of token ids; got "
@@ -482,6 +483,8 @@ def lm_outputs(model: nn.Module, ids: Tensor, context: int, stride: Optional[int
                 batch = torch.stack([x[s:e] for s, _, e in chunk])               # (b, length)
                 captured.clear()
                 logits = model(batch)                                            # (b, length, V)
+                if isinstance(logits, (tuple, list)):                            # e.g. (logits, new_mems)
+                    logits = logits[0]
                 h = captured[-1]                                                 # (b, length, d)
                 for j, (s, keep, e) in enumerate(chunk):
                     results[s, keep, e] = (h[j, keep - s:], torch.log_softmax(logits[j, keep - s:].float(), -1))
