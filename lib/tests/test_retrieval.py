@@ -63,7 +63,7 @@ def test_exact_topk_chunking_does_not_change_the_answer():
     keys, queries = _points(1001, 8, 2), _points(33, 8, 3).double()
     keys = keys.double()
     ref = RT.exact_topk(queries, keys, 7, chunk_size=5000, query_chunk=5000)
-    for chunk, qchunk in [(3, 1), (7, 4), (100, 33), (1000, 10)]:
+    for chunk, qchunk in [(13, 1), (7, 8), (100, 33), (1000, 10)]:
         d, i = RT.exact_topk(queries, keys, 7, chunk_size=chunk, query_chunk=qchunk)
         assert torch.equal(i, ref[1]) and torch.allclose(d, ref[0])
     assert ref[0].dtype == torch.float64
