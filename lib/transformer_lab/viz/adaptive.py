@@ -48,7 +48,7 @@ def span_act_figure(state: dict):
     ax.axvline(state["span"] + state["ramp"], color="red", linestyle=":", label=f"zeta + nu = {state['span'] + state['ramp']:g}")
     ax.set_xlabel("distance i - j")
     ax.set_ylabel("chi(i - j)")
-    ax.set_title(f"soft span mask: {state['reach']} keys back have weight > 0")
+    ax.set_title(f"soft span mask: {state['reach']} keys (itself included) have weight > 0")
     ax.legend(fontsize=8)
     axes[1].imshow(state["mask"].numpy(), cmap="Blues", vmin=0, vmax=1)
     axes[1].set_xlabel("key j")
