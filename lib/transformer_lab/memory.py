@@ -10,12 +10,13 @@ Papers
 
 Equations
 ---------
-Segment recurrence (one layer ``n``, segment ``tau``; ``SG`` = stop-gradient, ``[a; b]`` = concatenate
-along the sequence)::
+Segment recurrence (one layer ``l``; ``X`` its input for the current segment, ``X_prev`` its memory: the
+last ``L_mem`` inputs before the segment; ``SG`` = stop-gradient, ``[a; b]`` = concatenate along the
+sequence; the notation of lecture 09, which writes no segment index)::
 
-    h~ = [SG(m^{n-1}_tau); h^{n-1}_tau]              memory of length L_mem, then the segment (L)
-    q = h^{n-1}_tau W^Q,   k = h~ W^K,   v = h~ W^V    queries of the segment only
-    m^{n-1}_{tau+1} = last L_mem rows of [m^{n-1}_tau; h^{n-1}_tau]   (a FIFO, :func:`update_memory`)
+    X~ = [SG(X_prev); X]                          memory of length L_mem, then the segment (L)
+    Q = X W^Q,   K = X~ W^K,   V = X~ W^V          queries of the segment only
+    X_prev <- last L_mem rows of [X_prev; X]       for the next segment (a FIFO, :func:`update_memory`)
 
 The ``L`` queries sit at the LAST ``L`` of the ``L_k = L_mem + L`` key positions, so query ``i`` (0-based in
 the segment) is at absolute position ``L_mem + i`` and sees key ``j`` iff ``j <= L_mem + i``
@@ -28,28 +29,28 @@ with ``R_r`` the sinusoid of the distance ``r = i' - j >= 0`` (:func:`xl_relativ
 ``XLRelative.score_bias`` gives the right distances with a memory (tested).
 
 Compressive Transformer: the states evicted from the memory FIFO (``L_mem`` slots) are compressed by
-a rate ``c`` (mean or max pooling over ``c`` consecutive states, or a 1-d convolution with kernel and
-stride ``c``) and pushed into a second FIFO of ``L_cmem`` compressed slots
+a rate ``c`` (lecture 09's gamma; mean or max pooling over ``c`` consecutive states, or a 1-d
+convolution with kernel and stride ``c``) and pushed into a second FIFO of ``L_cmem`` compressed slots
 (:func:`compressive_update`). The compression is trained by the attention-reconstruction loss
-``|| attn(h, old) - attn(h, f_c(old)) ||^2`` with the attention's weights frozen
+``|| attn(X, old) - attn(X, f_c(old)) ||^2`` with the attention's weights frozen
 (:func:`attention_reconstruction_loss`).
 
 Memorizing Transformer: a FIFO of past (key, value) pairs per head (:class:`KNNMemory`); each query
 retrieves its ``top_k`` keys by inner product, attends over them (:func:`knn_attention`), and a learned
-per-head gate ``g_h = sigmoid(b_h)`` mixes ``g_h o^mem + (1 - g_h) o^local`` (:func:`gated_combine`).
+per-head gate ``g_h = sigmoid(beta_h)`` mixes ``g_h o^mem + (1 - g_h) o^local`` (:func:`gated_combine`).
 
 Inside attention tensors are ``(B, H, L, D)``; between blocks ``(B, L, d_model)``.
 
 Glossary (code -> paper)
 ------------------------
-``mems[n]`` (B, L_mem, d_model)   m^n_tau, Transformer-XL's memory of layer n's input (the paper's M)
+``mems[l]`` (B, L_mem, d_model)   X_prev of layer l: Transformer-XL's memory of layer l's input
 ``mem_len``                       L_mem, memory length (Transformer-XL's M, Compressive's n_m)
 ``cmem_len``                      L_cmem, compressed-memory length (Compressive's n_cm)
 ``rate``                          c, compression rate (Compressive's c)
 ``u``, ``v_pos``                  u, v: XL's content and position biases (H, D)
 ``rel`` (H, L_k, D)               W_R R_r for distances r = 0 .. L_k - 1, split into heads
 ``top_k``                         k of the kNN lookup (Memorizing's k)
-``gate_bias`` (H,)                b_h; g_h = sigmoid(b_h)
+``gate_bias`` (H,)                beta_h; g_h = sigmoid(beta_h)
 
 Benchmark hooks (``benchmarks/memory.py``)
 ------------------------------------------
@@ -684,7 +685,7 @@ def knn_memory_attention(q: Tensor, k: Tensor, v: Tensor, mem_k: Tensor, mem_v: 
     q, k, v (B, H, L, D) the segment's own; mem_k, mem_v (B, H, N, D) the FIFO (N >= top_k >= 1);
     gate_bias (H,). Local: causal softmax attention over the segment. Memory: each query's ``top_k``
     keys by inner product q . k, softmax over them (scaled by 1/sqrt(D)), weighted values.
-    Returns ``sigmoid(b_h) o^mem + (1 - sigmoid(b_h)) o^local`` (B, H, L, D).
+    Returns ``sigmoid(beta_h) o^mem + (1 - sigmoid(beta_h)) o^local`` (B, H, L, D).
     """
     top_k = _check_positive_int(top_k, "top_k", "the number of retrieved pairs per query")
     N = mem_k.shape[-2]
@@ -722,7 +723,7 @@ class MemorizingAttention(nn.Module):
         self.top_k = _check_positive_int(top_k, "top_k", "the number of retrieved pairs per query")
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.gate_bias = nn.Parameter(torch.zeros(n_heads))  # b_h; g_h = sigmoid(b_h) = 0.5 at init
+        self.gate_bias = nn.Parameter(torch.zeros(n_heads))  # beta_h; g_h = sigmoid(beta_h) = 0.5 at init
         self.memory = KNNMemory(mem_size, index)
 
     def reset(self) -> None:

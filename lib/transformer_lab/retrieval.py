@@ -16,8 +16,8 @@ The datastore (eq. 1)
 ---------------------
 Run a trained language model over a text ``w_1 .. w_n``. At every position ``t`` it computes a
 context vector ``f(c_t)`` (here: the input of the output layer, the final hidden state after
-the last LayerNorm) from which it predicts the next token ``w_{t+1}``. The datastore keeps all
-the pairs::
+the last LayerNorm) from which it predicts the next token ``w_{t+1}`` (lecture 09 writes ``x_t``
+for ``f(c_t)`` and ``y_t`` for ``w_t``). The datastore keeps all the pairs::
 
     (K, V) = { (f(c_t), w_{t+1})  for every position t of the text }      keys (N, d), values (N,)
 
@@ -71,7 +71,7 @@ of the exact top-k indices that the approximate search found.
 Glossary (variable -> symbol)
 -----------------------------
 ==========================  ========================================================
-``keys``                    K, the context vectors f(c_t), (N, d)
+``keys``                    K, the context vectors f(c_t) (lecture 09's x_t), (N, d)
 ``values``                  V, the next tokens w_{t+1}, (N,) int64
 ``queries``                 q = f(c), (M, d)
 ``k``                       the number of neighbours (top-k)
