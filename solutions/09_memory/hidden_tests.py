@@ -67,14 +67,18 @@ def _cat(mem, h):
 # --------------------------------------------------------------------------- ex2: xl_attention
 
 
-def xl_variant(q, k, v, u, v_pos, rel, mem_offset=True, mask=True, use_u=True, scale=True, rel_offset=True):
+def xl_variant(q, k, v, u, v_pos, rel, mem_offset=True, mask=True, use_u=True, scale=True, rel_offset=True,
+               pos_bias="v", swap_uv=False):
     Lq, Lk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     n_mem = Lk - Lq
     i = torch.arange(Lq)[:, None] + (n_mem if mem_offset else 0)
     j = torch.arange(Lk)[None, :]
     d_rel = torch.arange(Lq)[:, None] + (n_mem if rel_offset else 0) - j
+    if swap_uv:
+        u, v_pos = v_pos, u
     content = (q + (u if use_u else 0 * u)[None, :, None, :]) @ k.transpose(-2, -1)
-    pos_all = (q + v_pos[None, :, None, :]) @ rel.transpose(-2, -1)
+    pb = {"v": v_pos, "u": u, "none": 0 * v_pos}[pos_bias]
+    pos_all = (q + pb[None, :, None, :]) @ rel.transpose(-2, -1)
     position = pos_all.gather(-1, d_rel.clamp(min=0).expand(*q.shape[:3], Lk))
     s = (content + position) / (math.sqrt(D) if scale else 1.0)
     if mask:
@@ -163,6 +167,10 @@ TESTS = [
                 lambda mem, h, n: ((h if mem is None else torch.cat([h, mem], 1))[:, -n:], False, True),
             "the old memory must be kept too: concatenate [mem; h] before cutting":
                 lambda mem, h, n: (h[:, -n:], False, True),
+            "off by one: you kept mem_len - 1 rows; cat[:, -mem_len:] keeps the last mem_len":
+                lambda mem, h, n: (_cat(mem, h)[:, -n + 1:] if n > 1 else _cat(mem, h)[:, :0], False, True),
+            "off by one: you kept mem_len + 1 rows; cat[:, -mem_len:] keeps the last mem_len":
+                lambda mem, h, n: (_cat(mem, h)[:, -(n + 1):], False, True),
             "no stop-gradient: the memory must be .detach()ed (requires_grad False)":
                 lambda mem, h, n: (_cat(mem, h)[:, -n:], True, True),
         },
@@ -187,6 +195,12 @@ TESTS = [
                 lambda *a: xl_variant(*a, use_u=False),
             "the scale is missing: divide the whole score by sqrt(D)":
                 lambda *a: xl_variant(*a, scale=False),
+            "the position term uses u: it is (q_i + v_pos) . rel[i' - j] (u goes with the content term)":
+                lambda *a: xl_variant(*a, pos_bias="u"),
+            "u and v_pos are swapped: content (q_i + u) . k_j, position (q_i + v_pos) . rel[i' - j]":
+                lambda *a: xl_variant(*a, swap_uv=True),
+            "the position bias v_pos is missing: the position term is (q_i + v_pos) . rel[i' - j]":
+                lambda *a: xl_variant(*a, pos_bias="none"),
         },
         hint="score ((q_i + u).k_j + (q_i + v_pos).rel[n_mem + i - j]) / sqrt(D), keys j > n_mem + i masked, "
              "softmax over j, times v; keep the dtype",
