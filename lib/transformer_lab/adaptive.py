@@ -32,8 +32,8 @@ ACT, per position i, with halting probabilities psi_i^(t) in [0, 1] for steps t 
 
 Adaptive span (head a has span zeta_a, every head the ramp nu)::
 
-    chi_zeta(d) = clamp((nu + zeta - d) / nu, 0, 1)         d = i - j >= 0   [m_z(x), R]
-    a_ij = chi(i - j) exp(s_ij) / sum_k chi(i - k) exp(s_ik);  penalty tau * sum_a zeta_a
+    chi_zeta(i - j) = clamp((nu + zeta - (i - j)) / nu, 0, 1)   for keys j <= i   [m_z(x), R]
+    P_ij = chi(i - j) exp(s_ij) / sum_{j' <= i} chi(i - j') exp(s_ij');  penalty tau * sum_a zeta_a
 
 Early exit (CALM): token i leaves after the first layer l whose confidence exceeds Lambda
 (CALM's lambda); its state is copied to layers l+1..N, so later tokens attend to it there.
@@ -431,8 +431,8 @@ def exit_confidence(logits: Tensor, state: Tensor, prev_state: Tensor, measure: 
 def early_exit_forward(model: EarlyExitLM, idx: Tensor, threshold: float, measure: str = "softmax"):
     """Per-token early exit with the states of skipped layers copied (CALM sec. 4).
 
-    Layer by layer over the whole sequence: a token that exited at layer k keeps its state
-    x^(k) at layers k+1..N (copied), so later tokens' keys and values at those layers exist;
+    Layer by layer over the whole sequence: a token that exited at layer l' keeps its state
+    x^(l') at layers l'+1..N (copied), so later tokens' keys and values at those layers exist;
     the others go through the layer, and exit after it when their confidence exceeds
     ``threshold`` (Lambda). Token i's layers depend only on tokens j <= i, so this equals
     generating token by token (:func:`early_exit_forward_tokenwise`).
@@ -498,10 +498,12 @@ def early_exit_forward_tokenwise(model: EarlyExitLM, idx: Tensor, threshold: flo
 def binomial_pvalue(n_bad: int, n: int, tolerance: float) -> float:
     """P(Bin(n, xi) <= n_bad): the p-value of "disagreement rate > xi" after n_bad of n disagreed."""
     tolerance = _check_open_unit("tolerance xi", tolerance)
-    ks = torch.arange(0, int(n_bad) + 1, dtype=torch.float64)
-    logp = (torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(ks + 1) - torch.lgamma(n - ks + 1)
-            + ks * math.log(tolerance) + (n - ks) * math.log1p(-tolerance))  # log C(n,k) xi^k (1-xi)^(n-k)
-    return float(torch.logsumexp(logp, 0).exp().clamp(max=1.0))
+    n = int(n)
+    log_xi, log_1m_xi, log_n_fact = math.log(tolerance), math.log1p(-tolerance), math.lgamma(n + 1)
+    logp = [log_n_fact - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_xi + (n - k) * log_1m_xi
+            for k in range(min(int(n_bad), n) + 1)]  # log C(n,k) xi^k (1-xi)^(n-k); plain floats: fast for one call
+    top = max(logp)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(v - top) for v in logp))  # log-sum-exp
 
 
 def hoeffding_pvalue(mean_loss: float, n: int, tolerance: float) -> float:
@@ -601,7 +603,8 @@ def marker_task(n: int, L: int, max_gap: int, generator: Optional[torch.Generato
     Tokens: 0 blank, 1 and 2 markers with labels 0 and 1; position 0 is always a marker and
     markers are never more than ``max_gap`` apart. With attention limited to the previous
     position (a window of 1, lecture 05), a label travels one position per step, so a position
-    ``k`` places after its marker needs ``k + 1`` steps: its difficulty.
+    ``k`` places after its marker needs ``max(k, 1)`` steps (the label moves one position per step,
+    and the output reads the states after step 1 on): its difficulty.
 
     Returns ``(idx (n, L), targets (n, L), distance (n, L))`` int64, distance = k."""
     _check_positive_int("n", n)

@@ -27,7 +27,7 @@ def span_act_state(span: float = 4.0, ramp: float = 3.0, L: int = 16, psi: float
     """Everything the two panels show, as tensors and numbers (tests check it)."""
     mask = AD.span_mask(torch.tensor([float(span)], dtype=torch.float64), ramp, int(L))[0]  # (L, L)
     dist = torch.arange(int(L), dtype=torch.float64)
-    curve = ((ramp + span - dist) / ramp).clamp(0, 1)  # chi(d) for d = 0..L-1
+    curve = ((ramp + span - dist) / ramp).clamp(0, 1)  # chi(i - j) for distances i - j = 0..L-1
     probs = torch.full((int(max_steps),), float(psi), dtype=torch.float64)
     weights, n, r, p = AD.act_weights(probs, threshold)
     return {"span": float(span), "ramp": float(ramp), "L": int(L), "mask": mask, "curve": curve,
