@@ -64,6 +64,11 @@ def _span_flipped(spans, ramp, L):
     return ((ramp + spans[:, None, None] + d) / ramp).clamp(0, 1) * (d >= 0)
 
 
+def _span_j_minus_i(spans, ramp, L):
+    d = -_dist(spans, L)  # j - i, used for the clamp and for the causal cut alike
+    return ((ramp + spans[:, None, None] - d) / ramp).clamp(0, 1) * (d >= 0)
+
+
 def _span_divide_by_span(spans, ramp, L):
     d = _dist(spans, L)
     return ((ramp + spans[:, None, None] - d) / spans.clamp(min=1e-9)[:, None, None]).clamp(0, 1) * (d >= 0)
@@ -107,6 +112,10 @@ def _act_zero_based(halt_probs, threshold):
     return w, n - 1, r, p
 
 
+def _act_zero_based_throughout(halt_probs, threshold):  # the 0-based index used for the remainder and weights too
+    return _act_from_n(halt_probs, AD.act_weights(halt_probs, threshold)[1] - 1)
+
+
 def _act_no_forced_halt(halt_probs, threshold):
     reached = halt_probs.cumsum(-1) >= threshold
     return _act_from_n(halt_probs, reached.to(torch.int64).argmax(-1) + 1)
@@ -122,6 +131,21 @@ def _act_remainder_includes_halt(halt_probs, threshold):
     n = AD.act_weights(halt_probs, threshold)[1]
     t = torch.arange(1, halt_probs.shape[-1] + 1)
     return _act_from_n(halt_probs, n, lambda h, n: 1 - (h * (t <= n[..., None])).sum(-1))
+
+
+def _act_includes_halt_throughout(halt_probs, threshold):  # before = t <= N_i, for the remainder and the weights
+    n = AD.act_weights(halt_probs, threshold)[1]
+    t = torch.arange(1, halt_probs.shape[-1] + 1)
+    upto = t <= n[..., None]
+    remainder = 1 - (halt_probs * upto).sum(-1)
+    weights = halt_probs * upto + remainder[..., None] * (t == n[..., None])
+    return weights, n, remainder, n.to(halt_probs.dtype) + remainder
+
+
+def _act_weight_is_psi(halt_probs, threshold):
+    w, n, r, p = AD.act_weights(halt_probs, threshold)
+    t = torch.arange(1, halt_probs.shape[-1] + 1)
+    return halt_probs * (t <= n[..., None]), n, r, p
 
 
 def _act_remainder_is_psi(halt_probs, threshold):
@@ -157,6 +181,12 @@ def ltt_cases(rng):
     yield Case("n = 60, tolerance 0.05, failure_prob 0.05: the first threshold already fails (3 disagreements)",
                _losses([3, 0, 0], 60), [0.95, 0.5, 0.1], 0.05, 0.05,
                show={"disagreements": [3, 0, 0], "n": 60, "thresholds": [0.95, 0.5, 0.1]})
+    # n = 60, tolerance 0.2: 6 of 60 passes (p = 0.031), 7 of 60 does not (p = 0.067); a tail that stops at k - 1
+    # passes the two 7s and returns 0.4
+    counts = [1, 6, 7, 7, 12, 2]
+    ths = [1.0, 0.8, 0.6, 0.4, 0.2, 0.1]
+    yield Case("n = 60, tolerance 0.2, failure_prob 0.05: disagreements 1, 6, 7, 7, 12, 2 (the walk stops at 0.6)",
+               _losses(counts, 60), ths, 0.2, 0.05, show={"disagreements": counts, "n": 60, "thresholds": ths})
     grid = [1 - 0.05 * i for i in range(21)]
     for n, slope, tol, fp in ((250, 0.4, 0.1, 0.1), (80, 0.6, 0.2, 0.05), (600, 0.2, 0.05, 0.2)):
         u = torch.rand(1, n, generator=rng)
@@ -205,6 +235,18 @@ def _ltt_upper_tail(losses, thresholds, tolerance, failure_prob):
     return chosen
 
 
+def _ltt_strict_tail(losses, thresholds, tolerance, failure_prob):
+    n = losses.shape[-1]
+    chosen = 1.0
+    for t, row in zip(thresholds, losses, strict=True):
+        k = int(row.sum())
+        p = sum(math.comb(n, j) * tolerance ** j * (1 - tolerance) ** (n - j) for j in range(k))
+        if p > failure_prob:
+            break
+        chosen = float(t)
+    return chosen
+
+
 def _ltt_hoeffding(losses, thresholds, tolerance, failure_prob):
     return AD.learn_then_test(losses, thresholds, tolerance, failure_prob, method="hoeffding")
 
@@ -217,12 +259,14 @@ TESTS = [
         reference=span_reference,
         blocked=[AD.span_mask, AD.AdaptiveSpanAttention, AD.SpanModel, VZ.span_act_state],
         mistakes={
-            "clamp the ramp to [0, 1]: (nu + zeta - d) / nu is above 1 near the query and negative far away":
+            "clamp the ramp to [0, 1]: (nu + zeta - (i - j)) / nu is above 1 near the query and negative far away":
                 _span_no_clamp,
-            "the mask is 1 up to distance zeta and reaches 0 at zeta + nu: (nu + zeta - d) / nu, not (zeta - d) / nu":
+            "the mask is 1 up to distance zeta and reaches 0 at zeta + nu: (nu + zeta - (i - j)) / nu, not (zeta - (i - j)) / nu":
                 _span_no_ramp_offset,
             "keys j > i are the future: their mask must be 0 (the clamp alone gives them 1)": _span_no_causal,
-            "the distance is d = i - j (query minus key), and the mask falls as d grows": _span_flipped,
+            "the distance is i - j (query minus key), and the mask falls as it grows": _span_flipped,
+            "the distance is i - j (query minus key), not j - i: with j - i every earlier key counts as the future":
+                _span_j_minus_i,
             "divide by the ramp nu, not by the span": _span_divide_by_span,
         },
         hint="chi[a, i, j] = clamp((nu + zeta_a - (i - j)) / nu, 0, 1) for j <= i, 0 for j > i, in the spans' dtype; "
@@ -238,11 +282,17 @@ TESTS = [
         outputs=("weights", "n_steps", "remainder", "ponder"),
         mistakes={
             "n_steps counts from 0: N_i is the step number, 1..N (add 1 to the index of the first True)": _act_zero_based,
+            "n_steps counts from 0 (and the remainder and weights follow it one step early): N_i is the step number, "
+            "1..N: add 1 to the index of the first True": _act_zero_based_throughout,
             "a position that never reaches the threshold halts at the last step N: force the last step to True":
                 _act_no_forced_halt,
             "halt when the cumulative sum is >= the threshold, not >": _act_strict,
             "the remainder sums the steps BEFORE the halting step: R = 1 - sum_{t < N_i} psi (you included step N_i)":
                 _act_remainder_includes_halt,
+            "the steps BEFORE the halting step are t < N_i: with t <= N_i the remainder subtracts psi of step N_i and "
+            "the halting step's weight becomes psi + R_i": _act_includes_halt_throughout,
+            "the weight of the halting step is the remainder R_i, not psi: that is what makes the weights sum to 1":
+                _act_weight_is_psi,
             "the remainder is 1 - sum_{t < N_i} psi, not the halting probability of step N_i": _act_remainder_is_psi,
             "the ponder cost is N_i + R_i, not N_i alone": _act_ponder_is_n,
         },
@@ -264,6 +314,8 @@ TESTS = [
             "you returned the first threshold that FAILED; return the last one that passed": _ltt_first_failure,
             "the p-value is the lower tail P(Bin(n, tolerance) <= k) (k or fewer disagreements), not the upper tail":
                 _ltt_upper_tail,
+            "the p-value P(Bin(n, tolerance) <= k) includes k itself: sum the binomial probabilities for 0..k "
+            "(range(k + 1)); stopping at k - 1 makes every p-value too small": _ltt_strict_tail,
             "the exercise asks for the binomial p-value P(Bin(n, tolerance) <= k), not Hoeffding's bound": _ltt_hoeffding,
         },
         hint="walk the thresholds in the given order, p-value P(Bin(n, tolerance) <= k); stop at the first p-value "
