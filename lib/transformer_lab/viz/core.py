@@ -18,6 +18,16 @@ WIDGETS_OFF_MESSAGE = "Interactive widgets are off while grading (TRANSFORMER_LA
 
 
 # --------------------------------------------------------------------------- plots
+def check_int(name, value, low, high=None) -> int:
+    """A widget builder's integer argument, checked: an int (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        rng = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise ValueError(f"{name} must be {rng}; got {value}")
+    return int(value)
+
+
 def _to_numpy(x, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu().numpy()

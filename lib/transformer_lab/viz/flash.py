@@ -27,21 +27,13 @@ import torch
 from .. import flash as FL
 from ..device import grading_mode
 from .core import Explorer, WidgetsOff
+from .core import check_int as _check_int
 
 __all__ = ["flash_trace", "plot_tile_plan", "flash_tile_figure", "flash_tile_explorer"]
 
 #: Colours of the tile kinds (SKIPPED, MASKED, FULL) in the pictures.
 TILE_COLORS = {FL.SKIPPED: "#f2f2f2", FL.MASKED: "#f4a582", FL.FULL: "#92c5de"}
 TILE_NAMES = {FL.SKIPPED: "skipped", FL.MASKED: "diagonal (masked)", FL.FULL: "full"}
-
-
-def _check_int(name, value, low, high=None):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
-    if value < low or (high is not None and value > high):
-        rng = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise ValueError(f"{name} must be {rng}; got {value}")
-    return int(value)
 
 
 def flash_trace(L: int = 48, block_q: int = 8, block_k: int = 8, causal: bool = True,

@@ -17,17 +17,9 @@ import torch
 from .. import memory as MEM
 from ..device import grading_mode
 from .core import Explorer, WidgetsOff
+from .core import check_int as _check_int
 
 __all__ = ["receptive_field", "receptive_field_figure", "memory_explorer"]
-
-
-def _check_int(name, value, low, high=None):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
-    if value < low or (high is not None and value > high):
-        rng = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise ValueError(f"{name} must be {rng}; got {value}")
-    return int(value)
 
 
 def receptive_field(T: int = 64, seg_len: int = 16, mem_len: int = 16, n_layers: int = 3,
