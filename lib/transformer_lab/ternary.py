@@ -114,8 +114,11 @@ equations. The channel mixer is a GLU (:class:`GLU`):
 with hidden width :math:`d_\text{ff}`. A block (:class:`MatMulFreeBlock`) is pre-norm:
 ``x + MLGRU(RMSNorm(x))``, then ``x + GLU(RMSNorm(x))``; :class:`MatMulFreeLM` stacks them between
 an embedding and a full-precision output head (the embedding is a table look-up, no matmul; the
-head is kept in full precision as in the official code, ``ternary_head=True`` makes it ternary).
-``ternary=False`` builds the full-precision twin with ``nn.Linear`` layers (:func:`train_twins`).
+head is kept in full precision as in the official code, ``ternary_head=True`` makes it ternary;
+the full-precision head is the one matmul left, ``d_model x vocab_size`` per token).
+``ternary=False`` builds the full-precision twin: the same layers, each RMSNorm included, with
+float weights and activations (``BitLinear(..., ternary=False)``), so that the comparison of
+:func:`train_twins` measures the quantisation and nothing else.
 
 A common mistake: integers stored as float parameters
 -----------------------------------------------------
@@ -365,12 +368,17 @@ class BitLinear(nn.Module):
     :func:`bitlinear_inference` computes the same output with additions only.
 
     Args: d_in, d_out; bias (default False, as in BitNet); n_bits: activation bits
-    (``None``: keep activations in float); norm: RMSNorm the input first.
+    (``None``: keep activations in float); norm: RMSNorm the input first; ternary: ``False``
+    gives the full-precision twin (the same RMSNorm, then ``F.linear`` with the float weight and
+    float activations: only the quantisation differs).
     """
 
     def __init__(self, d_in: int, d_out: int, bias: bool = False, n_bits: Optional[int] = 8,
-                 norm: bool = True, device=None, dtype=None):
+                 norm: bool = True, ternary: bool = True, device=None, dtype=None):
         super().__init__()
+        self.ternary = bool(ternary)
+        if not self.ternary:
+            n_bits = None  # the full-precision twin: no quantisation at all
         self.d_in, self.d_out = _check_size("d_in", d_in), _check_size("d_out", d_out)
         self.n_bits = None if n_bits is None else _check_bits(n_bits)
         self.norm = bool(norm)
@@ -394,13 +402,15 @@ class BitLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_float("x", x)
         _check_last_dim("x", x, self.d_in)
+        if not self.ternary:
+            return F.linear(self.quantize_input(x), self.weight, self.bias)  # the float twin
         w_ternary, w_scale = self.quantized_weight()
         w = ste(self.weight, w_ternary * w_scale)  # value Gamma_W W^, gradient to the latent W
         return F.linear(self.quantize_input(x), w, self.bias)  # (..., d_out)
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_out={self.d_out}, bias={self.bias is not None}, "
-                f"n_bits={self.n_bits}, norm={self.norm}")
+                f"n_bits={self.n_bits}, norm={self.norm}, ternary={self.ternary}")
 
 
 class NaiveTernaryLinear(nn.Module):
@@ -619,9 +629,9 @@ def weight_bytes(d_out: int, d_in: int) -> Dict[str, int]:
 # The MatMul-free LM: MLGRU token mixer, GLU channel mixer
 # ----------------------------------------------------------------------------
 
-def _dense(d_in: int, d_out: int, ternary: bool, bias: bool = False) -> nn.Module:
-    """A ternary BitLinear, or for the full-precision twin an nn.Linear."""
-    return BitLinear(d_in, d_out, bias=bias) if ternary else nn.Linear(d_in, d_out, bias=bias)
+def _dense(d_in: int, d_out: int, ternary: bool, bias: bool = False) -> BitLinear:
+    """A ternary BitLinear, or for the full-precision twin the same layer unquantised."""
+    return BitLinear(d_in, d_out, bias=bias, ternary=ternary)
 
 
 class MLGRU(nn.Module):
@@ -630,7 +640,7 @@ class MLGRU(nn.Module):
     ``forward(x, state=None) -> (o, h_last)``: x (B, L, d_model), state (B, d_model) or None
     (zeros); o (B, L, d_model), h_last (B, d_model). ``step(x_t, state) -> (o_t, h_t)`` with
     x_t (B, d_model): the same computation one position at a time, constant-size state.
-    Equations in the module docstring; ``ternary=False`` uses nn.Linear layers.
+    Equations in the module docstring; ``ternary=False``: unquantised layers (the twin).
     """
 
     def __init__(self, d_model: int, ternary: bool = True):
@@ -718,7 +728,7 @@ class MatMulFreeLM(nn.Module):
     :func:`transformer_lab.train.train`). ``forward_with_state(idx, states)`` also returns the
     per-layer states; ``step(token, states) -> (logits (B, vocab_size), states)`` generates one
     token at a time with a state of n_layers x (B, d_model) numbers, whatever the length.
-    ``ternary=False``: the full-precision twin (nn.Linear everywhere).
+    ``ternary=False``: the full-precision twin (every BitLinear with ``ternary=False``).
     """
 
     def __init__(self, vocab_size: int, d_model: int = 64, n_layers: int = 2, d_ff: Optional[int] = None,
