@@ -729,9 +729,10 @@ class MambaBlock(nn.Module):
         if state is None:
             state = self.init_state(x_t.shape[0], x_t.device, x_t.dtype)
         expected = ((x_t.shape[0], self.d_inner, self.d_conv - 1), (x_t.shape[0], self.d_inner, self.d_state))
-        if not isinstance(state, tuple) or len(state) != 2 or tuple(state[0].shape) != expected[0] \
-                or tuple(state[1].shape) != expected[1]:
-            got = tuple(_shape(s) for s in state) if isinstance(state, tuple) else type(state).__name__
+        if not isinstance(state, tuple) or len(state) != 2 or _shape(state[0]) != str(expected[0]) \
+                or _shape(state[1]) != str(expected[1]):
+            got = (f"conv {_shape(state[0])}, h {_shape(state[1])}"
+                   if isinstance(state, tuple) and len(state) == 2 else type(state).__name__)
             raise ValueError(f"state must be MambaState(conv {expected[0]}, h {expected[1]}) "
                              f"(d_state = {self.d_state}); got {got}")
         conv, h = state
