@@ -160,6 +160,10 @@ def test_scans_with_initial_state_extra_dims_and_negative_a():
     assert ref.shape == a.shape
     torch.testing.assert_close(ref[:, 0], a[:, 0] * h0 + b[:, 0])
     torch.testing.assert_close(S.parallel_scan(a, b, h0), ref, rtol=0, atol=1e-12)
+    # broadcast (expanded) and non-contiguous inputs
+    a1 = a[:1].expand_as(a)
+    bt = b.transpose(2, 3).contiguous().transpose(2, 3)
+    torch.testing.assert_close(S.parallel_scan(a1, bt), S.sequential_scan(a1, b), rtol=0, atol=1e-12)
 
 
 def test_gradcheck_through_the_parallel_scan():

@@ -476,16 +476,17 @@ def _blelloch(a: Tensor, b: Tensor) -> Tensor:
     if L == 1:
         return b
     # up-sweep: combine neighbours (2m, 2m+1): (a, b) . (a', b') = (a a', a' b + b')
-    a_l, a_r = a[:, 0:L - 1:2], a[:, 1::2]  # (B, L//2, ...)
-    b_l, b_r = b[:, 0:L - 1:2], b[:, 1::2]
-    h_odd = _blelloch(a_l * a_r, a_r * b_l + b_r)  # h at 1, 3, 5, ...            (B, L//2, ...)
+    a_r, b_r = a[:, 1::2], b[:, 1::2]  # odd positions                  (B, L//2, ...)
+    n = a_r.shape[1]
+    a_l, b_l = a[:, 0:2 * n:2], b[:, 0:2 * n:2]  # their left neighbours
+    h_odd = _blelloch(a_l * a_r, torch.addcmul(b_r, a_r, b_l))  # h_1, h_3, ... (B, L//2, ...)
     # down-sweep: h_2m = a_2m h_{2m-1} + b_2m, and h_0 = b_0
-    a_e, b_e = a[:, 2::2], b[:, 2::2]  # even positions 2, 4, ...
-    h_even = torch.cat([b[:, :1], a_e * h_odd[:, :a_e.shape[1]] + b_e], 1)  # (B, ceil(L/2), ...)
-    if L % 2:  # one more even than odd: pad the odd ones to interleave
-        h_odd = torch.cat([h_odd, torch.zeros_like(h_odd[:, :1])], 1)
-    h = torch.stack([h_even, h_odd], 2)  # (B, ceil(L/2), 2, ...)
-    return h.flatten(1, 2)[:, :L]  # interleave: (B, L, ...)
+    h = torch.empty_like(b)  # (B, L, ...), filled by slices (autograd records the copies)
+    h[:, 1::2] = h_odd
+    h[:, :1] = b[:, :1]
+    a_e = a[:, 2::2]  # even positions 2, 4, ...
+    h[:, 2::2] = torch.addcmul(b[:, 2::2], a_e, h_odd[:, :a_e.shape[1]])
+    return h
 
 
 def parallel_scan(a: Tensor, b: Tensor, h0: Optional[Tensor] = None) -> Tensor:
