@@ -119,9 +119,9 @@ Two shortcuts that look parallel and are **not** stable, kept to be shown failin
 * :func:`scan_logcumsumexp`: the same in log space with complex logarithms (for b < 0),
   ``h_t = exp(log P_t + logcumsumexp(log b_s - log P_s))``. No overflow, but the exponent
   is the difference of two numbers that grow like |log P_t|; their rounding error,
-  eps |log P_t|, becomes a *relative* error of the result. In float32, with a Mamba-like
-  decay (|log a| up to ~1 per step), the error passes 1e-4 past L ~ 1000 and grows
-  linearly with L.
+  eps |log P_t|, becomes a *relative* error of the result, growing linearly with L. In
+  float32, with a Mamba-like decay (log a uniform in [-1, 0]), it is ~3e-5 at L = 1024
+  (30x the stable scan's 1e-6) and passes 1e-4 by L = 4096; in float64 it stays below ~1e-12.
 
 5. The Mamba block and recurrent inference
 ------------------------------------------
@@ -522,7 +522,8 @@ def scan_logcumsumexp(a: Tensor, b: Tensor) -> Tensor:
 
     Nothing overflows, but ``log P_t`` and the logcumsumexp both grow like ``sum |log a|``
     and cancel: their rounding error (eps times that size) becomes a relative error of h.
-    In float32 with |log a| ~ 0.5 on average the error passes 1e-4 around L ~ 1000.
+    In float32 (log a uniform in [-1, 0]) the error is ~3e-5 at L = 1024, above 1e-4 at
+    L = 4096, where :func:`parallel_scan` stays at ~1e-6.
     """
     _check_scan(a, b)
     cdtype = torch.complex128 if a.dtype == torch.float64 else torch.complex64
