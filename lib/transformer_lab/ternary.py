@@ -12,8 +12,8 @@ Papers
 * Bengio, Léonard, Courville 2013, "Estimating or Propagating Gradients Through Stochastic
   Neurons for Conditional Computation", arXiv:1308.3432: the straight-through estimator.
 * Zhu, Zhang, Sifferman, Sheaves, Wang, Richmond, Zhou, Eshraghian 2024, "Scalable MatMul-free
-  Language Modeling", arXiv:2406.02528: sec. 3.1 (ternary dense layers), sec. 3.3.1 (the MLGRU
-  token mixer, eq. 6-7), sec. 3.3.2 (the GLU channel mixer), fig. 2 (the block).
+  Language Modeling", arXiv:2406.02528: sec. 3 (MatMul-free dense layers with ternary weights,
+  the MLGRU token mixer that replaces self-attention, the GLU channel mixer, the block).
 
 Ternary weights (absmean)
 -------------------------
@@ -89,15 +89,16 @@ The MatMul-free LM (Zhu et al. 2024)
 ------------------------------------
 Every dense layer is a ternary BitLinear; attention, whose :math:`Q K^\top` multiplies two
 activations (no ternary weight there to exploit), is replaced by the MLGRU, a recurrence whose
-state is updated element by element. For the input row :math:`x_t` at position ``t``
-(:class:`MLGRU`; bold letters are the paper's unbolded ones):
+state is updated element by element. For the mixer's input row :math:`x_t` at position ``t``
+(:class:`MLGRU`; bold letters are the paper's unbolded ones, bold because the plain letters
+have other meanings in this course; sigmoid is the paper's :math:`\sigma`, SiLU its :math:`\tau`):
 
 .. math::
 
-    \mathbf f_t &= \sigma(x_t \hat W_{\mathbf f}^\top + b_{\mathbf f})       \quad&\text{forget gate}\\
+    \mathbf f_t &= \operatorname{sigmoid}(x_t \hat W_{\mathbf f}^\top + b_{\mathbf f})       \quad&\text{forget gate}\\
     \mathbf c_t &= \operatorname{SiLU}(x_t \hat W_{\mathbf c}^\top + b_{\mathbf c}) &\text{candidate}\\
     \mathbf h_t &= \mathbf f_t \odot \mathbf h_{t-1} + (1 - \mathbf f_t) \odot \mathbf c_t  &\text{state}\\
-    \mathbf g_t &= \sigma(x_t \hat W_{\mathbf g}^\top + b_{\mathbf g})       &\text{output gate}\\
+    \mathbf g_t &= \operatorname{sigmoid}(x_t \hat W_{\mathbf g}^\top + b_{\mathbf g})       &\text{output gate}\\
     \mathbf o_t &= (\mathbf g_t \odot \mathbf h_t)\, \hat W_{\mathbf o}^\top + b_{\mathbf o}. &
 
 The state :math:`\mathbf h_t` has ``d_model`` numbers whatever the length, so generation is
