@@ -356,6 +356,23 @@ def test_bad_state_size():
         S.discretize_zoh(-torch.ones(3), torch.ones(2), 0.1)
 
 
+def test_bad_initial_state():
+    u, delta, A, B, C, D = _selective_inputs(d_state=4)
+    with pytest.raises(ValueError, match=r"h0 must have shape \(B, d_inner, d_state\) = \(2, 6, 4\); got \(2, 6, 3\)"):
+        S.selective_scan(u, delta, A, B, C, D, h0=torch.zeros(2, 6, 3, dtype=F64))
+    with pytest.raises(ValueError, match=r"h0 must have shape .* = \(1, 2, 3\); got \(1, 3\)"):
+        S.ssm_recurrence(torch.zeros(1, 4, 2), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3),
+                         h0=torch.zeros(1, 3))
+
+
+def test_half_precision_selective_scan_runs_in_float32():
+    u, delta, A, B, C, D = _selective_inputs(dtype=torch.float32)
+    y = S.selective_scan(*(t.bfloat16() for t in (u, delta, A, B, C, D)))
+    assert y.dtype == torch.bfloat16
+    ref = S.selective_scan(*(t.bfloat16().float() for t in (u, delta, A, B, C, D)))
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
+
+
 def test_bad_delta():
     u, delta, A, B, C, D = _selective_inputs()
     with pytest.raises(ValueError, match=r"delta \(the step size eta\) must be positive.*got min -1"):

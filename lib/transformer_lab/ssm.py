@@ -268,6 +268,14 @@ def _check_state_size(name: str, t: Tensor, d_state: int, dim: int = -1) -> None
                          f"{dim}; got {t.shape[dim]} (shape {_shape(t)})")
 
 
+def _check_h0(h0, shape) -> None:
+    if h0 is None:
+        return
+    _check_float("h0", h0, layout="(B, d_inner, d_state)")
+    if tuple(h0.shape) != tuple(shape):
+        raise ValueError(f"h0 must have shape (B, d_inner, d_state) = {tuple(shape)}; got {_shape(h0)}")
+
+
 def _readout(h: Tensor, C: Tensor) -> Tensor:
     """y = C h over the last dim; a complex state stands for a conjugate pair: 2 Re(C h)."""
     y = (h * C).sum(-1)
@@ -303,7 +311,8 @@ def discretize_zoh(A: Tensor, B: Tensor, eta, full: Optional[bool] = None):
 
     Returns ``(A_bar, B_bar)`` shaped like A and B. A must be invertible (no zero entry).
     """
-    full = _check_AB(A, B, eta) if full is None else full
+    detected = _check_AB(A, B, eta)
+    full = detected if full is None else bool(full)
     if full:
         eA = torch.linalg.matrix_exp(eta * A)  # Abar = exp(eta A)             (d_state, d_state)
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
@@ -317,7 +326,8 @@ def discretize_zoh(A: Tensor, B: Tensor, eta, full: Optional[bool] = None):
 def discretize_euler(A: Tensor, B: Tensor, eta, full: Optional[bool] = None):
     """Euler's step: ``Abar = I + eta A``, ``Bbar = eta B`` (same arguments as
     :func:`discretize_zoh`). Unstable once ``|1 + eta A_n| > 1`` (eta > 2 / |A_n|)."""
-    full = _check_AB(A, B, eta) if full is None else full
+    detected = _check_AB(A, B, eta)
+    full = detected if full is None else bool(full)
     if full:
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
         return eye + eta * A, eta * B  # (d_state, d_state), (d_state,)
@@ -359,6 +369,7 @@ def ssm_recurrence(u: Tensor, A_bar: Tensor, B_bar: Tensor, C: Tensor, h0: Optio
     full = _check_lti(u, A_bar, B_bar, C)
     Bsz, L, d_inner = u.shape
     dtype = torch.promote_types(u.dtype, A_bar.dtype)
+    _check_h0(h0, (Bsz, d_inner, A_bar.shape[-1]))
     h = (torch.zeros(Bsz, d_inner, A_bar.shape[-1], dtype=dtype, device=u.device)
          if h0 is None else h0.to(dtype))  # (B, d_inner, d_state)
     ys = []
@@ -378,6 +389,7 @@ def ssm_kernel(A_bar: Tensor, B_bar: Tensor, C: Tensor, L: int) -> Tensor:
     products). B_bar, C ``(d_inner, d_state)``. Returns K ``(d_inner, L)``, real.
     """
     L = _check_int("L", L, 0)
+    _check_float("A_bar", A_bar, layout="(d_inner, d_state) diagonal or (d_inner, d_state, d_state)")
     _check_lti(torch.zeros(1, 0, A_bar.shape[0], dtype=torch.float32), A_bar, B_bar, C)
     if A_bar.dim() == 2:
         j = torch.arange(L, device=A_bar.device, dtype=A_bar.real.dtype)  # 0 .. L-1
@@ -586,7 +598,12 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     Returns y ``(B, L, d_inner)`` (and h_L).
     """
     _check_selective(u, delta, A, B, C, D)
+    _check_h0(h0, (u.shape[0], *A.shape))
     scan = _scan(method)
+    if u.dtype in (torch.float16, torch.bfloat16):  # half precision: scan in float32, as Mamba does
+        out = selective_scan(*(t if t is None else t.float() for t in (u, delta, A, B, C, D)), method=method,
+                             h0=None if h0 is None else h0.float(), return_state=return_state)
+        return tuple(o.to(u.dtype) for o in out) if return_state else out.to(u.dtype)
     dA = delta.unsqueeze(-1) * A  # eta_t A                           (B, L, d_inner, d_state)
     a = torch.exp(dA)  # Abar_t = exp(eta_t A)                        (B, L, d_inner, d_state)
     b = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # Bbar_t u_t = eta_t B_t u_t   (B, L, d_inner, d_state)
@@ -601,6 +618,8 @@ def selective_scan_step(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
                         D: Optional[Tensor], h: Tensor):
     """One step of :func:`selective_scan`: u, delta ``(B, d_inner)``, B, C ``(B, d_state)``,
     h ``(B, d_inner, d_state)``. Returns ``(y_t (B, d_inner), h_t)``."""
+    for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C)):
+        _check_float(name, t, rank=2, layout="(B, d_inner) or (B, d_state)")
     _check_selective(u.unsqueeze(1), delta.unsqueeze(1), A, B.unsqueeze(1), C.unsqueeze(1), D)
     if h.shape != (u.shape[0], *A.shape):
         raise ValueError(f"h must have shape (B, d_inner, d_state) = {(u.shape[0], *A.shape)}; got {_shape(h)}")
@@ -641,6 +660,8 @@ class MambaBlock(nn.Module):
         dt_min, dt_max: eta's initial range (log-uniform, stored through softplus's inverse).
         selective: input-dependent eta, B, C (Mamba) or constants (LTI).
         scan: ``"parallel"`` or ``"sequential"`` for the selective forward.
+        generator: seeds eta's initial values (and C's when not selective); the linear layers
+            and the convolution use the global RNG (``seed_everything``).
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
@@ -837,6 +858,8 @@ def memory_per_token(model: MambaLM, L: int, batch: int = 1, dtype=torch.float32
 
     Returns ``{"mamba": bytes, "kv_cache": bytes, "ratio": kv / mamba}``.
     """
+    if not isinstance(model, MambaLM):
+        raise TypeError(f"model must be a MambaLM; got {type(model).__name__}")
     states = model.init_states(batch, dtype=dtype)
     mamba = sum(t.numel() * t.element_size() for s in states for t in s)
     kv = kv_cache_bytes(len(model.blocks), model.blocks[0].d_model, L, batch, dtype)
