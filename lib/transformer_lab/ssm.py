@@ -509,6 +509,11 @@ def parallel_scan(a: Tensor, b: Tensor, h0: Optional[Tensor] = None) -> Tensor:
     2 log2 L levels of batched tensor operations, about 2L applications of
     ``(a, b) . (a', b') = (a a', a' b + b')``; only multiplications and additions, so as stable as
     the loop (no division, no logarithm). Differentiable by autograd.
+
+    Speed (2-core CPU, float32, L = 4096, one intra-op thread): ~150x the loop with 16 numbers
+    per step, ~5x with 256, 2-3x with 1024 or more (then memory-bound: each level reads and
+    writes whole tensors). With two threads on a loaded machine its many short parallel
+    sections can make it slower than the loop: measure with ``torch.set_num_threads(1)``.
     """
     _check_scan(a, b)
     if h0 is not None:
