@@ -780,7 +780,7 @@ class MatMulFreeLM(nn.Module):
 # ----------------------------------------------------------------------------
 
 def train_twins(task: str = "char", steps: int = 200, seed: int = 0, d_model: int = 64, n_layers: int = 2,
-                batch_size: int = 32, block_size: int = 32, lr: float = 3e-3, length: int = 6,
+                batch_size: int = 32, block_size: int = 32, lr: float = 1e-2, length: int = 6,
                 vocab_size: int = 10, max_chars: int = 100_000, progress: bool = False) -> Dict[str, dict]:
     """Train a ternary :class:`MatMulFreeLM` and its full-precision twin on the same batches.
 
@@ -788,7 +788,11 @@ def train_twins(task: str = "char", steps: int = 200, seed: int = 0, d_model: in
     ``block_size``; any task name of :func:`transformer_lab.data.make_task` (``"copy"``, ...)
     uses ``length`` and ``vocab_size``. Both models are built after ``seed_everything(seed)``
     (same embedding initialisation) and trained by :func:`transformer_lab.train.train` with the
-    same seed, learning rate, ``steps//10`` warm-up and cosine decay.
+    same seed, learning rate, ``steps//10`` warm-up and cosine decay. The default ``lr = 1e-2``
+    suits both; the ternary model gains most from it (measured on a 2-core CPU, 300 steps,
+    d_model 64, 2 layers, seeds 0-2: char LM eval loss ternary 1.38-1.40 vs full 1.22-1.23 at
+    1e-2, 1.58-1.59 vs 1.37-1.38 at 3e-3; the gap shrinks with width, 0.08 at d_model 128).
+    About 15-30 s for both models at 300 steps on a shared 2-core CPU.
 
     Returns ``{"ternary": {...}, "full": {...}}``, each with ``"history"`` (train's), ``"final"``
     (mean training loss over the last 10% of steps), ``"eval"`` (evaluate's mean loss over 10
