@@ -309,10 +309,14 @@ def test_naive_layer_leaves_the_ternary_set_bitlinear_stays():
 
 @pytest.mark.slow
 def test_train_twins_ternary_close_to_full_precision():
+    """The lecture's claim, calibrated on a 2-core CPU (about 15 s): at 150 steps the eval
+    losses were 1.63 (ternary) and 1.49 (full precision); at 300 steps over seeds 0-2,
+    1.38-1.40 and 1.22-1.23."""
     r = T.train_twins(task="char", steps=150, seed=0, max_chars=50_000)
     tern, full = r["ternary"]["eval"], r["full"]["eval"]
-    assert tern < 3.0 and full < 3.0  # both learnt (uniform over ~95 characters is 4.5)
-    assert abs(tern - full) < 0.3
+    assert tern < 2.0 and full < 2.0  # both learnt (uniform over ~95 characters is 4.55)
+    assert abs(tern - full) < 0.3  # close: the gap was 0.14
+    assert T.is_ternary(r["ternary"]["model"].blocks[0].mixer.proj.quantized_weight()[0])
 
 
 # ---------------------------------------------------------------------------------------
