@@ -140,8 +140,9 @@ def test_addition_only_equals_matmul_exactly_on_integers(d_in, d_out):
     got = T.addition_only_linear(x, w_t)
     assert got.shape == (2, 9, d_out)
     assert torch.equal(got, x @ w_t.T)  # exact: sums of integers below 2^24
-    xi = x.to(torch.int32)  # integer inputs stay integers
-    assert torch.equal(T.addition_only_linear(xi, w_t), (x @ w_t.T).to(torch.int32))
+    xi = x.to(torch.int8)  # int8 activations: summed in int64, no overflow
+    got_int = T.addition_only_linear(xi, w_t)
+    assert got_int.dtype == torch.int64 and torch.equal(got_int, (x @ w_t.T).long())
 
 
 def test_addition_only_equals_matmul_on_floats_and_rows_without_weights():

@@ -465,7 +465,9 @@ def addition_only_linear(x: Tensor, w_ternary: Tensor, indices: Optional[Tuple[T
 
     Args: x: (..., d_in) (float or integer-valued); w_ternary: (d_out, d_in) in {-1, 0, 1};
     indices: :func:`ternary_indices` of w_ternary, if already built.
-    Returns (..., d_out) in x's dtype; equal to ``x @ w_ternary.T`` (exactly on integers).
+    Returns (..., d_out): in x's dtype for floating-point x; int64 for integer x (``sum``
+    promotes, so int8 activations cannot overflow). Equal to ``x @ w_ternary.T``, exactly on
+    integers.
     """
     _check_weight_2d("w_ternary", w_ternary)
     _check_last_dim("x", x, w_ternary.shape[1])
