@@ -13,6 +13,8 @@ One module per concept, mirroring the lectures::
     memory      Transformer-XL recurrence, compressive and kNN memory (lecture 09)
     retrieval   nearest neighbours (torch, faiss), kNN-LM             (lecture 09)
     adaptive    Universal Transformer, ACT, adaptive span, early exit (lecture 10)
+    ssm         state spaces, S4D, selective scan, the Mamba block    (lecture 11)
+    ternary     BitNet b1.58, addition-only layers, MatMul-free LM    (lecture 12)
     models      small configurable LM / classifier / seq2seq
     data        synthetic tasks and an offline character corpus
     train       a seeded training loop with a progress bar
@@ -33,7 +35,7 @@ from .device import budget, device, grading_mode, seed_everything
 __version__ = "0.1.0"
 
 SUBMODULES = ("attention", "blocks", "positions", "adapters", "sparse", "lsh", "lowrank", "flash", "memory",
-              "retrieval", "adaptive", "models", "data", "train", "viz", "grading")
+              "retrieval", "adaptive", "ssm", "ternary", "models", "data", "train", "viz", "grading")
 
 __all__ = ["device", "seed_everything", "grading_mode", "budget", "__version__", *SUBMODULES]
 
