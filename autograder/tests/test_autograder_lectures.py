@@ -160,6 +160,24 @@ def test_no_solution_or_hidden_test_in_course(lecture, fresh):
             assert not leaked, f"{path} contains solution lines: {leaked[:5]}"
 
 
+@pytest.mark.parametrize("lecture", LECTURES)
+def test_run_all_goes_on_past_every_exercise_test(lecture, fresh):
+    """JupyterLab's Run All stops at the first cell that raises, unless the cell is tagged
+    ``raises-exception`` (it is then sent with ``stop_on_error`` off). An unsolved exercise's test
+    cell raises, so every graded test cell of the released notebook carries the tag, or a learner
+    who skips an exercise never sees the widget and the claim check after it. (nbclient, which
+    the other tests execute with, goes on past errors either way: only the tag tells.)"""
+    for folder in (fresh[lecture], COURSE / lecture):
+        nb = read(folder / f"{lecture}.ipynb")
+        tests = [c for c in nb.cells if c.get("metadata", {}).get("nbgrader", {}).get("grade")
+                 and not c.metadata["nbgrader"].get("solution")]
+        assert tests, f"{lecture}: no graded test cells"
+        untagged = [c.metadata["nbgrader"]["grade_id"] for c in tests
+                    if "raises-exception" not in c.metadata.get("tags", [])]
+        assert not untagged, (f"{folder / lecture}.ipynb: Run All would stop at these test cells; tag "
+                              f"them raises-exception in solutions/ and release again: {untagged}")
+
+
 def _execute(path: str) -> str:
     """Run a notebook as a learner would (normal mode, errors allowed); the executed JSON."""
     env = {k: v for k, v in os.environ.items() if k != "TRANSFORMER_LAB_GRADING"}
