@@ -67,6 +67,14 @@ CSV_FIELDS = ["section", "name", "time_ms", "time_min_ms", "per_second", "ratio"
               "layers_fraction", "agreement"]
 
 
+def timed_row(section: str, name: str, samples: list[float], items: int, **extra) -> dict:
+    """One CSV/JSON row: the median and minimum of the timing samples (seconds) in ms, every
+    sample, and ``items`` (tokens, queries) per second at the median."""
+    t = statistics.median(samples)
+    return {"section": section, "name": name, "time_ms": t * 1e3, "time_min_ms": min(samples) * 1e3,
+            "times_ms": [round(x * 1e3, 3) for x in samples], "per_second": items / t, **extra}
+
+
 # --------------------------------------------------------------------------- xl
 
 
@@ -88,12 +96,8 @@ def run_xl(args, device) -> dict:
         times = time_interleaved(fns, device, args.repeats, 0, sample_s=0.0)
     rows = []
     for name in fns:
-        t = statistics.median(times[name])
-        rows.append({"section": "xl", "name": name, "time_ms": t * 1e3,
-                     "time_min_ms": min(times[name]) * 1e3,
-                     "times_ms": [round(x * 1e3, 3) for x in times[name]],
-                     "per_second": n_tokens[name] / t, "tokens": n_tokens[name],
-                     "mean_nll": float(nll[name].float().mean())})
+        rows.append(timed_row("xl", name, times[name], n_tokens[name], tokens=n_tokens[name],
+                              mean_nll=float(nll[name].float().mean())))
     base = rows[0]["per_second"]
     for r in rows:
         r["ratio"] = r["per_second"] / base  # throughput relative to sliding-window evaluation
@@ -138,13 +142,9 @@ def run_knn(args, device) -> dict:
     times = time_interleaved(fns, device, args.repeats, 1, sample_s=args.sample_ms / 1e3)
     rows = []
     for name in fns:
-        t = statistics.median(times[name])
-        rows.append({"section": "knn", "name": name, "time_ms": t * 1e3,
-                     "time_min_ms": min(times[name]) * 1e3,
-                     "times_ms": [round(x * 1e3, 3) for x in times[name]],
-                     "per_second": args.knn_queries / t,
-                     "recall": retrieval.recall_at_k(found[name], exact),
-                     "build_s": round(build[name], 4)})
+        rows.append(timed_row("knn", name, times[name], args.knn_queries,
+                              recall=retrieval.recall_at_k(found[name], exact),
+                              build_s=round(build[name], 4)))
     base = rows[0]["time_ms"]
     for r in rows:
         r["ratio"] = r["time_ms"] / base  # time relative to the exact torch search
@@ -219,11 +219,8 @@ def run_exit(args, device) -> dict:
     at = next(c for c in curve if c["threshold"] == lam)
     rows = []
     for name in fns:
-        t = statistics.median(times[name])
         point = at if name == "early_exit" else {"layers_fraction": 1.0, "agreement": 1.0}
-        rows.append({"section": "exit", "name": name, "time_ms": t * 1e3, "time_min_ms": min(times[name]) * 1e3,
-                     "times_ms": [round(x * 1e3, 3) for x in times[name]],
-                     "per_second": test.numel() / t, **point})
+        rows.append(timed_row("exit", name, times[name], test.numel(), **point))
     for r in rows:
         r["ratio"] = r["time_ms"] / rows[0]["time_ms"]  # time relative to the full model
     setup = {"n_layers": args.exit_layers, "d_model": args.exit_d_model, "seq_len": L,
