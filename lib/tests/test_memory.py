@@ -9,6 +9,7 @@ import torch.nn as nn
 from transformer_lab import attention as A
 from transformer_lab import memory as MEM
 from transformer_lab import models
+from transformer_lab import retrieval as RT
 from transformer_lab.positions import XLRelative
 
 
@@ -211,16 +212,6 @@ def test_compression_gradcheck():
 
 # ---------------------------------------------------------------- Memorizing Transformer
 
-def test_torch_index_api():
-    idx = MEM.TorchIndex(3, "ip")
-    keys = torch.eye(3)
-    idx.add(keys)
-    s, i = idx.search(torch.tensor([[0.0, 2.0, 1.0]]), 2)
-    assert i.tolist() == [[1, 2]] and s.tolist() == [[2.0, 1.0]] and len(idx) == 3
-    with pytest.raises(ValueError, match="top_k"):
-        idx.search(torch.zeros(1, 3), 0)
-
-
 def test_knn_memory_fifo_and_search():
     mem = MEM.KNNMemory(max_size=3)
     k = torch.eye(4).view(1, 1, 4, 4)
@@ -308,7 +299,7 @@ def test_knn_memory_with_the_retrieval_index_finds_the_same_neighbours():
     a, b = exact.search(q, 3), flat.search(q, 3)
     torch.testing.assert_close(a[0], b[0])
     torch.testing.assert_close(a[1], b[1])
-    index = MEM.make_knn_index("torch", 4, "ip")
+    index = RT.make_index("torch", 4, metric="ip")
     index.add(k[0, 0])
     s, i = index.search(q[0, 0], 3)
     assert i.tolist() == (q[0, 0] @ k[0, 0].T).topk(3).indices.tolist()

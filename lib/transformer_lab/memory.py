@@ -77,6 +77,7 @@ from .attention import fast_attention, merge_heads, split_heads
 from .blocks import DecoderBlock
 from .models import ModelConfig, _check_ids, _final_norm, _make_positions
 from .positions import XLRelative, sinusoidal_encoding
+from .retrieval import make_index
 
 __all__ = [
     "update_memory",
@@ -96,8 +97,6 @@ __all__ = [
     "compressive_update",
     "attention_reconstruction_loss",
     "CompressiveLM",
-    "TorchIndex",
-    "make_knn_index",
     "KNNMemory",
     "knn_attention",
     "gated_combine",
@@ -531,59 +530,6 @@ class CompressiveLM(XLLM):
 # Memorizing Transformer
 # --------------------------------------------------------------------------------------
 
-class TorchIndex:
-    """Exact nearest-neighbour search in PyTorch with ``retrieval.make_index``'s API.
-
-    ``add(keys (N, dim))``, ``search(queries (M, dim), k) -> (scores (M, k), indices (M, k) int64)``
-    nearest first: squared L2 distances (smallest first) for metric "l2", inner products (largest
-    first) for "ip"; ``len(index)``.
-    """
-
-    def __init__(self, dim: int, metric: str = "ip"):
-        self.dim = _check_positive_int(dim, "dim", "the key width")
-        if metric not in ("ip", "l2"):
-            raise ValueError(f"metric must be 'ip' or 'l2'; got {metric!r}")
-        self.metric = metric
-        self.keys: Optional[Tensor] = None
-
-    def add(self, keys: Tensor) -> None:
-        if not isinstance(keys, Tensor) or keys.dim() != 2 or keys.shape[1] != self.dim:
-            got = tuple(keys.shape) if isinstance(keys, Tensor) else type(keys).__name__
-            raise ValueError(f"keys must be (N, dim={self.dim}); got {got}")
-        keys = keys.detach()
-        self.keys = keys if self.keys is None else torch.cat([self.keys, keys.to(self.keys)])
-
-    def __len__(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[0]
-
-    def search(self, queries: Tensor, k: int):
-        k = _check_positive_int(k, "k", "the number of neighbours top_k")
-        if len(self) == 0:
-            raise ValueError("the index is empty: add keys before searching")
-        k = min(k, len(self))
-        q = queries.detach().to(self.keys)
-        if self.metric == "ip":
-            sims = q @ self.keys.T  # (M, N)
-            return sims.topk(k, dim=-1)
-        d2 = torch.cdist(q, self.keys).pow(2)  # (M, N) squared L2
-        neg, idx = (-d2).topk(k, dim=-1)
-        return -neg, idx
-
-
-def make_knn_index(kind: str = "torch", dim: int = 1, metric: str = "ip"):
-    """An index for the kNN memory: ``retrieval.make_index(kind, dim, metric)`` when the library has
-    lecture 09's retrieval module, else (kind "torch" only) :class:`TorchIndex`."""
-    try:
-        from . import retrieval  # noqa: PLC0415  (lecture 09's other module)
-    except ImportError:
-        retrieval = None
-    if retrieval is not None and hasattr(retrieval, "make_index"):
-        return retrieval.make_index(kind, dim, metric=metric)
-    if kind != "torch":
-        raise ValueError(f"kind={kind!r} needs transformer_lab.retrieval; only 'torch' is available here")
-    return TorchIndex(dim, metric)
-
-
 class KNNMemory:
     """Memorizing Transformer's FIFO of past (key, value) pairs, one per (batch row, head).
 
@@ -591,7 +537,7 @@ class KNNMemory:
     oldest beyond ``max_size``; ``search(q (B, H, Lq, D), top_k)`` returns the retrieved keys and
     values (B, H, Lq, k, D) and a boolean ``valid`` (B, H, Lq, k) (False where the memory holds fewer
     than ``top_k`` pairs). ``index``: None for exact inner-product top-k in PyTorch (batched), or a
-    kind for :func:`make_knn_index` ("torch", "faiss-flat", "faiss-ivf"): one index per (row, head),
+    kind for :func:`retrieval.make_index` ("torch", "faiss-flat", "faiss-ivf"): one index per (row, head),
     rebuilt from the FIFO at each search.
     """
 
@@ -630,7 +576,7 @@ class KNNMemory:
             idx = torch.empty(B, H, Lq, n, dtype=torch.long, device=q.device)
             for b in range(B):
                 for h in range(H):
-                    index = make_knn_index(self.index, D, "ip")
+                    index = make_index(self.index, D, metric="ip")
                     index.add(self.keys[b, h])
                     idx[b, h] = index.search(q[b, h].detach(), n)[1].to(q.device)
         kr = self.keys[:, :, None].expand(B, H, Lq, -1, D).gather(3, idx[..., None].expand(-1, -1, -1, -1, D))

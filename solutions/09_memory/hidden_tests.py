@@ -211,7 +211,7 @@ TESTS = [
         cases=memo_cases,
         reference=MEM.knn_memory_attention,
         blocked=[MEM.knn_memory_attention, MEM.knn_attention, MEM.gated_combine, MEM.MemorizingAttention,
-                 MEM.KNNMemory, MEM.TorchIndex, MEM.make_knn_index, *_ATTENTION],
+                 MEM.KNNMemory, RT.make_index, RT.TorchIndex, RT.exact_topk, *_ATTENTION],
         mistakes={
             "the gate is swapped: g_h multiplies the MEMORY output, (1 - g_h) the local one":
                 lambda *a: memo_variant(*a, swap=True),
