@@ -49,10 +49,10 @@ def test_zoh_is_exact_for_a_constant_input_and_euler_is_not():
     # h' = A h + B u with u = 1, h(0) = 0 has h(t) = (e^{A t} - 1) / A B
     A = torch.tensor([[-0.5, -2.0, -7.0]], dtype=F64)
     B = torch.tensor([[1.0, 0.5, 2.0]], dtype=F64)
-    eta, steps = 0.1, 20
-    exact = (torch.exp(A * eta * steps) - 1) / A * B
+    delta, steps = 0.1, 20
+    exact = (torch.exp(A * delta * steps) - 1) / A * B
     for disc, tol in ((S.discretize_zoh, 1e-12), (S.discretize_euler, None)):
-        A_bar, B_bar = disc(A, B, eta)
+        A_bar, B_bar = disc(A, B, delta)
         h = torch.zeros_like(A)
         for _ in range(steps):
             h = A_bar * h + B_bar
@@ -62,14 +62,14 @@ def test_zoh_is_exact_for_a_constant_input_and_euler_is_not():
             torch.testing.assert_close(h, exact, rtol=tol, atol=tol)
 
 
-def test_euler_is_unstable_past_eta_two_over_abs_a_zoh_never():
+def test_euler_is_unstable_past_delta_two_over_abs_a_zoh_never():
     A = -torch.tensor([1.0, 10.0, 100.0], dtype=F64)
     B = torch.ones(3, dtype=F64)
-    for eta in (0.001, 0.05, 0.3, 3.0):
-        zoh, _ = S.discretize_zoh(A, B, eta)
-        euler, _ = S.discretize_euler(A, B, eta)
+    for delta in (0.001, 0.05, 0.3, 3.0):
+        zoh, _ = S.discretize_zoh(A, B, delta)
+        euler, _ = S.discretize_euler(A, B, delta)
         assert (zoh.abs() < 1).all()  # the discrete system decays as the continuous one does
-        assert torch.equal(euler.abs() > 1, eta > 2 / A.abs())  # Euler explodes beyond 2 / |A|
+        assert torch.equal(euler.abs() > 1, delta > 2 / A.abs())  # Euler explodes beyond 2 / |A|
 
 
 def test_full_matrix_zoh_equals_the_diagonal_formula():
@@ -105,8 +105,8 @@ def test_convolution_equals_recurrence(kind, method):
         C = torch.randn(d_inner, d_state, generator=g, dtype=F64)
     else:
         A = S.s4d_init(d_inner, d_state, kind, dtype=F64)
-        eta = S.init_eta(d_inner, generator=g, dtype=F64).unsqueeze(-1) * 10
-        A_bar, B_bar = S.discretize_zoh(A, torch.ones_like(A), eta)
+        delta = S.init_delta(d_inner, generator=g, dtype=F64).unsqueeze(-1) * 10
+        A_bar, B_bar = S.discretize_zoh(A, torch.ones_like(A), delta)
         C = torch.randn(d_inner, d_state, generator=g, dtype=F64).to(A.dtype)
     y_rec, h = S.ssm_recurrence(u, A_bar, B_bar, C)
     K = S.ssm_kernel(A_bar, B_bar, C, L)
@@ -129,13 +129,13 @@ def test_kernel_longer_than_the_input_and_float32():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_s4d_init_and_eta():
+def test_s4d_init_and_delta():
     A = S.s4d_init(2, 4, "lin")
     torch.testing.assert_close(A[1], torch.tensor([complex(-0.5, math.pi * n) for n in range(4)]))
     torch.testing.assert_close(S.s4d_init(2, 4, "real")[0], -torch.arange(1.0, 5.0))
-    eta = S.init_eta(1000, 1e-3, 0.1, generator=0)
-    assert eta.min() >= 1e-3 and eta.max() <= 0.1
-    assert abs(float(eta.log().mean()) - math.log(1e-2)) < 0.2  # log-uniform: mean of logs in the middle
+    delta = S.init_delta(1000, 1e-3, 0.1, generator=0)
+    assert delta.min() >= 1e-3 and delta.max() <= 0.1
+    assert abs(float(delta.log().mean()) - math.log(1e-2)) < 0.2  # log-uniform: mean of logs in the middle
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,12 +243,12 @@ def test_selective_scan_methods_state_and_steps():
 
 
 def test_selection_is_what_a_kernel_cannot_do():
-    """A constant eta, B, C gives the time-invariant SSM (its convolution); varying them does not."""
+    """A constant delta, B, C gives the time-invariant SSM (its convolution); varying them does not."""
     u, delta, A, B, C, _ = _selective_inputs(Bsz=1, L=20)
-    eta = delta[0, 0]  # (d_inner,)
-    const = S.selective_scan(u, eta.expand_as(u), A, B[:, :1].expand_as(B), C[:, :1].expand_as(C))
-    A_bar = torch.exp(eta.unsqueeze(-1) * A)
-    B_bar = eta.unsqueeze(-1) * B[0, 0]
+    delta = delta[0, 0]  # (d_inner,)
+    const = S.selective_scan(u, delta.expand_as(u), A, B[:, :1].expand_as(B), C[:, :1].expand_as(C))
+    A_bar = torch.exp(delta.unsqueeze(-1) * A)
+    B_bar = delta.unsqueeze(-1) * B[0, 0]
     Cc = C[0, 0].expand_as(A)
     torch.testing.assert_close(const, S.ssm_convolution(u, S.ssm_kernel(A_bar, B_bar, Cc, 20)))
 
@@ -375,12 +375,12 @@ def test_half_precision_selective_scan_runs_in_float32():
 
 def test_bad_delta():
     u, delta, A, B, C, D = _selective_inputs()
-    with pytest.raises(ValueError, match=r"delta \(the step size eta\) must be positive.*got min -1"):
+    with pytest.raises(ValueError, match=r"delta \(the step size delta\) must be positive.*got min -1"):
         S.selective_scan(u, delta.index_put((torch.tensor(0),) * 3, torch.tensor(-1.0, dtype=F64)),
                          A, B, C, D)
     with pytest.raises(ValueError, match=r"delta .*positive.*got min 0"):
         S.selective_scan(u, torch.zeros_like(delta), A, B, C, D)
-    with pytest.raises(ValueError, match=r"eta .*must be positive; got -0.1"):
+    with pytest.raises(ValueError, match=r"delta .*must be positive; got -0.1"):
         S.discretize_zoh(-torch.ones(3), torch.ones(3), -0.1)
     with pytest.raises(ValueError, match=r"delta must have u's shape"):
         S.selective_scan(u, delta[:, :3], A, B, C, D)

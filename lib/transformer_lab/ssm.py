@@ -33,11 +33,12 @@ quantities are therefore written in sans-serif, each named after its symbol in t
   K                 the convolution kernel                (the papers' K-bar)
   a_t, b_t          the coefficients of h_t = a_t h_{t-1} + b_t, scanned by :func:`parallel_scan`
   z_t               the gate branch of the Mamba block    (the paper's z)
-  eta, eta_t        the step size                          (the papers' Δ)
+  Δ, Δ_t            the step size, code ``delta``          (the papers' Δ, set in sans-serif
+                    like every SSM symbol: lecture 08's Δ is FlashAttention-2's row sum)
   d_state           state size per channel                 (the papers' N)
   d_inner           the block's inner width, expand * d_model (the paper's E D, E = 2)
   d_conv            width of the causal depthwise convolution (4 in the paper)
-  d_eta             rank of the projection that makes eta (the paper's R, ``dt_rank``)
+  d_delta           rank of the projection that makes Δ_t  (the paper's R, ``dt_rank``)
   N                 blocks stacked, as in lecture 05
 
 1. The continuous SSM and its discretisation
@@ -46,20 +47,20 @@ A linear time-invariant system maps an input signal u(t) to an output y(t) throu
 
     h'(t) = A h(t) + B u(t),        y(t) = C h(t) + D u(t)
 
-Sampling with step eta turns it into a recurrence ``h_t = Abar h_{t-1} + Bbar u_t``.
+Sampling with step delta turns it into a recurrence ``h_t = Abar h_{t-1} + Bbar u_t``.
 **Zero-order hold** (:func:`discretize_zoh`) holds u constant over each step and solves
 the ODE exactly::
 
-    Abar = exp(eta A),      Bbar = (eta A)^{-1} (exp(eta A) - I) eta B
+    Abar = exp(delta A),      Bbar = (delta A)^{-1} (exp(delta A) - I) delta B
 
-(for a diagonal A: ``Bbar_n = (exp(eta A_n) - 1) / A_n * B_n``). **Euler**
-(:func:`discretize_euler`) takes one straight step: ``Abar = I + eta A``, ``Bbar = eta B``.
-Why ZOH: for a stable system (Re A_n < 0) ``|exp(eta A_n)| < 1`` for *every* eta, so the
-discrete state decays as the continuous one does; Euler's ``|1 + eta A_n|`` exceeds 1 once
-``eta > 2 / |A_n|`` (real A_n), and the discrete state explodes where the true one decays.
-ZOH is also exact for piecewise-constant inputs, and it makes eta a *timescale*: a large
-eta forgets the state (Abar -> 0) and lets the input in, a small eta keeps the state.
-Mamba uses ZOH for A and the Euler-like ``Bbar = eta B`` for B (sec. 3.5 and the code).
+(for a diagonal A: ``Bbar_n = (exp(delta A_n) - 1) / A_n * B_n``). **Euler**
+(:func:`discretize_euler`) takes one straight step: ``Abar = I + delta A``, ``Bbar = delta B``.
+Why ZOH: for a stable system (Re A_n < 0) ``|exp(delta A_n)| < 1`` for *every* delta, so the
+discrete state decays as the continuous one does; Euler's ``|1 + delta A_n|`` exceeds 1 once
+``delta > 2 / |A_n|`` (real A_n), and the discrete state explodes where the true one decays.
+ZOH is also exact for piecewise-constant inputs, and it makes delta a *timescale*: a large
+delta forgets the state (Abar -> 0) and lets the input in, a small delta keeps the state.
+Mamba uses ZOH for A and the Euler-like ``Bbar = delta B`` for B (sec. 3.5 and the code).
 
 2. Two views of a time-invariant SSM
 ------------------------------------
@@ -76,21 +77,21 @@ kernel is a Vandermonde product, ``K_j = sum_n C_n Abar_n^j Bbar_n`` (S4D).
 imaginary parts spread like Fourier frequencies; a complex state stands for a conjugate
 pair, so the output is ``2 Re(C h)``), S4D-Real ``A_n = -(n + 1)`` (real; Mamba's
 default, stored as ``A_log = log(n + 1)`` and used as ``A = -exp(A_log)`` so A stays
-negative whatever the gradient does); B = 1, C ~ N(0, 1), eta log-uniform in
-[0.001, 0.1] (:func:`init_eta`).
+negative whatever the gradient does); B = 1, C ~ N(0, 1), delta log-uniform in
+[0.001, 0.1] (:func:`init_delta`).
 
 3. Selection (Mamba)
 --------------------
 A time-invariant SSM treats every token alike: its kernel K cannot depend on what a token
 *is*, so it cannot decide to remember a word and ignore a filler (selective copying,
-:func:`selective_copying`). Mamba makes eta, B and C functions of the input (Algorithm 2)::
+:func:`selective_copying`). Mamba makes delta, B and C functions of the input (Algorithm 2)::
 
-    B_t = u_t W_B,   C_t = u_t W_C,   eta_t = softplus(u_t W_1 W_2 + bias)    (rank d_eta)
-    Abar_t = exp(eta_t A),   Bbar_t u_t = eta_t B_t u_t
+    B_t = u_t W_B,   C_t = u_t W_C,   delta_t = softplus(u_t W_1 W_2 + bias)    (rank d_delta)
+    Abar_t = exp(delta_t A),   Bbar_t u_t = delta_t B_t u_t
     h_t = Abar_t h_{t-1} + Bbar_t u_t,       y_t = C_t h_t + D u_t
 
-softplus keeps eta_t > 0. A large eta_t resets the state to the current token (remember
-it), a small eta_t lets the token pass unnoticed (ignore it): content-based forgetting and
+softplus keeps delta_t > 0. A large delta_t resets the state to the current token (remember
+it), a small delta_t lets the token pass unnoticed (ignore it): content-based forgetting and
 remembering. The price: K now depends on t, the convolution view is gone, and training
 needs a **scan** (:func:`selective_scan`).
 
@@ -133,13 +134,13 @@ state of fixed size: the last d_conv - 1 inputs of the convolution and h
 attention's KV cache grows by 2 d_model numbers per layer and token
 (:func:`state_bytes`, :func:`kv_cache_bytes`, :func:`memory_per_token`).
 :class:`MambaLM` stacks N blocks (pre-norm, residual) under an embedding and a head.
-``selective=False`` gives the same block with eta, B, C learned constants: a time-invariant
+``selective=False`` gives the same block with delta, B, C learned constants: a time-invariant
 SSM (S4D-like) computed by FFT convolution, for the selective-copying comparison.
 
 Shapes
 ------
 Between blocks ``(B, L, d_model)`` as everywhere (B the batch size). Inside the SSM:
-u, eta (code ``delta``) ``(B, L, d_inner)``; A ``(d_inner, d_state)``; the selective B, C
+u, delta (code ``delta``) ``(B, L, d_inner)``; A ``(d_inner, d_state)``; the selective B, C
 ``(B, L, d_state)``; D ``(d_inner,)``; the state ``(B, L, d_inner, d_state)`` when all of it
 is kept, ``(B, d_inner, d_state)`` for one step. The scans take a, b of any shape
 ``(B, L, ...)`` and scan over dim 1.
@@ -155,11 +156,11 @@ Glossary (code -> symbol)
 ``A_log``                   log(-A), so that A = -exp(A_log)
 ``A_bar``, ``B_bar``        Abar, Bbar
 ``K``                       K, the kernel (C Bbar, C Abar Bbar, ...)
-``delta``, ``dt``           eta_t (the papers' Δ)
+``delta``, ``dt``           delta_t (the papers' Δ)
 ``a``, ``b``                a_t, b_t of the scan
 ``z``                       z_t, the gate branch
 ``d_state``, ``d_inner``    d_state (N in the paper), d_inner (E D)
-``d_conv``, ``dt_rank``     d_conv, d_eta (R)
+``d_conv``, ``dt_rank``     d_conv, d_delta (R)
 ``conv``                    the d_conv - 1 last convolution inputs kept by ``step``
 ==========================  ============================================================
 """
@@ -185,7 +186,7 @@ __all__ = [
     "ssm_kernel",
     "ssm_convolution",
     "s4d_init",
-    "init_eta",
+    "init_delta",
     # scans
     "sequential_scan",
     "parallel_scan",
@@ -247,10 +248,10 @@ def _check_positive(name: str, t: Tensor) -> None:
     if isinstance(t, Tensor):
         bad = ~(t.real > 0) if t.is_complex() else ~(t > 0)
         if bool(bad.any()):
-            raise ValueError(f"{name} (the step size eta) must be positive everywhere (Mamba makes it "
+            raise ValueError(f"{name} (the step size delta) must be positive everywhere (Mamba makes it "
                              f"with softplus); got min {float(t.min()):.4g}")
     elif not float(t) > 0:
-        raise ValueError(f"{name} (the step size eta) must be positive; got {t!r}")
+        raise ValueError(f"{name} (the step size delta) must be positive; got {t!r}")
 
 
 def _check_scan(a, b) -> None:
@@ -286,7 +287,7 @@ def _readout(h: Tensor, C: Tensor) -> Tensor:
 # 1. Discretisation
 # ----------------------------------------------------------------------------
 
-def _check_AB(A, B, eta):
+def _check_AB(A, B, delta):
     _check_float("A", A, layout="(..., d_state) diagonal or (d_state, d_state)")
     _check_float("B", B, layout="(..., d_state)")
     d_state = A.shape[-1]
@@ -295,43 +296,43 @@ def _check_AB(A, B, eta):
         full = True
     else:
         full = False
-    _check_positive("eta", eta)
+    _check_positive("delta", delta)
     return full
 
 
-def discretize_zoh(A: Tensor, B: Tensor, eta, full: Optional[bool] = None):
-    """Zero-order hold: ``Abar = exp(eta A)``, ``Bbar = (eta A)^-1 (exp(eta A) - I) eta B``.
+def discretize_zoh(A: Tensor, B: Tensor, delta, full: Optional[bool] = None):
+    """Zero-order hold: ``Abar = exp(delta A)``, ``Bbar = (delta A)^-1 (exp(delta A) - I) delta B``.
 
     Args:
         A: ``(..., d_state)`` the diagonal of A (real or complex; one row per channel), or a
             full ``(d_state, d_state)`` matrix (then B is ``(d_state,)``).
-        B: ``(..., d_state)``. eta: a positive number or tensor broadcasting to A's diagonal
+        B: ``(..., d_state)``. delta: a positive number or tensor broadcasting to A's diagonal
             (``(..., 1)`` for one step per channel).
         full: force the matrix reading (default: a square A with a 1-D B is a matrix).
 
     Returns ``(A_bar, B_bar)`` shaped like A and B. A must be invertible (no zero entry).
     """
-    detected = _check_AB(A, B, eta)
+    detected = _check_AB(A, B, delta)
     full = detected if full is None else bool(full)
     if full:
-        eA = torch.linalg.matrix_exp(eta * A)  # Abar = exp(eta A)             (d_state, d_state)
+        eA = torch.linalg.matrix_exp(delta * A)  # Abar = exp(delta A)             (d_state, d_state)
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        B_bar = torch.linalg.solve(eta * A, (eA - eye) @ (eta * B))  # (eta A)^-1 (e^{eta A} - I) eta B
+        B_bar = torch.linalg.solve(delta * A, (eA - eye) @ (delta * B))  # (delta A)^-1 (e^{delta A} - I) delta B
         return eA, B_bar
-    A_bar = torch.exp(eta * A)  # (..., d_state)
-    B_bar = (A_bar - 1) / A * B  # diagonal: (e^{eta A_n} - 1) / A_n B_n
+    A_bar = torch.exp(delta * A)  # (..., d_state)
+    B_bar = (A_bar - 1) / A * B  # diagonal: (e^{delta A_n} - 1) / A_n B_n
     return A_bar, B_bar
 
 
-def discretize_euler(A: Tensor, B: Tensor, eta, full: Optional[bool] = None):
-    """Euler's step: ``Abar = I + eta A``, ``Bbar = eta B`` (same arguments as
-    :func:`discretize_zoh`). Unstable once ``|1 + eta A_n| > 1`` (eta > 2 / |A_n|)."""
-    detected = _check_AB(A, B, eta)
+def discretize_euler(A: Tensor, B: Tensor, delta, full: Optional[bool] = None):
+    """Euler's step: ``Abar = I + delta A``, ``Bbar = delta B`` (same arguments as
+    :func:`discretize_zoh`). Unstable once ``|1 + delta A_n| > 1`` (delta > 2 / |A_n|)."""
+    detected = _check_AB(A, B, delta)
     full = detected if full is None else bool(full)
     if full:
         eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        return eye + eta * A, eta * B  # (d_state, d_state), (d_state,)
-    return 1 + eta * A, eta * B  # (..., d_state)
+        return eye + delta * A, delta * B  # (d_state, d_state), (d_state,)
+    return 1 + delta * A, delta * B  # (..., d_state)
 
 
 # ----------------------------------------------------------------------------
@@ -453,14 +454,14 @@ def s4d_init(d_inner: int, d_state: int, kind: str = "real", dtype=torch.float32
     return A.expand(d_inner, d_state).clone()  # (d_inner, d_state)
 
 
-def init_eta(d_inner: int, eta_min: float = 1e-3, eta_max: float = 0.1, generator=None,
+def init_delta(d_inner: int, delta_min: float = 1e-3, delta_max: float = 0.1, generator=None,
              dtype=torch.float32) -> Tensor:
-    """Step sizes log-uniform in ``[eta_min, eta_max]`` (S4D, Mamba): ``(d_inner,)``."""
+    """Step sizes log-uniform in ``[delta_min, delta_max]`` (S4D, Mamba): ``(d_inner,)``."""
     d_inner = _check_int("d_inner", d_inner, 1)
-    if not 0 < eta_min <= eta_max:
-        raise ValueError(f"need 0 < eta_min <= eta_max; got eta_min={eta_min}, eta_max={eta_max}")
+    if not 0 < delta_min <= delta_max:
+        raise ValueError(f"need 0 < delta_min <= delta_max; got delta_min={delta_min}, delta_max={delta_max}")
     r = torch.rand(d_inner, generator=_generator(generator), dtype=torch.float64)
-    return torch.exp(math.log(eta_min) + r * (math.log(eta_max) - math.log(eta_min))).to(dtype)
+    return torch.exp(math.log(delta_min) + r * (math.log(delta_max) - math.log(delta_min))).to(dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -586,14 +587,14 @@ def _check_selective(u, delta, A, B, C, D):
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    D: Optional[Tensor] = None, method: str = "parallel", h0: Optional[Tensor] = None,
                    return_state: bool = False):
-    """Mamba's selective SSM (Algorithm 2): eta, B, C change at every step.
+    """Mamba's selective SSM (Algorithm 2): delta, B, C change at every step.
 
     Benchmark hook (``benchmarks/``). Computes, per channel i and state n::
 
-        h_t = exp(eta_t A) h_{t-1} + eta_t B_t u_t,      y_t = C_t h_t + D u_t
+        h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,      y_t = C_t h_t + D u_t
 
     Args:
-        u: ``(B, L, d_inner)`` input. delta: ``(B, L, d_inner)`` step sizes eta_t, all > 0
+        u: ``(B, L, d_inner)`` input. delta: ``(B, L, d_inner)`` step sizes delta_t, all > 0
             (softplus already applied). A: ``(d_inner, d_state)``, negative for a stable SSM.
         B, C: ``(B, L, d_state)``, shared by the channels (the matrices, not the batch size).
         D: ``(d_inner,)`` skip, or None. method: ``"parallel"`` (:func:`parallel_scan`) or
@@ -609,9 +610,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         out = selective_scan(*(t if t is None else t.float() for t in (u, delta, A, B, C, D)), method=method,
                              h0=None if h0 is None else h0.float(), return_state=return_state)
         return tuple(o.to(u.dtype) for o in out) if return_state else out.to(u.dtype)
-    dA = delta.unsqueeze(-1) * A  # eta_t A                           (B, L, d_inner, d_state)
-    a = torch.exp(dA)  # Abar_t = exp(eta_t A)                        (B, L, d_inner, d_state)
-    b = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # Bbar_t u_t = eta_t B_t u_t   (B, L, d_inner, d_state)
+    dA = delta.unsqueeze(-1) * A  # delta_t A                           (B, L, d_inner, d_state)
+    a = torch.exp(dA)  # Abar_t = exp(delta_t A)                        (B, L, d_inner, d_state)
+    b = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # Bbar_t u_t = delta_t B_t u_t   (B, L, d_inner, d_state)
     h = scan(a, b, h0)  # h_t = a_t h_{t-1} + b_t                     (B, L, d_inner, d_state)
     y = torch.einsum("blin,bln->bli", h, C)  # y_t = C_t h_t          (B, L, d_inner)
     if D is not None:
@@ -629,7 +630,7 @@ def selective_scan_step(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
     if h.shape != (u.shape[0], *A.shape):
         raise ValueError(f"h must have shape (B, d_inner, d_state) = {(u.shape[0], *A.shape)}; got {_shape(h)}")
     a = torch.exp(delta.unsqueeze(-1) * A)  # Abar_t                  (B, d_inner, d_state)
-    h = a * h + (delta * u).unsqueeze(-1) * B.unsqueeze(1)  # h_t = Abar_t h_{t-1} + eta_t B_t u_t
+    h = a * h + (delta * u).unsqueeze(-1) * B.unsqueeze(1)  # h_t = Abar_t h_{t-1} + delta_t B_t u_t
     y = (h * C.unsqueeze(1)).sum(-1)  # y_t = C_t h_t                 (B, d_inner)
     if D is not None:
         y = y + D * u
@@ -654,18 +655,18 @@ class MambaState(NamedTuple):
 class MambaBlock(nn.Module):
     """The Mamba block (Gu & Dao 2023, Fig. 3), ``(B, L, d_model) -> (B, L, d_model)``.
 
-    ``[u, z] = x W_in``; ``u = SiLU(causal depthwise conv_{d_conv}(u))``; eta, B, C from u
+    ``[u, z] = x W_in``; ``u = SiLU(causal depthwise conv_{d_conv}(u))``; delta, B, C from u
     (``selective=True``) or learned constants (``selective=False``, a time-invariant SSM
     computed as an FFT convolution); ``y = SSM(u) * SiLU(z)``; out ``= y W_out``.
 
     Args:
         d_model: width between blocks. d_state: state size per channel (16).
         d_conv: width of the causal convolution (>= 1; 4). expand: d_inner = expand d_model.
-        dt_rank: d_eta, rank of eta's projection (default ceil(d_model / 16)).
-        dt_min, dt_max: eta's initial range (log-uniform, stored through softplus's inverse).
-        selective: input-dependent eta, B, C (Mamba) or constants (LTI).
+        dt_rank: d_delta, rank of delta's projection (default ceil(d_model / 16)).
+        dt_min, dt_max: delta's initial range (log-uniform, stored through softplus's inverse).
+        selective: input-dependent delta, B, C (Mamba) or constants (LTI).
         scan: ``"parallel"`` or ``"sequential"`` for the selective forward.
-        generator: seeds eta's initial values (and C's when not selective); the linear layers
+        generator: seeds delta's initial values (and C's when not selective); the linear layers
             and the convolution use the global RNG (``seed_everything``).
     """
 
@@ -686,16 +687,16 @@ class MambaBlock(nn.Module):
         self.in_proj = nn.Linear(d_model, 2 * di, bias=False)  # W_in: x -> [u, z]
         self.conv1d = nn.Conv1d(di, di, self.d_conv, groups=di, padding=self.d_conv - 1)  # depthwise
         if self.selective:
-            self.x_proj = nn.Linear(di, self.dt_rank + 2 * ds, bias=False)  # u -> [eta low-rank, B, C]
-            self.dt_proj = nn.Linear(self.dt_rank, di)  # W_2 and the bias of eta
+            self.x_proj = nn.Linear(di, self.dt_rank + 2 * ds, bias=False)  # u -> [delta low-rank, B, C]
+            self.dt_proj = nn.Linear(self.dt_rank, di)  # W_2 and the bias of delta
             std = self.dt_rank ** -0.5
             nn.init.uniform_(self.dt_proj.weight, -std, std)
         else:
             self.B_param = nn.Parameter(torch.ones(di, ds))  # B = 1 (S4D)
             self.C_param = nn.Parameter(torch.randn(di, ds, generator=_generator(generator)) * ds ** -0.5)
             self.dt_bias = nn.Parameter(torch.zeros(di))
-        eta = init_eta(di, dt_min, dt_max, generator=generator).clamp(min=1e-4)
-        inv_softplus = eta + torch.log(-torch.expm1(-eta))  # softplus(inv_softplus) = eta
+        delta = init_delta(di, dt_min, dt_max, generator=generator).clamp(min=1e-4)
+        inv_softplus = delta + torch.log(-torch.expm1(-delta))  # softplus(inv_softplus) = delta
         with torch.no_grad():
             (self.dt_proj.bias if self.selective else self.dt_bias).copy_(inv_softplus)
         self.A_log = nn.Parameter(torch.log(-s4d_init(di, ds, "real")))  # A = -exp(A_log), S4D-Real
@@ -703,13 +704,13 @@ class MambaBlock(nn.Module):
         self.out_proj = nn.Linear(di, d_model, bias=False)  # W_out
 
     def _ssm_params(self, u: Tensor):
-        """eta ``(..., d_inner)``, B and C ``(..., d_state)`` (selective) or constants."""
+        """delta ``(..., d_inner)``, B and C ``(..., d_state)`` (selective) or constants."""
         if self.selective:
             dbc = self.x_proj(u)  # (..., dt_rank + 2 d_state)
             dt, B, C = dbc.split([self.dt_rank, self.d_state, self.d_state], -1)
-            delta = F.softplus(self.dt_proj(dt))  # eta_t = softplus(u W_1 W_2 + bias)   (..., d_inner)
+            delta = F.softplus(self.dt_proj(dt))  # delta_t = softplus(u W_1 W_2 + bias)   (..., d_inner)
             return delta, B, C
-        delta = F.softplus(self.dt_bias)  # eta, one per channel                      (d_inner,)
+        delta = F.softplus(self.dt_bias)  # delta, one per channel                      (d_inner,)
         return delta, self.B_param, self.C_param
 
     def _check_x(self, x: Tensor, rank: int, layout: str) -> None:
@@ -730,8 +731,8 @@ class MambaBlock(nn.Module):
         if self.selective:
             y, h = selective_scan(u, delta, A, B, C, self.D, method=self.scan, return_state=True)
         else:
-            A_bar = torch.exp(delta.unsqueeze(-1) * A)  # Abar = exp(eta A)      (d_inner, d_state)
-            B_bar = delta.unsqueeze(-1) * B  # Bbar = eta B, as Mamba's selective path
+            A_bar = torch.exp(delta.unsqueeze(-1) * A)  # Abar = exp(delta A)      (d_inner, d_state)
+            B_bar = delta.unsqueeze(-1) * B  # Bbar = delta B, as Mamba's selective path
             K = ssm_kernel(A_bar, B_bar, C, L)  # (d_inner, L)
             y = ssm_convolution(u, K, "fft") + self.D * u  # y = K * u + D u    (B, L, d_inner)
             h = None
