@@ -410,6 +410,34 @@ def _cell_errors(notebook_path: Path) -> list[dict[str, str]]:
     return errors
 
 
+#: nbgrader's words when the kernel died or stayed silent before running any cell. The kernel
+#: is the course's, not the learner's (no cell has run yet), so this is the machine's fault:
+#: measured in CI, once in ~30 class runs on a loaded 2-core machine. Grading is retried.
+_KERNEL_START_FAILED = ("Kernel died before replying to kernel_info", "Kernel didn't respond")
+KERNEL_START_ATTEMPTS = 3
+
+
+def _autograde(api, lecture: str, student: str, attempts: int = KERNEL_START_ATTEMPTS) -> dict[str, Any]:
+    """``api.autograde``, run again (up to ``attempts`` times in all) while its kernel fails to
+    start, so that a busy machine never costs a learner a grade. Each retry is logged; a
+    notebook that fails in any other way is not retried (its error is the learner's to see)."""
+    events = list(_EVENTS)
+    for attempt in range(1, attempts + 1):
+        _EVENTS[:] = events  # what a failed start noted is not this notebook's
+        result = api.autograde(lecture, student, force=True, create=True)
+        _cleanup_processes()
+        failed_to_start = not result.get("success") and any(
+            words in (result.get("log") or "") + (result.get("error") or "") for words in _KERNEL_START_FAILED)
+        if not failed_to_start or attempt == attempts:
+            if failed_to_start:
+                _note(f"the kernel failed to start {attempts} times; grade this notebook again")
+            return result
+        print(f"[autograder] {lecture}/{student}: the kernel failed to start (attempt {attempt} of "
+              f"{attempts}); grading it again", file=sys.stderr, flush=True)
+        time.sleep(1.0 * attempt)
+    raise AssertionError("unreachable")
+
+
 def _grade(task: dict[str, Any]) -> dict[str, Any]:
     from nbgrader.api import Gradebook
 
@@ -432,9 +460,8 @@ def _grade(task: dict[str, Any]) -> dict[str, Any]:
         gradebook.chmod(0o600)  # the hidden tests: root only, whatever else happens
     api, config = _api(root, _LIMITS.cell_timeout)
     t0 = time.perf_counter()
-    result = api.autograde(lecture, student, force=True, create=True)
+    result = _autograde(api, lecture, student)
     seconds = time.perf_counter() - t0
-    _cleanup_processes()
     if not result.get("success"):
         why = _explain(root / "submitted" / student / lecture / f"{lecture}.ipynb", lecture,
                        config, _error_line(result))

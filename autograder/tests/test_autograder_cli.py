@@ -282,3 +282,38 @@ def test_nbgrader_own_autograde_decides_the_hidden_tests_too(tmp_path):
     with Gradebook(f"sqlite:///{tmp_path / 'gradebook.db'}") as gb:
         grades = {g.name: g.score for n in gb.find_submission(LECTURE, "ann").notebooks for g in n.grades}
     assert grades == {"ex1_scores_test": 1.0, "ex2_layer_norm_test": 0.0}
+
+
+class _FlakyAPI:
+    """nbgrader's API whose kernel fails to start the first ``failures`` times."""
+
+    def __init__(self, failures: int, other_error: str | None = None):
+        self.failures, self.other_error, self.calls = failures, other_error, 0
+
+    def autograde(self, lecture, student, force=True, create=True):
+        self.calls += 1
+        if self.other_error:
+            return {"success": False, "log": self.other_error, "error": ""}
+        if self.calls <= self.failures:
+            return {"success": False, "error": "", "log": "[ERROR] RuntimeError: Kernel died before replying to kernel_info"}
+        return {"success": True, "log": ""}
+
+
+def test_a_kernel_that_fails_to_start_is_retried_not_graded_zero(monkeypatch, capsys):
+    """Measured in CI: on a loaded machine the course's kernel once died before running a cell,
+    and the student got an "error" row and no feedback. That is never the learner's doing."""
+    from autograder import worker
+
+    monkeypatch.setattr(worker, "_cleanup_processes", lambda client=None: None)
+    monkeypatch.setattr(worker.time, "sleep", lambda s: None)
+    worker._EVENTS[:] = ["sandbox note"]
+    api = _FlakyAPI(failures=2)
+    assert worker._autograde(api, "00_fixture", "ann", attempts=3)["success"] and api.calls == 3
+    assert worker._EVENTS == ["sandbox note"]  # the failed starts left no note
+    assert capsys.readouterr().err.count("the kernel failed to start") == 2
+    api = _FlakyAPI(failures=5)
+    assert not worker._autograde(api, "00_fixture", "ann", attempts=3)["success"] and api.calls == 3
+    assert any("failed to start 3 times" in e for e in worker._EVENTS)
+    api = _FlakyAPI(failures=0, other_error="[ERROR] ValidationError: Duplicate grade id: ex1")
+    assert not worker._autograde(api, "00_fixture", "ann", attempts=3)["success"] and api.calls == 1  # learner's error: once
+    worker._EVENTS.clear()
