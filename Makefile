@@ -65,6 +65,7 @@ book: setup
 bench: setup
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/recurrent.py
 	$(BIN)/python benchmarks/notebooks.py
 
 bench-grading: setup

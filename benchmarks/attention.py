@@ -75,6 +75,16 @@ trained attention's, ``family_inputs``; v ~ N(0, 1)), at
     performer      ``lowrank.performer_attention``, ``--performer-features`` orthogonal positive
                    features drawn once per L (lecture 07; no mask only)
     linear_causal  ``lowrank.linear_attention(causal=True)``, elu+1 (lecture 07; causal only)
+    mamba_scan     ``ssm.selective_scan``, the parallel scan over d_inner = H D channels with d_state 16:
+                   Mamba's token mixer in attention's place (lecture 11; causal only; not attention,
+                   so its error is against its own sequential loop)
+    mamba_block    ``ssm.MambaBlock`` with d_inner = H D, with its projections and convolution
+                   (lecture 11; causal only; against the same block with the sequential scan)
+
+``--family-variants`` times a subset (sdpa always, as the baseline) and ``--family-stem`` names
+the outputs: lectures 07 and 08 read the full run ``attention_family.json`` (re-recording it changes
+the numbers their text quotes); lecture 11's rows were recorded as ``attention_family_recurrent``
+(``--family-variants flash linear_causal mamba_scan mamba_block``).
 
 Time and memory as above (round-robin, RSS growth on the CPU), each as a ratio to ``sdpa`` at the
 same L and masking, from the same run; masks, projections and features are built outside the
@@ -827,6 +837,10 @@ FAMILY = {
     "linformer": ("lowrank.linformer_attention, k = min(256, L/2), random E = F (lecture 07)", False, "approx"),
     "performer": ("lowrank.performer_attention, 256 orthogonal positive features (lecture 07)", False, "approx"),
     "linear_causal": ("lowrank.linear_attention, elu+1, causal (lecture 07)", True, "exact"),
+    "mamba_scan": ("ssm.selective_scan, parallel scan, d_inner = H D, d_state 16 (lecture 11; the token "
+                   "mixer alone, no attention)", True, "recurrent"),
+    "mamba_block": ("ssm.MambaBlock, d_model = H D / 2 (d_inner = H D), d_state 16, with its projections "
+                    "and convolution (lecture 11)", True, "recurrent"),
 }
 FAMILY_REFERENCE = {
     "sdpa": "itself",
@@ -837,6 +851,8 @@ FAMILY_REFERENCE = {
     "linformer": "exact softmax attention (SDPA)",
     "performer": "exact softmax attention (SDPA)",
     "linear_causal": "the same elu+1 attention computed densely in float64 (phi(Q) phi(K)^T, causal)",
+    "mamba_scan": "the same selective scan, run as the sequential loop h_t = a_t h_(t-1) + b_t",
+    "mamba_block": "the same block (same weights) with scan='sequential'",
 }
 FAMILY_REFERENCE["lsh_2"] = FAMILY_REFERENCE["lsh_4"] = FAMILY_REFERENCE["lsh_1"]
 # Shared QK scores q_i . q_j / (|q_j| sqrt(D)): keys have unit length, so attention is as sharp as
@@ -848,7 +864,8 @@ FAMILY_TARGETS = {"flash_time_L": 8192, "flash_time_ratio": 1.3, "flash_mem_rati
 
 
 def family_variants(causal: bool, L: int, args) -> list[str]:
-    names = [n for n, (_, c, _) in FAMILY.items() if c is None or c == causal]
+    names = [n for n, (_, c, _) in FAMILY.items() if (c is None or c == causal)
+             and (not args.family_variants or n in args.family_variants or n == "sdpa")]
     if L > args.naive_max:
         names.remove("readable")
     if args.no_compile and "flex_window" in names:
@@ -878,7 +895,7 @@ def make_family_cases(L: int, causal: bool, args, device, dtype) -> dict:
     """Zero-argument callables for every variant at (L, causal); masks, projections and feature
     draws are made here, outside the timing (a trained model holds them as parameters)."""
     from transformer_lab import attention as att
-    from transformer_lab import flash, lowrank, lsh
+    from transformer_lab import flash, lowrank, lsh, ssm
 
     q, k, v = family_inputs(L, args, device, dtype)
     fns = {}
@@ -911,7 +928,41 @@ def make_family_cases(L: int, causal: bool, args, device, dtype) -> dict:
             fns[name] = lambda W=W: lowrank.performer_attention(q, k, v, features=W)
         elif name == "linear_causal":
             fns[name] = lambda: lowrank.linear_attention(q, k, v, causal=True)
+        elif name == "mamba_scan":
+            args_ = mamba_scan_inputs(q, k, v)
+            fns[name] = lambda a=args_: ssm.selective_scan(*a, method="parallel")
+        elif name == "mamba_block":
+            block, x = mamba_block_inputs(v, device, dtype)
+            fns[name] = lambda block=block, x=x: block(x)
     return fns
+
+
+MAMBA_STATE = 16
+
+
+def mamba_scan_inputs(q: Tensor, k: Tensor, v: Tensor):
+    """A selective scan of the family's size from its q, k, v: u = v as (B, L, H D), delta_t =
+    softplus(k - 4) (0.005 ... 0.3, Mamba's range), B_t and C_t from q's and k's first head; A
+    S4D-Real. Only the shapes matter for time and memory; the values keep the scan stable."""
+    from transformer_lab import ssm
+
+    B_, H, L, D = v.shape
+    flat = lambda t: t.transpose(1, 2).reshape(B_, L, H * D)  # noqa: E731
+    A = ssm.s4d_init(H * D, MAMBA_STATE, "real", dtype=v.dtype, device=v.device)
+    return (flat(v), F.softplus(flat(k) - 4.0), A, q[:, 0, :, :MAMBA_STATE].contiguous(),
+            k[:, 0, :, :MAMBA_STATE].contiguous(), torch.ones(H * D, dtype=v.dtype, device=v.device))
+
+
+def mamba_block_inputs(v: Tensor, device, dtype, scan: str = "parallel"):
+    """A MambaBlock with d_inner = H D (d_model = H D / 2, expand 2), seeded, in eval mode, and its
+    input x: the first d_model channels of v as (B, L, H D)."""
+    from transformer_lab import ssm
+
+    B_, H, L, D = v.shape
+    torch.manual_seed(11)
+    block = ssm.MambaBlock(H * D // 2, d_state=MAMBA_STATE, scan=scan).to(device, dtype).eval()
+    x = v.transpose(1, 2).reshape(B_, L, H * D)[..., : H * D // 2].contiguous()
+    return block, x
 
 
 def family_reference(name: str, L: int, causal: bool, args, device, dtype) -> Tensor:
@@ -925,6 +976,13 @@ def family_reference(name: str, L: int, causal: bool, args, device, dtype) -> Te
     if name == "flex_window":
         mask = sparse.dense_mask(sparse.sliding_window(args.flex_window, causal=True), L, device=device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if name == "mamba_scan":
+        from transformer_lab import ssm
+
+        return ssm.selective_scan(*mamba_scan_inputs(q, k, v), method="sequential")
+    if name == "mamba_block":
+        block, x = mamba_block_inputs(v, device, dtype, scan="sequential")
+        return block(x)
     if name == "linear_causal":
         out = torch.empty(args.batch, args.heads, L, args.head_dim, dtype=torch.float64, device=device)
         keep = torch.ones(L, L, dtype=torch.bool, device=device).tril()
@@ -1046,13 +1104,14 @@ FAMILY_STYLE = {
     "lsh_2": ("tab:purple", "-.", "v"), "lsh_4": ("tab:purple", "-", "v"),
     "linformer": ("tab:orange", "-", "P"), "performer": ("tab:brown", "-", "X"),
     "linear_causal": ("tab:cyan", "-", "*"),
+    "mamba_scan": ("tab:olive", "--", "h"), "mamba_block": ("tab:olive", "-", "h"),
 }
 FAMILY_CSV_FIELDS = ["variant", "L", "causal", "kind", "time_ms", "time_min_ms", "peak_mib",
                      "time_ratio", "mem_ratio", "max_error", "rel_error", "scores_mib"]
 
 
-def write_family_outputs(report: dict, out: Path, plot: bool = True) -> list[Path]:
-    return write_report(report, out, "attention_family", FAMILY_CSV_FIELDS, report["rows"],
+def write_family_outputs(report: dict, out: Path, plot: bool = True, stem: str = "attention_family") -> list[Path]:
+    return write_report(report, out, stem, FAMILY_CSV_FIELDS, report["rows"],
                         plot_family if plot else None, number=lambda v: float(f"{v:.4g}"))
 
 
@@ -1155,6 +1214,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="dense: the table above; flex: FlexAttention with a causal window (lecture 05); "
                         "family: every attention variant of lectures 01 and 05-08")
     p.add_argument("--family-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192])
+    p.add_argument("--family-variants", nargs="+", default=None, choices=tuple(FAMILY),
+                   help="time only these variants (and sdpa, the baseline); default: all")
+    p.add_argument("--family-stem", default="attention_family",
+                   help="output file names of the family section (lectures 07-08 read attention_family.json; "
+                        "lecture 11's recurrent rows are recorded as attention_family_recurrent)")
     p.add_argument("--lsh-chunk", type=int, default=64, help="LSH chunk length m (n_buckets = 2 L / m)")
     p.add_argument("--linformer-k", type=int, default=256, help="Linformer's projected length (at most L/2)")
     p.add_argument("--performer-features", type=int, default=256, help="Performer's random features m")
@@ -1213,7 +1277,7 @@ def main(argv: list[str] | None = None) -> int:
     if flex_report is not None:
         paths += write_flex_outputs(flex_report, out, plot=not args.no_plot)
     if family_report is not None:
-        paths += write_family_outputs(family_report, out, plot=not args.no_plot)
+        paths += write_family_outputs(family_report, out, plot=not args.no_plot, stem=args.family_stem)
     if not args.silent:
         if report is not None:
             print(summary_table(report))

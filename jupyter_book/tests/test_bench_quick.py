@@ -41,10 +41,11 @@ def test_attention_benchmark_quick(tmp_path):
     rows = family["rows"]
     assert {r["variant"] for r in rows if not r["causal"]} == {
         "sdpa", "readable", "flash", "lsh_1", "lsh_2", "lsh_4", "linformer", "performer"}
-    assert {r["variant"] for r in rows if r["causal"]} == {"sdpa", "readable", "flash", "linear_causal"}
+    assert {r["variant"] for r in rows if r["causal"]} == {
+        "sdpa", "readable", "flash", "linear_causal", "mamba_scan", "mamba_block"}
     for r in rows:
         assert r["time_ms"] > 0 and r["time_ratio"] > 0
-        if r["kind"] == "exact":  # the same function as its reference: rounding only
+        if r["kind"] in ("exact", "recurrent"):  # the same function as its reference: rounding only
             assert r["max_error"] < 1e-4, r
     # an approximation is measured against softmax attention, not against itself
     assert all(r["max_error"] > 1e-3 for r in rows if r["kind"] == "approx"), rows
@@ -105,3 +106,26 @@ def test_inference_benchmark_quick(tmp_path):
     assert exit_["curve"][0]["agreement"] == 1.0  # and exactly the full model's predictions
     assert (tmp_path / "inference.csv").read_text().startswith("section,name,time_ms")
     assert (tmp_path / "inference.png").stat().st_size > 10_000
+
+
+def test_recurrent_benchmark_quick(tmp_path):
+    """benchmarks/recurrent.py (lectures 11-12): the parallel scan against the loop, one more
+    token from Mamba's state against recomputation, a ternary layer's paths, in one run."""
+    recurrent = _load("recurrent")
+    assert recurrent.main(["--quick", "--silent", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "recurrent.json").read_text())
+    scan = report["scan"]["rows"]
+    assert {(r["name"], r["L"], r["width"]) for r in scan} == {
+        (n, L, w) for n in ("sequential", "parallel") for L in (64, 128) for w in (4, 32)}
+    assert all(r["max_error"] < 1e-5 for r in scan)  # both scans agree with float64
+    gen = {(r["name"], r["L"]): r for r in report["generate"]["rows"]}
+    for t in (8, 32):
+        assert gen[("mamba_step", t)]["max_error"] < 1e-4  # the step continues the full forward
+        assert gen[("mamba_step", t)]["bytes"] == gen[("mamba_step", 8)]["bytes"]  # constant state
+    assert gen[("transformer", 32)]["bytes"] == 4 * gen[("transformer", 8)]["bytes"]  # the KV cache grows
+    tern = report["ternary"]
+    v = tern["verdict"]
+    assert v["additions_vs_bitlinear_error"] < 1e-4 and 0.8 < v["multiplications_removed"] < 1
+    assert tern["weight_bytes"]["packed_2bit"] == 32 * 8 + 4  # 32 rows of 32 weights at 2 bits, + scale
+    assert (tmp_path / "recurrent.csv").read_text().startswith("section,name,L,width")
+    assert (tmp_path / "recurrent.png").stat().st_size > 10_000
