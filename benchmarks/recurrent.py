@@ -116,8 +116,8 @@ def run_scan(args, device) -> dict:
                     for threads in thread_counts:
                         if device.type == "cpu":
                             torch.set_num_threads(threads or threads_before)
-                        fns = {"sequential": lambda: ssm.sequential_scan(a, b),
-                               "parallel": lambda: ssm.parallel_scan(a, b)}
+                        fns = {"sequential": lambda a=a, b=b: ssm.sequential_scan(a, b),
+                               "parallel": lambda a=a, b=b: ssm.parallel_scan(a, b)}
                         times = time_interleaved(fns, device, args.repeats, 1, sample_s=0.0)
                         t_threads = torch.get_num_threads() if device.type == "cpu" else None
                         base = statistics.median(times["sequential"])
@@ -172,10 +172,11 @@ def run_mamba_ssm(args, device) -> dict:
         A = ssm.s4d_init(d_inner, d_state, device=device)
         Bm = torch.randn(1, L, d_state, generator=g).to(device)
         Cm = torch.randn(1, L, d_state, generator=g).to(device)
-        ours = lambda: ssm.selective_scan(u, delta, A, Bm, Cm, method="parallel")  # noqa: E731
+        ours = lambda u=u, delta=delta, A=A, Bm=Bm, Cm=Cm: ssm.selective_scan(  # noqa: E731
+            u, delta, A, Bm, Cm, method="parallel")
         # mamba_ssm's layout: u, delta (B, d_inner, L); B, C (B, d_state, L)
         ut, dt, Bt, Ct = (t.transpose(1, 2).contiguous() for t in (u, delta, Bm, Cm))
-        fused = lambda: selective_scan_fn(ut, dt, A, Bt, Ct)  # noqa: E731
+        fused = lambda ut=ut, dt=dt, A=A, Bt=Bt, Ct=Ct: selective_scan_fn(ut, dt, A, Bt, Ct)  # noqa: E731
         with torch.inference_mode():
             err = float((fused().transpose(1, 2) - ours()).abs().max())
             times = time_interleaved({"ours": ours, "mamba_ssm": fused}, device, args.repeats, 1, sample_s=0.0)
@@ -203,7 +204,7 @@ def run_generate(args, device) -> dict:
             logits_step, _ = mamba.step(idx[:, t], states)
             err = float((logits_full - logits_step).abs().max())
             fns = {"mamba_recompute": lambda idx=idx: mamba(idx)[:, -1],
-                   "mamba_step": lambda idx=idx, states=states: mamba.step(idx[:, t], states)[0],
+                   "mamba_step": lambda idx=idx, states=states, t=t: mamba.step(idx[:, t], states)[0],
                    "transformer": lambda idx=idx: transformer(idx)[:, -1]}
             times = time_interleaved(fns, device, args.repeats, 1, sample_s=args.sample_ms / 1e3)
             mem = ssm.memory_per_token(mamba, t)
