@@ -1,0 +1,1106 @@
+r"""Decoding: greedy, beam search, temperature, top-k and nucleus sampling, the KV cache,
+speculative decoding.
+
+Papers
+------
+* Holtzman, Buys, Du, Forbes, Choi 2020, "The Curious Case of Neural Text Degeneration",
+  arXiv:1904.09751: sec. 3 (greedy and beam search degenerate into repetition loops), sec. 3.1
+  (nucleus / top-p sampling), sec. 3.2-3.3 (top-k and temperature as the alternatives).
+* Fan, Lewis, Dauphin 2018, "Hierarchical Neural Story Generation", arXiv:1805.04833 (top-k).
+* Li, Galley, Brockett, Gao, Dolan 2016, "A Diversity-Promoting Objective Function for Neural
+  Conversation Models", arXiv:1510.03055 (distinct-n).
+* Wu et al. 2016, "Google's Neural Machine Translation System", arXiv:1609.08144, sec. 7
+  (beam search with length normalisation; here the simpler ``score / length^lp`` that
+  ``transformers``' ``length_penalty`` uses).
+* Pope et al. 2022, "Efficiently Scaling Transformer Inference", arXiv:2211.05102 (the KV
+  cache and its memory).
+* Leviathan, Kalman, Matias 2023, "Fast Inference from Transformers via Speculative Decoding",
+  arXiv:2211.17192: Algorithm 1, Theorem 3.5 and eq. (1) (expected tokens per target call).
+* Chen, Borgeaud, Irving, Lespiau, Sifre, Jumper 2023, "Accelerating Large Language Model
+  Decoding with Speculative Sampling", arXiv:2302.01318: Algorithm 2 (the same rule, found
+  independently), Theorem 1 (the output has the target's distribution).
+* Nair, Bhojanapalli, et al. 2024, "Tandem Transformers for Inference Efficient LLMs",
+  arXiv:2402.08644 (not built here; see "What is not here" below).
+
+Notation (proposed for lecture 13)
+----------------------------------
+The papers' letters collide with the course's (``q`` is a query, ``alpha`` LoRA's scale,
+``gamma`` a compression rate, ``K`` the keys, ``T`` the temperature), so:
+
+  x_t                 the token at position t; x_{<t} the tokens before it
+  p(. | x_{<t})       the target model's next-token distribution     (the papers' p, M_p)
+  p~(. | x_{<t})      the draft model's ("p tilde")                  (the papers' q, M_q)
+  T                   the softmax temperature (the course's T)
+  k_top, p_top        top-k's k and nucleus' threshold               (Holtzman's k and p)
+  V_top               the kept set: top-k's k tokens or the nucleus   (Holtzman's V^(p))
+  n_beam              the beam width                                  (the papers' B or k)
+  lp                  the length-normalisation exponent ``length_penalty`` (GNMT's alpha)
+  n_draft             tokens the draft proposes per round             (Leviathan's gamma, Chen's K)
+  a                   the acceptance rate E[sum_x min(p, p~)]         (Leviathan's alpha)
+  E_tok               expected tokens per target call                 (Leviathan's eq. 1)
+  N, d_model, H, D    layers, width, heads, head dimension (as everywhere)
+
+Equations
+---------
+**Temperature, top-k, nucleus** (:func:`sampling_probs`; applied in this order, as in
+``transformers``). With logits ``z`` (one row of ``vocab_size`` numbers)::
+
+    p_T(x)   = softmax(z / T)(x)                                   T > 0; T -> 0 is greedy
+    top-k:   V_top = the k_top tokens of largest z                 (ties at the k-th value kept)
+    nucleus: V_top = the smallest set with sum_{x in V_top} p_T(x) >= p_top
+                     (tokens taken in decreasing probability; the most likely always kept)
+    p'(x)    = p_T(x) / sum_{x' in V_top} p_T(x')   for x in V_top, 0 elsewhere
+
+``p_top = 1`` keeps every token (plain sampling); ``p_top -> 0`` keeps only the argmax (greedy).
+
+**Greedy and beam search** (:func:`greedy_decode`, :func:`beam_search`). Greedy takes
+``argmax_x p(x | x_{<t})`` at every step. Beam search keeps the ``n_beam`` prefixes of highest
+``s(y) = sum_t log p(y_t | x, y_{<t})``; a hypothesis that emits ``eos_id`` is finished, and
+finished and surviving hypotheses are compared by ``s(y) / |y|^lp`` (``|y|`` generated tokens,
+eos included). ``lp = 0`` is the raw log-probability (favours short outputs), ``lp = 1`` the
+mean log-probability per token. Beam search with ``n_beam = 1`` is greedy; with ``n_beam`` at
+least ``vocab_size^(n-1)`` it is exact search over every output of up to ``n`` tokens.
+
+**Repetition and diversity** (:func:`distinct_n`, :func:`repeated_ngram_rate`). Over the
+``m = L - n + 1`` n-grams of a generated sequence: distinct-n = #distinct n-grams / m (Li et
+al.); repeated-n-gram rate = the fraction of the n-grams that already occurred earlier in the
+same sequence. Greedy decoding of a small LM falls into loops (rate near 1); sampling does not.
+
+**KV cache** (:class:`KVCache`, :func:`cached_forward`). In a causal stack, position t's keys
+and values in layer l, ``K^(l)_t = X^(l)_t W^K`` and ``V^(l)_t = X^(l)_t W^V``, never change
+once computed (later tokens cannot influence earlier ones). Generation therefore stores them
+and, for each new token, computes only its own query, key and value in every layer and attends
+to the stored keys: O(L) work per token instead of O(L^2) for a full recomputation
+(:func:`greedy_decode` with ``use_cache=False``). What is cached: per layer two tensors
+``(B, H, L, D)``; nothing else (queries are used once; the FFN is position-wise). Memory
+(:func:`kv_cache_bytes`)::
+
+    bytes = 2 (K and V) * N * B * L * H * D * bytes_per_number,    H * D = d_model
+    per token and layer: 2 d_model bytes_per_number;   per token: 2 N d_model bytes_per_number
+
+(fp32, d_model 4096, N = 32: 1 MiB per token; a 4096-token context, 4 GiB per sequence.)
+:func:`cached_forward` is built from the model's own submodules and weights (embedding,
+position scheme, each block's residual wrappers, attention projections, FFN, head) and equals
+``model(idx)`` to 1e-5 for every position scheme of :mod:`positions`: absolute schemes are
+added at the new tokens' absolute positions; RoPE rotates each new key once, at its position,
+before it is stored; score biases (ALiBi, T5, Shaw, XL) read the queries as the last positions.
+
+**Speculative sampling** (:func:`speculative_step`, :func:`speculative_generate`). One round:
+the draft proposes ``x_1 .. x_n`` (``n = n_draft``) autoregressively, ``x_i ~ p~(. | x_{<i})``;
+the target scores all ``n + 1`` next-token distributions ``p(. | x_{<i})``, ``i = 1 .. n + 1``,
+in **one** forward pass; then, left to right, ``x_i`` is accepted with probability
+``min(1, p(x_i) / p~(x_i))``. At the first rejection, position i is resampled from the residual
+
+    p_res(x) = max(0, p(x) - p~(x)) / sum_x' max(0, p(x') - p~(x')),
+
+and the round ends; if all n are accepted a bonus token is drawn from ``p(. | x_{<n+1})``.
+Each round costs one target call and yields between 1 and n + 1 tokens. Every emitted token has
+exactly the target's distribution: ``P(emit x) = p~(x) min(1, p(x)/p~(x)) + (1 - a) p_res(x)
+= min(p~(x), p(x)) + max(0, p(x) - p~(x)) = p(x)``, where ``a = sum_x min(p(x), p~(x))`` is the
+probability of acceptance (Leviathan Thm 3.5, Chen Thm 1). With acceptances i.i.d. at rate a,
+the expected number of tokens per target call is (:func:`expected_tokens_per_call`)::
+
+    E_tok = (1 - a^(n+1)) / (1 - a)            (= n + 1 when a = 1, 1 when a = 0)
+
+so the target is called ``1 / E_tok`` times per token. :func:`speculative_distribution` computes
+the exact output distribution of the whole procedure by enumeration (a small vocabulary), and
+:func:`chi_square_test` tests sampled outputs against the target's distribution.
+
+Shapes
+------
+Token ids ``(B, L)`` (long); logits ``(B, vocab_size)`` for one step, ``(B, L, vocab_size)``
+from a model; inside attention ``(B, H, L, D)``, between blocks ``(B, L, d_model)``; a KV cache
+holds per layer keys and values ``(B, H, L, D)``.
+
+Models
+------
+A "model" is any callable ``model(idx (B, L)) -> logits (B, L, vocab_size)`` with causal
+outputs (position t depends on ``idx[:, :t+1]`` only). A :class:`models.TransformerLM` also gets
+the KV cache (``use_cache=True``); other callables are recomputed in full at each step. Decoding
+runs the model in eval mode (no dropout) and restores its mode.
+
+Benchmark hooks (``benchmarks/``)
+---------------------------------
+* :func:`greedy_decode` ``(model, prefix, n_new, use_cache=True) -> (B, L + n_new)``: cached vs
+  recomputed decoding, tokens per second versus length (the outputs are equal).
+* :func:`kv_cache_bytes` ``(n_layers, d_model, length, batch=1, dtype=torch.float32) -> int``.
+* :func:`speculative_generate` ``(target, draft, prefix, n_new, n_draft, ...) -> (tokens,
+  stats)``: ``stats["target_calls_per_token"]`` versus ``n_draft``, beside
+  :func:`expected_tokens_per_call` at the measured ``stats["acceptance_rate"]``.
+* :func:`train_lm_pair` ``(seed=0) -> dict`` for a trained target and draft on the offline
+  character corpus.
+
+What is not here
+----------------
+Tandem transformers (Nair et al. 2024) are not built in this module (no time in this round);
+in words: a small model generates a block of tokens, attending to its own tokens and to the
+large model's representations of the earlier blocks; the large model then processes the
+whole block in one pass (as a speculative verifier or as the provider of representations for
+the next block).
+
+Glossary (code -> symbol)
+-------------------------
+======================  ======================================================================
+``logits``              z, the model's scores before the softmax, ``(B, vocab_size)``
+``temperature``         T
+``top_k``, ``top_p``    k_top, p_top
+``beam_width``          n_beam
+``length_penalty``      lp
+``n_draft``             n_draft (Leviathan's gamma, Chen's K)
+``p``, ``q``            target and draft probabilities p and p~ (code keeps the papers' q)
+``residual``            p_res, the renormalised max(0, p - p~)
+``alpha``               a, the acceptance rate (code keeps the papers' alpha)
+``cache.keys[l]``       K^(l), layer l's stored keys ``(B, H, L, D)``; ``cache.values[l]``: V^(l)
+======================  ======================================================================
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    # sampling distributions
+    "apply_temperature",
+    "top_k_filter",
+    "top_p_filter",
+    "sampling_probs",
+    "sample_next",
+    # decoding
+    "greedy_decode",
+    "sample_decode",
+    "beam_search",
+    # repetition and diversity
+    "ngrams",
+    "distinct_n",
+    "repeated_ngram_rate",
+    # KV cache
+    "KVCache",
+    "cached_forward",
+    "kv_cache_bytes",
+    # speculative decoding
+    "acceptance_rate",
+    "expected_tokens_per_call",
+    "residual_distribution",
+    "speculative_step",
+    "speculative_generate",
+    "speculative_distribution",
+    "sequence_distribution",
+    "chi_square_test",
+    "sequence_counts",
+    "exact_sequence_probs",
+    "NGramLM",
+    # the lecture's tiny models
+    "train_tiny_lm",
+    "train_lm_pair",
+]
+
+
+# ----------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------
+
+def _type_name(x) -> str:
+    return f"{x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_logits(logits, name: str = "logits") -> None:
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (..., vocab_size); got {_type_name(logits)}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have a last dimension vocab_size >= 1; got shape {tuple(logits.shape)}")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_temperature(temperature) -> float:
+    if not _is_number(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy); got {temperature!r}")
+    return float(temperature)
+
+
+def _check_top_k(top_k) -> Optional[int]:
+    if top_k is None:
+        return None
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1 (None for no top-k filter); got {top_k!r}")
+    return top_k
+
+
+def _check_top_p(top_p) -> Optional[float]:
+    if top_p is None:
+        return None
+    if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be a number in (0, 1] (None for no nucleus filter); got {top_p!r}")
+    return float(top_p)
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return value
+
+
+def _check_prefix(prefix, name: str = "prefix") -> Tensor:
+    """Token ids (B, L) with L >= 1; a 1-D (L,) prefix becomes (1, L)."""
+    if not isinstance(prefix, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids (batch, seq); got {type(prefix).__name__}")
+    if prefix.is_floating_point() or prefix.is_complex() or prefix.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer (long) tensor of token ids; got {prefix.dtype}")
+    if prefix.dim() == 1:
+        prefix = prefix[None]
+    if prefix.dim() != 2 or prefix.shape[1] < 1 or prefix.shape[0] < 1:
+        raise ValueError(f"{name} must be (batch, seq) with batch >= 1 and seq >= 1 (the model needs "
+                         f"at least one token to condition on); got shape {tuple(prefix.shape)}")
+    return prefix.long()
+
+
+# ----------------------------------------------------------------------------
+# Temperature, top-k, nucleus
+# ----------------------------------------------------------------------------
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """``z / T`` for T > 0: (..., vocab_size) -> same. T = 0 (greedy) is handled by the samplers."""
+    _check_logits(logits)
+    T = _check_temperature(temperature)
+    if T == 0:
+        raise ValueError("temperature 0 means greedy decoding: there is no softmax(z / 0); "
+                         "use sampling_probs or sample_next with temperature=0, or a T > 0 here")
+    return logits / T  # z / T
+
+
+def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
+    """Keep the ``top_k`` largest logits of each row, set the others to -inf (Fan et al. 2018).
+
+    (..., vocab_size) -> same. Ties with the k-th largest value are kept (as in
+    ``transformers``' ``TopKLogitsWarper``); ``top_k >= vocab_size`` keeps everything.
+    """
+    _check_logits(logits)
+    k = _check_top_k(top_k)
+    if k is None or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]  # (..., 1): the k-th largest z
+    return logits.masked_fill(logits < kth, float("-inf"))  # V_top = {x : z_x >= z_(k)}
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """Nucleus filter (Holtzman et al. 2020, sec. 3.1): keep the smallest set of most likely
+    tokens whose probability sums to at least ``top_p``; set the others to -inf.
+
+    (..., vocab_size) -> same. The most likely token is always kept, so ``top_p -> 0`` is
+    greedy; ``top_p = 1`` returns the logits unchanged (plain sampling).
+    """
+    _check_logits(logits)
+    p_top = _check_top_p(top_p)
+    if p_top is None or p_top >= 1.0:
+        return logits
+    sorted_z, order = logits.sort(dim=-1, descending=True)  # most likely first
+    probs = torch.softmax(sorted_z.float(), dim=-1)  # p_T in decreasing order
+    mass_before = probs.cumsum(dim=-1) - probs  # (..., vocab): mass of the tokens ranked above
+    drop_sorted = mass_before >= p_top  # already >= p_top without this token: outside the nucleus
+    drop_sorted[..., 0] = False  # the argmax is always in V_top
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sampling_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                   top_p: Optional[float] = None) -> Tensor:
+    """The distribution a sampler draws from: (..., vocab_size) logits -> probabilities (float32
+    or the logits' dtype if wider).
+
+    Temperature, then top-k, then nucleus (the order of ``transformers``), then the softmax.
+    ``temperature=0`` gives the one-hot of the argmax (greedy; first index on ties).
+    """
+    _check_logits(logits)
+    T = _check_temperature(temperature)
+    top_k, top_p = _check_top_k(top_k), _check_top_p(top_p)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    if T == 0:
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(dtype)  # greedy as a distribution
+    z = logits.to(dtype) / T  # z / T
+    if top_k is not None:
+        z = top_k_filter(z, top_k)  # -inf outside the k_top largest
+    if top_p is not None:
+        z = top_p_filter(z, top_p)  # -inf outside the nucleus
+    return torch.softmax(z, dim=-1)  # p'(x): 0 outside V_top
+
+
+def _multinomial(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """One draw per row of (..., V) probabilities -> (...,) long; the generator may live on the CPU."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    if generator is not None and generator.device != flat.device:
+        out = torch.multinomial(flat.cpu(), 1, generator=generator).to(flat.device)
+    else:
+        out = torch.multinomial(flat, 1, generator=generator)
+    return out.reshape(probs.shape[:-1])
+
+
+def _uniform(shape, device, generator: Optional[torch.Generator]) -> Tensor:
+    """U[0, 1) draws of ``shape`` (float64), from ``generator`` wherever it lives."""
+    gdev = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gdev, dtype=torch.float64).to(device)
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+    """One token per row: (B, vocab_size) logits -> (B,) long. ``temperature=0``: the argmax."""
+    _check_logits(logits)
+    if _check_temperature(temperature) == 0:
+        return logits.argmax(dim=-1)
+    return _multinomial(sampling_probs(logits, temperature, top_k, top_p), generator)
+
+
+# ----------------------------------------------------------------------------
+# KV cache for models.TransformerLM
+# ----------------------------------------------------------------------------
+
+class KVCache:
+    """The keys and values a causal stack has computed so far: per layer l, ``keys[l]`` and
+    ``values[l]``, each ``(B, H, L, D)`` (None before the first token).
+
+    ``length``: positions stored; ``nbytes()``: bytes held (counted from the tensors);
+    ``reorder(index)``: pick batch rows (beam search); ``crop(length)``: forget positions
+    ``>= length`` (a speculative round's rejected tokens).
+    """
+
+    def __init__(self, n_layers: int):
+        self.n_layers = _check_count("n_layers", n_layers, 1)
+        self.keys: list = [None] * self.n_layers
+        self.values: list = [None] * self.n_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else int(self.keys[0].shape[2])
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        """Append new keys and values (B, H, L_new, D) to layer ``layer``; return all (B, H, L, D)."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)  # (B, H, L_past + L_new, D)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored keys and values (all layers)."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B',) of every layer, in that order."""
+        for layer in range(self.n_layers):
+            if self.keys[layer] is not None:
+                self.keys[layer] = self.keys[layer].index_select(0, index)
+                self.values[layer] = self.values[layer].index_select(0, index)
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` positions."""
+        _check_count("length", length, 0)
+        for layer in range(self.n_layers):
+            if self.keys[layer] is not None:
+                self.keys[layer] = self.keys[layer][:, :, :length]
+                self.values[layer] = self.values[layer][:, :, :length]
+
+    def __repr__(self) -> str:
+        return f"KVCache(n_layers={self.n_layers}, length={self.length}, nbytes={self.nbytes()})"
+
+
+def kv_cache_bytes(n_layers: int, d_model: int, length: int, batch: int = 1,
+                   dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of a KV cache: ``2 * n_layers * batch * length * d_model * bytes_per_number``.
+
+    Per token and layer: ``2 * d_model`` numbers (a key and a value of H heads of D each).
+    """
+    _check_count("n_layers", n_layers, 1)
+    _check_count("d_model", d_model, 1)
+    _check_count("length", length, 0)
+    _check_count("batch", batch, 1)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * n_layers * batch * length * d_model * itemsize  # K and V, every layer, every token
+
+
+def _is_transformer_lm(model) -> bool:
+    from .models import TransformerLM
+
+    return isinstance(model, TransformerLM)
+
+
+def _embed_at(positions, x: Tensor, offset: int) -> Tensor:
+    """The position scheme's ``embed`` for tokens at absolute positions ``offset .. offset + L - 1``."""
+    from . import positions as P
+
+    L = x.shape[1]
+    if isinstance(positions, P.SinusoidalPositions):
+        pe = P.sinusoidal_encoding(offset + L, positions.d_model, positions.base,
+                                   device=x.device, dtype=x.dtype)[offset:]  # (L, d): PE[offset + i]
+        return x + pe
+    if isinstance(positions, P.LearnedPositions):
+        p = torch.arange(offset, offset + L, device=x.device).clamp(max=positions.max_len - 1)
+        return x + positions.table[p].to(x.dtype)  # the model's clamp past max_len, kept
+    if type(positions).embed is not P.PositionScheme.embed:
+        raise NotImplementedError(f"cached_forward does not know how to embed positions for "
+                                  f"{type(positions).__name__} at an offset")
+    return x  # relative schemes add nothing to the embeddings
+
+
+def _cached_attention(attn, h: Tensor, cache: KVCache, layer: int, mask: Tensor, positions,
+                      past: int) -> Tensor:
+    """Self-attention of the new tokens h (B, L_new, d_model) over the cache plus themselves."""
+    from . import positions as P
+    from .attention import fast_attention, merge_heads
+
+    q, k, v = attn.project(h)  # (B, H, L_new, D) each: only the new tokens are projected
+    if isinstance(positions, P.RoPE):  # rotate at the absolute positions past .. past + L_new - 1
+        q = P.apply_rope(q, offset=past, base=positions.base)
+        k = P.apply_rope(k, offset=past, base=positions.base)  # stored rotated, once
+    k, v = cache.update(layer, k, v)  # (B, H, past + L_new, D)
+    bias = None if positions is None else positions.score_bias(q, k)  # queries are the last L_new
+    if attn.fast and not getattr(positions, "needs_weights", False):
+        out = fast_attention(q, k, v, mask=mask, bias=bias)  # (B, H, L_new, D)
+    else:
+        out, _ = attn._readable(q, k, v, mask, bias, 0.0, positions)
+    return attn.out(merge_heads(out))  # Concat(heads) W^O: (B, L_new, d_model)
+
+
+def cached_forward(model, idx: Tensor, cache: KVCache) -> Tensor:
+    """Logits of the new tokens ``idx`` (B, L_new) given the ``cache`` of the tokens before
+    them; appends their keys and values to the cache. Returns (B, L_new, vocab_size).
+
+    Equals ``model(torch.cat([past_tokens, idx], 1))[:, -L_new:]`` (to 1e-5 in float32) for a
+    :class:`models.TransformerLM`, whose own submodules and weights it uses. Call it with the
+    model in eval mode (dropout would make the two differ).
+    """
+    from .attention import causal_mask
+    from .models import _check_ids
+
+    if not _is_transformer_lm(model):
+        raise TypeError(f"cached_forward needs a models.TransformerLM; got {type(model).__name__}")
+    if not isinstance(cache, KVCache) or cache.n_layers != len(model.blocks):
+        raise TypeError(f"cache must be a KVCache with n_layers={len(model.blocks)}; got {cache!r}")
+    _check_ids(idx, model.config.vocab_size)
+    past, L_new = cache.length, idx.shape[1]
+    if cache.keys[0] is not None and cache.keys[0].shape[0] != idx.shape[0]:
+        raise ValueError(f"idx has batch {idx.shape[0]} but the cache holds batch {cache.keys[0].shape[0]}")
+    x = model.drop(_embed_at(model.positions, model.tok(idx), past))  # (B, L_new, d_model)
+    mask = causal_mask(L_new, past + L_new, device=idx.device)  # (L_new, past + L_new)
+    for layer, block in enumerate(model.blocks):
+        def attend(h, block=block, layer=layer):
+            return _cached_attention(block.attn, h, cache, layer, mask, model.positions, past)
+
+        x = block.res_attn(x, attend)  # the block's own residual and norm around attention
+        x = block.res_ffn(x, block.ffn)  # (B, L_new, d_model)
+    return model.head(model.norm(x))  # (B, L_new, vocab_size)
+
+
+# ----------------------------------------------------------------------------
+# Next-token steppers: cached (TransformerLM) or recomputed (any causal model)
+# ----------------------------------------------------------------------------
+
+class _Recompute:
+    """Feeds the whole sequence at every step (O(L^2) attention work per token)."""
+
+    def __init__(self, model):
+        self.model, self.idx = model, None
+
+    def start(self, prefix: Tensor) -> Tensor:
+        self.idx = prefix
+        return self.model(prefix)[:, -1]  # (B, V)
+
+    def step(self, token: Tensor) -> Tensor:
+        self.idx = torch.cat([self.idx, token[:, None]], dim=1)
+        return self.model(self.idx)[:, -1]
+
+    def reorder(self, index: Tensor) -> None:
+        self.idx = self.idx.index_select(0, index)
+
+
+class _Cached:
+    """Feeds one new token per step through :func:`cached_forward` (O(L) work per token)."""
+
+    def __init__(self, model):
+        self.model, self.cache = model, KVCache(len(model.blocks))
+
+    def start(self, prefix: Tensor) -> Tensor:
+        return cached_forward(self.model, prefix, self.cache)[:, -1]
+
+    def step(self, token: Tensor) -> Tensor:
+        return cached_forward(self.model, token[:, None], self.cache)[:, -1]
+
+    def reorder(self, index: Tensor) -> None:
+        self.cache.reorder(index)
+
+
+def _stepper(model, use_cache: bool):
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(idx (B, L)) -> logits (B, L, vocab_size); "
+                        f"got {type(model).__name__}")
+    if use_cache and _is_transformer_lm(model):
+        return _Cached(model)
+    return _Recompute(model)
+
+
+class _EvalMode:
+    """Run a module in eval mode and under no_grad, then restore its mode."""
+
+    def __init__(self, *models):
+        self.models = [m for m in models if isinstance(m, nn.Module)]
+
+    def __enter__(self):
+        self.modes = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc):
+        self.no_grad.__exit__(*exc)
+        for m, mode in zip(self.models, self.modes, strict=True):
+            m.train(mode)
+
+
+# ----------------------------------------------------------------------------
+# Greedy, sampling, beam search
+# ----------------------------------------------------------------------------
+
+def sample_decode(model, prefix: Tensor, n_new: int, temperature: float = 1.0,
+                  top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  generator: Optional[torch.Generator] = None, use_cache: bool = True) -> Tensor:
+    """Append ``n_new`` tokens drawn from :func:`sampling_probs` to ``prefix`` (B, L) -> (B, L + n_new).
+
+    ``temperature=0`` is greedy. ``use_cache`` uses the KV cache when ``model`` is a
+    :class:`models.TransformerLM` (same tokens as without it, up to float rounding ties).
+    """
+    prefix = _check_prefix(prefix)
+    n_new = _check_count("n_new", n_new, 0)
+    T = _check_temperature(temperature)
+    top_k, top_p = _check_top_k(top_k), _check_top_p(top_p)
+    out = [prefix]
+    if n_new == 0:
+        return prefix.clone()
+    with _EvalMode(model):
+        stepper = _stepper(model, use_cache)
+        logits = stepper.start(prefix)  # (B, V)
+        for t in range(n_new):
+            token = sample_next(logits, T, top_k, top_p, generator)  # (B,)
+            out.append(token[:, None])
+            if t < n_new - 1:
+                logits = stepper.step(token)
+    return torch.cat(out, dim=1)
+
+
+def greedy_decode(model, prefix: Tensor, n_new: int, use_cache: bool = True) -> Tensor:
+    """Append ``n_new`` argmax tokens to ``prefix`` (B, L) -> (B, L + n_new).
+
+    Benchmark hook (``benchmarks/``): ``use_cache=True`` (KV cache, one new token per forward)
+    versus ``use_cache=False`` (the whole sequence recomputed at each step); same output.
+    """
+    return sample_decode(model, prefix, n_new, temperature=0.0, use_cache=use_cache)
+
+
+def beam_search(model, prefix: Tensor, n_new: int, beam_width: int, length_penalty: float = 1.0,
+                eos_id: Optional[int] = None, use_cache: bool = True) -> Tuple[Tensor, float]:
+    """Beam search from one prefix (L,) or (1, L): returns ``(tokens (L + m,), score)``.
+
+    Keeps the ``beam_width`` unfinished hypotheses of highest total log-probability
+    ``s(y)``; a candidate ending in ``eos_id`` (among the top ``beam_width`` of a step) is
+    finished. The answer is the hypothesis (finished, or alive after ``n_new`` tokens) with the
+    highest ``s(y) / |y|^length_penalty``, ``|y| = m`` its generated tokens (eos included);
+    ``score`` is that value. ``beam_width=1`` is greedy decoding.
+    """
+    prefix = _check_prefix(prefix)
+    if prefix.shape[0] != 1:
+        raise ValueError(f"beam_search decodes one prefix: expected shape (L,) or (1, L); "
+                         f"got {tuple(prefix.shape)}")
+    n_new = _check_count("n_new", n_new, 1)
+    n_beam = _check_count("beam_width", beam_width, 1)
+    if not _is_number(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number; got {length_penalty!r}")
+    if eos_id is not None and (not isinstance(eos_id, int) or isinstance(eos_id, bool) or eos_id < 0):
+        raise ValueError(f"eos_id must be a token id (int >= 0) or None; got {eos_id!r}")
+    finished = []  # (normalised score, tokens)
+
+    def normalised(raw: float, m: int) -> float:
+        return raw / m ** length_penalty  # s(y) / |y|^lp
+
+    with _EvalMode(model):
+        stepper = _stepper(model, use_cache)
+        logits = stepper.start(prefix)  # (1, V)
+        V = logits.shape[-1]
+        if eos_id is not None and eos_id >= V:
+            raise ValueError(f"eos_id must be < vocab_size={V}; got {eos_id}")
+        seqs = prefix.new_zeros(1, 0)  # (n_alive, t) generated tokens
+        scores = torch.zeros(1, dtype=torch.float64, device=prefix.device)  # s(y) of the alive beams
+        for t in range(n_new):
+            logp = torch.log_softmax(logits.double(), dim=-1)  # (n_alive, V)
+            cand = (scores[:, None] + logp).flatten()  # (n_alive * V,): s(y) + log p(x | y)
+            order = cand.argsort(descending=True, stable=True)
+            keep_rows, keep_tokens = [], []
+            for rank, flat in enumerate(order.tolist()):
+                if not math.isfinite(float(cand[flat])):
+                    break
+                row, token = divmod(flat, V)
+                if eos_id is not None and token == eos_id:
+                    if rank < n_beam:  # a finished hypothesis among the best n_beam
+                        toks = torch.cat([seqs[row], seqs.new_tensor([token])])
+                        finished.append((normalised(float(cand[flat]), t + 1), toks))
+                    continue
+                keep_rows.append(row)
+                keep_tokens.append(token)
+                if len(keep_rows) == n_beam:
+                    break
+            if not keep_rows:
+                break
+            rows = torch.tensor(keep_rows, device=prefix.device)
+            tokens = torch.tensor(keep_tokens, device=prefix.device)
+            scores = cand.view(-1, V)[rows, tokens]  # (n_alive,)
+            seqs = torch.cat([seqs.index_select(0, rows), tokens[:, None]], dim=1)
+            if t < n_new - 1:
+                stepper.reorder(rows)
+                logits = stepper.step(tokens)
+        pool = list(finished)
+        if keep_rows:  # the beams still alive after the last step
+            pool += [(normalised(float(s), seqs.shape[1]), seqs[i]) for i, s in enumerate(scores.tolist())]
+    best_score, best = max(pool, key=lambda item: item[0])
+    return torch.cat([prefix[0], best]), best_score
+
+
+# ----------------------------------------------------------------------------
+# Repetition and diversity
+# ----------------------------------------------------------------------------
+
+def ngrams(tokens, n: int) -> list:
+    """The ``L - n + 1`` n-grams of a 1-D sequence (tensor or list), as tuples, in order."""
+    n = _check_count("n", n, 1)
+    if isinstance(tokens, Tensor):
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens must be one sequence (1-D); got shape {tuple(tokens.shape)}")
+        tokens = tokens.tolist()
+    tokens = list(tokens)
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def _rows(tokens):
+    if isinstance(tokens, Tensor) and tokens.dim() == 2:
+        return [row for row in tokens]
+    if isinstance(tokens, Tensor) and tokens.dim() != 1:
+        raise ValueError(f"tokens must be (L,) or (B, L); got shape {tuple(tokens.shape)}")
+    return [tokens]
+
+
+def distinct_n(tokens, n: int = 2) -> float:
+    """Distinct-n (Li et al. 2016): distinct n-grams / n-grams, averaged over the rows of (B, L).
+
+    1.0 when no n-gram repeats; close to 0 for a loop. A sequence shorter than n counts as 1.
+    """
+    values = []
+    for row in _rows(tokens):
+        grams = ngrams(row, n)
+        values.append(len(set(grams)) / len(grams) if grams else 1.0)
+    return sum(values) / len(values)
+
+
+def repeated_ngram_rate(tokens, n: int = 4) -> float:
+    """Fraction of the n-grams that already occurred earlier in the same sequence, averaged over
+    the rows of (B, L). 0 for no repetition; close to 1 for a loop (greedy's degeneration)."""
+    values = []
+    for row in _rows(tokens):
+        seen, repeats, grams = set(), 0, ngrams(row, n)
+        for g in grams:
+            repeats += g in seen
+            seen.add(g)
+        values.append(repeats / len(grams) if grams else 0.0)
+    return sum(values) / len(values)
+
+
+# ----------------------------------------------------------------------------
+# Speculative sampling
+# ----------------------------------------------------------------------------
+
+def _check_probs(p, name: str) -> None:
+    if not isinstance(p, Tensor) or not p.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of probabilities (..., vocab_size); "
+                        f"got {_type_name(p)}")
+    if p.numel() and (bool((p < 0).any()) or not torch.allclose(p.sum(-1), torch.ones((), dtype=p.dtype),
+                                                                atol=1e-4)):
+        raise ValueError(f"{name} must hold probability distributions (>= 0, each row summing to 1)")
+
+
+def acceptance_rate(p: Tensor, q: Tensor) -> Tensor:
+    """``a = sum_x min(p(x), q(x)) = 1 - TV(p, q)``: the probability that a draft token drawn
+    from q is accepted by the target p. (..., V), (..., V) -> (...)."""
+    _check_probs(p, "p")
+    _check_probs(q, "q")
+    return torch.minimum(p, q).sum(-1)  # sum_x min(p, p~)
+
+
+def expected_tokens_per_call(alpha, n_draft: int) -> float:
+    """Leviathan et al. eq. (1): ``(1 - a^(n_draft + 1)) / (1 - a)`` tokens per target call,
+    for an acceptance rate ``alpha`` in [0, 1] (``n_draft + 1`` at a = 1)."""
+    n = _check_count("n_draft", n_draft, 1)
+    a = float(alpha)
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"alpha (the acceptance rate) must be in [0, 1]; got {alpha!r}")
+    if a == 1.0:
+        return float(n + 1)
+    return (1.0 - a ** (n + 1)) / (1.0 - a)  # 1 + a + a^2 + ... + a^n
+
+
+def residual_distribution(p: Tensor, q: Tensor) -> Tensor:
+    """``max(0, p - q)`` normalised, (..., V) -> (..., V). Where p = q (nothing left over, and
+    then no rejection can happen) it returns p."""
+    r = (p - q).clamp_min(0.0)  # max(0, p - p~)
+    total = r.sum(-1, keepdim=True)
+    return torch.where(total > 1e-12, r / total.clamp_min(1e-30), p)
+
+
+def speculative_step(p: Tensor, q: Tensor, draft_tokens: Tensor,
+                     generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+    """The accept/reject rule of one round, vectorised over rows.
+
+    ``p`` (B, n + 1, V): the target's distributions after each of the n draft tokens' prefixes
+    (the last one after all n); ``q`` (B, n, V): the draft's, from which ``draft_tokens``
+    (B, n) were drawn. Returns ``(n_accepted (B,), next_token (B,))``: the first ``n_accepted``
+    draft tokens are kept, then ``next_token`` (from the residual at the first rejection, or
+    from ``p[:, n]`` when all were accepted).
+    """
+    if p.dim() != 3 or q.dim() != 3 or p.shape[1] != q.shape[1] + 1 or p.shape[0] != q.shape[0] \
+            or p.shape[-1] != q.shape[-1]:
+        raise ValueError(f"p must be (B, n + 1, V) and q (B, n, V); got {tuple(p.shape)} and {tuple(q.shape)}")
+    B, n, V = q.shape
+    if draft_tokens.shape != (B, n):
+        raise ValueError(f"draft_tokens must be (B, n) = {(B, n)}; got {tuple(draft_tokens.shape)}")
+    idx = draft_tokens.long()[..., None]  # (B, n, 1)
+    p_x = p[:, :n].gather(-1, idx)[..., 0].double()  # (B, n): p(x_i)
+    q_x = q.gather(-1, idx)[..., 0].double()  # (B, n): p~(x_i), > 0 since x_i was drawn from p~
+    u = _uniform((B, n), p.device, generator)  # (B, n) ~ U[0, 1)
+    accept = u * q_x < p_x  # u < p(x) / p~(x): accepted with probability min(1, p / p~)
+    n_acc = accept.long().cumprod(dim=1).sum(dim=1)  # (B,): accepted before the first rejection
+    res = residual_distribution(p[:, :n], q)  # (B, n, V)
+    nxt = torch.cat([res, p[:, n:]], dim=1)  # (B, n + 1, V): row n is the bonus distribution
+    dist = nxt[torch.arange(B, device=p.device), n_acc]  # (B, V)
+    return n_acc, _multinomial(dist, generator)
+
+
+def speculative_generate(target, draft, prefix: Tensor, n_new: int, n_draft: int,
+                         temperature: float = 1.0, top_k: Optional[int] = None,
+                         top_p: Optional[float] = None,
+                         generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Dict]:
+    """Speculative sampling (Leviathan et al. Algorithm 1; Chen et al. Algorithm 2), batched.
+
+    Each round the ``draft`` proposes ``n_draft`` tokens for every unfinished row (``n_draft``
+    draft calls), the ``target`` scores them in one call, and :func:`speculative_step` keeps a
+    prefix of them plus one more token. Rows advance at their own pace: sequences are stored
+    right-padded and each row reads its own positions (right padding cannot change a causal
+    model's earlier outputs), both models recompute the sequence at each call (no KV cache,
+    so any causal model works). Both sample from :func:`sampling_probs` with the same
+    ``temperature`` / ``top_k`` / ``top_p``: the output has the distribution of sampling from
+    the target with those settings.
+
+    Returns ``(tokens (B, L + n_new), stats)`` with ``stats``: ``"target_calls"`` (B,) rounds
+    each row took part in; ``"accepted"``, ``"rejected"``, ``"proposed"`` (B,) draft tokens
+    accepted, rejected and proposed (tokens after a rejection are proposed but never tested);
+    ``"draft_calls"`` and ``"target_forwards"`` (batched calls made); ``"acceptance_rate"``
+    accepted / tested = accepted / (accepted + rejected) over all rows, the estimate of a;
+    ``"target_calls_per_token"`` mean target calls per row / n_new; ``"tokens_per_call"``
+    n_new / mean target calls (below :func:`expected_tokens_per_call` by the last round's cut).
+    """
+    prefix = _check_prefix(prefix)
+    n_new = _check_count("n_new", n_new, 1)
+    n = _check_count("n_draft", n_draft, 1)
+    T = _check_temperature(temperature)
+    top_k, top_p = _check_top_k(top_k), _check_top_p(top_p)
+    B, L0 = prefix.shape
+    total = L0 + n_new
+    dev = prefix.device
+    rows = torch.arange(B, device=dev)
+    buf = prefix.new_zeros(B, total + n + 1)  # right-padded sequences
+    buf[:, :L0] = prefix
+    lengths = torch.full((B,), L0, dtype=torch.long, device=dev)
+    calls = torch.zeros(B, dtype=torch.long, device=dev)
+    accepted = torch.zeros(B, dtype=torch.long, device=dev)
+    rejected = torch.zeros(B, dtype=torch.long, device=dev)
+    proposed = torch.zeros(B, dtype=torch.long, device=dev)
+    draft_calls = target_forwards = 0
+    with _EvalMode(target, draft):
+        while bool((lengths < total).any()):
+            active = lengths < total  # (B,)
+            qs = []
+            for i in range(n):  # the draft proposes x_1 .. x_n, one call each
+                pos = lengths - 1 + i  # (B,) where each row's next-token logits are
+                logits = draft(buf[:, :int(pos.max()) + 1])  # (B, L', V)
+                q_i = sampling_probs(logits[rows, pos], T, top_k, top_p)  # (B, V): p~(. | x_<i)
+                x_i = _multinomial(q_i, generator)  # (B,)
+                buf[rows, pos + 1] = torch.where(active, x_i, buf[rows, pos + 1])
+                qs.append(q_i)
+                draft_calls += 1
+            q = torch.stack(qs, dim=1)  # (B, n, V)
+            reach = lengths[:, None] - 1 + torch.arange(n + 1, device=dev)  # (B, n + 1)
+            logits = target(buf[:, :int(reach.max()) + 1])  # ONE target call for all n + 1
+            target_forwards += 1
+            p = sampling_probs(logits[rows[:, None], reach], T, top_k, top_p)  # (B, n + 1, V)
+            x = buf[rows[:, None], reach[:, :n] + 1]  # (B, n): the draft's tokens
+            n_acc, nxt = speculative_step(p, q, x, generator)
+            at = (lengths + n_acc).clamp(max=buf.shape[1] - 1)
+            buf[rows, at] = torch.where(active, nxt, buf[rows, at])
+            lengths = torch.where(active, (lengths + n_acc + 1).clamp(max=total), lengths)
+            calls += active.long()
+            accepted += torch.where(active, n_acc, 0)
+            rejected += (active & (n_acc < n)).long()  # a round ends at a rejection or after n accepts
+            proposed += active.long() * n
+    tokens_per_call = n_new * B / max(1, int(calls.sum()))
+    stats = {
+        "target_calls": calls, "accepted": accepted, "rejected": rejected, "proposed": proposed,
+        "draft_calls": draft_calls, "target_forwards": target_forwards,
+        "acceptance_rate": float(accepted.sum()) / max(1, int(accepted.sum() + rejected.sum())),
+        "target_calls_per_token": float(calls.double().mean()) / n_new,
+        "tokens_per_call": tokens_per_call,
+    }
+    return buf[:, :total], stats
+
+
+# ----------------------------------------------------------------------------
+# Exact output distributions (small vocabularies) and the chi-square test
+# ----------------------------------------------------------------------------
+
+ProbsFn = Callable[[Tuple[int, ...]], Tensor]
+
+
+def sequence_distribution(probs_fn: ProbsFn, prefix: Sequence[int], n_new: int) -> Dict[tuple, float]:
+    """Exact law of ``n_new`` tokens sampled one by one from ``probs_fn(context) -> (V,)``
+    probabilities: ``{(x_1, .., x_n): prod_t p(x_t | prefix, x_<t)}``."""
+    n_new = _check_count("n_new", n_new, 1)
+    out: Dict[tuple, float] = {}
+
+    def walk(ctx: tuple, gen: tuple, prob: float):
+        if len(gen) == n_new:
+            out[gen] = out.get(gen, 0.0) + prob
+            return
+        for x, px in enumerate(probs_fn(ctx).tolist()):
+            if px > 0:
+                walk(ctx + (x,), gen + (x,), prob * px)
+
+    walk(tuple(prefix), (), 1.0)
+    return out
+
+
+def speculative_distribution(target_fn: ProbsFn, draft_fn: ProbsFn, prefix: Sequence[int],
+                             n_new: int, n_draft: int) -> Dict[tuple, float]:
+    """Exact law of the first ``n_new`` tokens speculative sampling emits, by enumerating every
+    draft proposal and every accept/reject outcome (``target_fn``, ``draft_fn``: context tuple
+    -> (V,) probabilities, float64 advised). Equals :func:`sequence_distribution` of the target
+    (Leviathan Thm 3.5): the lecture's exact check. Cost about V^(n_draft) per round."""
+    n_new = _check_count("n_new", n_new, 1)
+    n = _check_count("n_draft", n_draft, 1)
+    out: Dict[tuple, float] = {}
+
+    def emit(ctx: tuple, gen: tuple, block: tuple, prob: float):
+        gen = (gen + block)[:n_new]
+        if len(gen) == n_new:
+            out[gen] = out.get(gen, 0.0) + prob
+        else:
+            one_round(ctx + block, gen, prob)
+
+    def one_round(ctx: tuple, gen: tuple, prob: float):
+        def propose(drafted: tuple, q_prob: float, qs: list):
+            if len(drafted) < n:
+                q = draft_fn(ctx + drafted)
+                for x, qx in enumerate(q.tolist()):
+                    if qx > 0:
+                        propose(drafted + (x,), q_prob * qx, qs + [q])
+                return
+            # the target verifies: accept x_1 .. x_{i-1}, reject x_i (or accept all)
+            keep = 1.0
+            for i in range(n):
+                p = target_fn(ctx + drafted[:i])
+                a = min(1.0, float(p[drafted[i]]) / float(qs[i][drafted[i]]))
+                if a < 1.0:  # rejected with probability 1 - a: a token from the residual
+                    res = residual_distribution(p, qs[i])
+                    for y, ry in enumerate(res.tolist()):
+                        if ry > 0:
+                            emit(ctx, gen, drafted[:i] + (y,), prob * q_prob * keep * (1 - a) * ry)
+                keep *= a
+                if keep == 0.0:
+                    return
+            p = target_fn(ctx + drafted)
+            for y, py in enumerate(p.tolist()):  # all accepted: the bonus token
+                if py > 0:
+                    emit(ctx, gen, drafted + (y,), prob * q_prob * keep * py)
+
+        propose((), 1.0, [])
+
+    one_round(tuple(prefix), (), 1.0)
+    return out
+
+
+def chi_square_test(counts, probs, min_expected: float = 5.0) -> Dict[str, float]:
+    """Pearson's chi-square goodness-of-fit test of observed ``counts`` (K,) against expected
+    probabilities ``probs`` (K,).
+
+    Cells whose expected count ``N p`` is below ``min_expected`` are pooled into one cell (the
+    usual validity rule). Statistic ``sum (O - E)^2 / E``, ``dof = cells - 1``, p-value
+    ``P(chi2_dof >= statistic)`` = the regularised upper incomplete gamma
+    ``Q(dof / 2, statistic / 2)`` (``torch.special.gammaincc``). Returns a dict with
+    ``statistic``, ``dof``, ``p_value``, ``n_cells``, ``n``. A count in a cell of probability 0
+    gives p-value 0.
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float64).flatten()
+    probs = torch.as_tensor(probs, dtype=torch.float64).flatten().to(counts.device)
+    if counts.shape != probs.shape:
+        raise ValueError(f"counts and probs must have the same number of cells; got {counts.numel()} "
+                         f"and {probs.numel()}")
+    if bool((counts < 0).any()) or bool((probs < 0).any()):
+        raise ValueError("counts and probs must be >= 0")
+    if abs(float(probs.sum()) - 1.0) > 1e-6:
+        raise ValueError(f"probs must sum to 1; got {float(probs.sum())}")
+    N = float(counts.sum())
+    if N <= 0:
+        raise ValueError("counts are all zero: nothing to test")
+    if bool(((probs == 0) & (counts > 0)).any()):
+        return {"statistic": float("inf"), "dof": float(counts.numel() - 1), "p_value": 0.0,
+                "n_cells": float(counts.numel()), "n": N}
+    expected = N * probs
+    small = expected < min_expected
+    obs = torch.cat([counts[~small], counts[small].sum()[None]]) if bool(small.any()) else counts
+    exp = torch.cat([expected[~small], expected[small].sum()[None]]) if bool(small.any()) else expected
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    stat = float(((obs - exp) ** 2 / exp).sum())  # sum (O - E)^2 / E
+    dof = obs.numel() - 1
+    if dof < 1:
+        return {"statistic": stat, "dof": 0.0, "p_value": 1.0, "n_cells": float(obs.numel()), "n": N}
+    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                            torch.tensor(stat / 2, dtype=torch.float64)))
+    return {"statistic": stat, "dof": float(dof), "p_value": p_value, "n_cells": float(obs.numel()), "n": N}
+
+
+def sequence_counts(tokens: Tensor, vocab_size: int) -> Tensor:
+    """Counts of each (N, m) row as one of ``vocab_size^m`` cells (row-major: ``x_1`` most
+    significant) -> (vocab_size^m,) float64."""
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+        raise ValueError(f"tokens must be (N, m) token ids; got {_type_name(tokens)}")
+    m = tokens.shape[1]
+    weights = vocab_size ** torch.arange(m - 1, -1, -1, device=tokens.device)  # (m,)
+    cells = (tokens.long() * weights).sum(-1)  # (N,)
+    return torch.bincount(cells, minlength=vocab_size ** m).double()
+
+
+def exact_sequence_probs(model, prefix: Tensor, m: int, temperature: float = 1.0,
+                         top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
+    """The model's exact probability of each of the ``vocab_size^m`` continuations of ``prefix``
+    (L,) or (1, L) (cells as in :func:`sequence_counts`), sampling with the given settings;
+    ``vocab_size^(m-1)`` sequences in one batched call per step. Returns (vocab_size^m,) float64."""
+    prefix = _check_prefix(prefix)
+    if prefix.shape[0] != 1:
+        raise ValueError(f"prefix must be one sequence (L,) or (1, L); got {tuple(prefix.shape)}")
+    m = _check_count("m", m, 1)
+    with _EvalMode(model):
+        probs = sampling_probs(model(prefix)[:, -1], temperature, top_k, top_p).double()  # (1, V)
+        V = probs.shape[-1]
+        seqs = prefix  # (V^t, L + t)
+        for _ in range(m - 1):
+            seqs = torch.cat([seqs.repeat_interleave(V, 0),
+                              torch.arange(V, device=prefix.device).repeat(seqs.shape[0])[:, None]], 1)
+            nxt = sampling_probs(model(seqs)[:, -1], temperature, top_k, top_p).double()  # (V^t, V)
+            probs = (probs.reshape(-1, 1) * nxt).reshape(1, -1)
+    return probs.flatten()
+
+
+class NGramLM(nn.Module):
+    """A toy causal LM for exact checks on a small vocabulary: the next-token logits depend on the
+    last ``order - 1`` tokens only, through a table ``(vocab_size^(order-1), vocab_size)``
+    (positions before the start read token 0). ``forward(idx (B, L)) -> logits (B, L, V)``.
+
+    ``NGramLM(vocab_size, order, seed, scale)`` draws the table ``scale * N(0, 1)``;
+    :meth:`perturbed` makes a draft that differs from it by ``noise * N(0, 1)`` (0: equal).
+    :meth:`probs_fn` gives the ``context tuple -> (V,)`` function of :func:`speculative_distribution`.
+    """
+
+    def __init__(self, vocab_size: int, order: int = 2, seed: int = 0, scale: float = 2.0):
+        super().__init__()
+        self.vocab_size = _check_count("vocab_size", vocab_size, 2)
+        self.order = _check_count("order", order, 1)
+        g = torch.Generator().manual_seed(seed)
+        rows = vocab_size ** (order - 1)
+        self.table = nn.Parameter(scale * torch.randn(rows, vocab_size, generator=g, dtype=torch.float64))
+
+    def perturbed(self, noise: float, seed: int = 1) -> "NGramLM":
+        other = NGramLM(self.vocab_size, self.order, seed, 0.0)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            other.table.copy_(self.table + noise * torch.randn(self.table.shape, generator=g, dtype=torch.float64))
+        return other
+
+    def forward(self, idx: Tensor) -> Tensor:
+        idx = _check_prefix(idx, "idx")
+        B, L = idx.shape
+        padded = torch.cat([idx.new_zeros(B, self.order - 1), idx], dim=1)  # (B, order - 1 + L)
+        row = idx.new_zeros(B, L)
+        for j in range(self.order - 1):  # the last order - 1 tokens as a base-V number
+            row = row * self.vocab_size + padded[:, j + 1:j + 1 + L]
+        return self.table.to(idx.device)[row]  # (B, L, V)
+
+    def probs_fn(self, temperature: float = 1.0) -> ProbsFn:
+        def fn(ctx: tuple) -> Tensor:
+            with torch.no_grad():
+                return sampling_probs(self(torch.tensor([ctx]))[0, -1], temperature)
+        return fn
+
+
+# ----------------------------------------------------------------------------
+# The lecture's tiny language models (offline character corpus)
+# ----------------------------------------------------------------------------
+
+def train_tiny_lm(seed: int = 0, steps: int = 300, d_model: int = 64, n_layers: int = 2,
+                  n_heads: int = 4, block_size: int = 64, batch_size: int = 32, lr: float = 3e-3,
+                  max_chars: int = 100_000, positions: str = "rope", tokenizer=None,
+                  progress: bool = False) -> Dict:
+    """Train a small :class:`models.TransformerLM` on ``data.char_corpus(max_chars)`` (the
+    offline corpus of the Python standard library's source).
+
+    ``train.train`` with AdamW at ``lr``, ``steps // 10`` warm-up and cosine decay; the model
+    is built after ``seed_everything(seed)``. ``tokenizer`` (a ``CharTokenizer``) lets a second
+    model share the first one's vocabulary (the draft and the target must). Returns a dict:
+    ``model`` (eval mode), ``tokenizer``, ``text``, ``history``, ``final_loss`` (mean training
+    loss of the last 10% of steps), ``seconds`` (wall time).
+    """
+    from . import data
+    from .device import seed_everything
+    from .models import ModelConfig, TransformerLM
+    from .train import train
+
+    start = time.perf_counter()
+    text = data.char_corpus(max_chars)
+    tok = data.CharTokenizer.from_text(text) if tokenizer is None else tokenizer
+    get_batch = data.lm_batches(tok.encode(text), block_size, batch_size)
+    seed_everything(seed)
+    model = TransformerLM(ModelConfig(vocab_size=tok.vocab_size, d_model=d_model, n_heads=n_heads,
+                                      n_layers=n_layers, max_len=max(256, block_size),
+                                      positions=positions))
+    hist = train(model, get_batch, steps=steps, lr=lr, warmup=max(1, steps // 10), seed=seed,
+                 schedule="cosine", progress=progress, desc=f"LM d={d_model} N={n_layers}")
+    model.eval()
+    tail = hist["loss"][-max(1, steps // 10):]
+    return {"model": model, "tokenizer": tok, "text": text, "history": hist,
+            "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
+
+
+def train_lm_pair(seed: int = 0, target_steps: int = 300, draft_steps: int = 300,
+                  target_kwargs: Optional[dict] = None, draft_kwargs: Optional[dict] = None,
+                  progress: bool = False) -> Dict:
+    """A target LM and a smaller draft LM on the same corpus and vocabulary (lecture 13's claims).
+
+    Target: ``train_tiny_lm(seed, target_steps, **target_kwargs)`` (default d_model 64, 2
+    layers); draft: ``train_tiny_lm(seed + 1, draft_steps, d_model=32, n_layers=1,
+    n_heads=2, **draft_kwargs)``. Returns ``{"target": ..., "draft": ..., "tokenizer": ...,
+    "seconds": ...}`` (the first two as returned by :func:`train_tiny_lm`).
+    """
+    start = time.perf_counter()
+    tgt = train_tiny_lm(seed, target_steps, progress=progress, **(target_kwargs or {}))
+    dkw = {"d_model": 32, "n_layers": 1, "n_heads": 2, **(draft_kwargs or {})}
+    drf = train_tiny_lm(seed + 1, draft_steps, tokenizer=tgt["tokenizer"], progress=progress, **dkw)
+    return {"target": tgt, "draft": drf, "tokenizer": tgt["tokenizer"],
+            "seconds": time.perf_counter() - start}
