@@ -6,10 +6,11 @@ BIN    := $(abspath $(VENV))/bin
 # nbgrader calls `alembic` by name, so the environment's bin must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup lab test test-fast test-slow test-notebooks release grade book bench bench-grading clean
+.PHONY: help setup lab lab-instructor test test-fast test-slow test-notebooks release grade book bench bench-grading clean
 
 help:
 	@echo "make lab       install everything (first run) and open the course in JupyterLab"
+	@echo "make lab-instructor  JupyterLab on the repository with nbgrader's instructor tools"
 	@echo "make test      run every check: library, notebooks, grader round trip, website"
 	@echo "make test-fast library tests only (seconds)"
 	@echo "make test-notebooks  every instructor notebook in normal mode (nbval; not part of make test)"
@@ -32,9 +33,13 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Jupyter refuses to start as root without --allow-root (containers, CI images).
+# A learner's JupyterLab on course/, without nbgrader's instructor tools (jupyter/lab.py says why);
+# an instructor's on the repository, with them.
 lab: setup
-	$(BIN)/jupyter lab course/ $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(BIN)/python jupyter/lab.py course/
+
+lab-instructor: setup
+	$(BIN)/python jupyter/lab.py --instructor
 
 test-fast: setup
 	$(BIN)/python -m pytest -q lib/tests
