@@ -401,11 +401,14 @@ def test_bad_input_messages(data):
 
 @pytest.mark.slow
 def test_claim_higher_target_higher_return():
-    out = rl.return_conditioning(seed=0, episodes=10)
-    ach, targets = out["achieved"], out["targets"]
-    low, high = ach[targets <= -200].mean(), ach[targets >= -30].mean()
-    assert high > low + 100 and high > out["bc_return"] + 50
-    assert float(ach.max()) <= out["data_best"]
+    """The calibrated claim (module docstring: seeds 0-4 gave Spearman >= 0.83, bands rising by
+    >= 187 then >= 23, the top band >= 101 above BC)."""
+    out = rl.return_conditioning(seed=0)
+    bands = out["bands"]
+    assert out["spearman"] >= 0.75
+    assert bands["low"] + 100 < bands["mid"] < bands["high"] - 10
+    assert bands["high"] > out["bc_return"] + 50
+    assert float(out["achieved"].max()) <= out["data_best"]
 
 
 @pytest.mark.cuda
