@@ -270,6 +270,7 @@ def test_evaluation_is_deterministic_and_updates_the_return_to_go(trained):
             assert s[t] == state
             state, reward, *_ = env.step(x)
             assert reward == r[t]
+        assert one["final_states"][b] == state
         assert one["returns"][b // 3, b % 3] == sum(r)
 
 

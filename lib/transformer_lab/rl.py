@@ -815,7 +815,7 @@ def evaluate(model: DecisionTransformer, targets=None, episodes: int = 1, seed: 
     Returns ``{"targets": (n_targets,), "returns": (n_targets, episodes), "achieved": mean over
     episodes (n_targets,), "lengths", "trajectories": list of (states, actions, rewards),
     "returns_to_go": (n_targets * episodes, t_max) the R-hat_t the model was given (in return
-    units; rows target-major)}``.
+    units; rows target-major), "final_states": the state each episode ended in}``.
     """
     if not isinstance(model, DecisionTransformer):
         raise TypeError(f"model must be a DecisionTransformer; got {type(model).__name__}")
@@ -841,6 +841,7 @@ def evaluate(model: DecisionTransformer, targets=None, episodes: int = 1, seed: 
     rewards = torch.zeros(nb, t_max)
     done = torch.zeros(nb, dtype=torch.bool)
     lengths = torch.full((nb,), t_max, dtype=torch.long)
+    final = [0] * nb  # the state each episode ended in (the goal, or where the time ran out)
     for b, env in enumerate(envs):
         s, _ = env.reset(seed=seed + b % episodes)
         states[b, 0] = int(s)
@@ -864,6 +865,7 @@ def evaluate(model: DecisionTransformer, targets=None, episodes: int = 1, seed: 
                 if terminated or truncated:
                     done[b] = True
                     lengths[b] = t + 1
+                    final[b] = int(s2)
                 elif t + 1 < t_max:
                     states[b, t + 1] = int(s2)
                     rtg[b, t + 1] = rtg[b, t] - float(r) / model.return_scale  # R-hat_{t+1} = R-hat_t - r_t
@@ -880,7 +882,7 @@ def evaluate(model: DecisionTransformer, targets=None, episodes: int = 1, seed: 
         trajs.append((states[b, :k].tolist(), actions[b, :k].tolist(), rewards[b, :k].tolist()))
     return {"targets": torch.tensor(targets), "returns": returns, "achieved": returns.mean(dim=1),
             "lengths": lengths.reshape(len(targets), episodes), "trajectories": trajs,
-            "returns_to_go": (rtg * model.return_scale).cpu()}
+            "returns_to_go": (rtg * model.return_scale).cpu(), "final_states": final}
 
 
 # ----------------------------------------------------------------------------
