@@ -227,6 +227,19 @@ def test_the_causality_check_catches_a_leaking_mask(monkeypatch):
     assert (m(r2, s2, a2, ts)[:, :3] - base[:, :3]).abs().max() > 1e-4
 
 
+def test_the_common_mistake_reads_the_action_at_its_own_token():
+    """Reading a_t's logits at the a_t token: the prediction sees the answer."""
+    assert rl.action_positions(3, read_at="action").tolist() == [2, 5, 8]
+    assert rl.action_positions(3, False, read_at="action").tolist() == [1, 3, 5]
+    torch.manual_seed(1)
+    m = rl.DecisionTransformer(48, 4, t_max=20, n_ctx=6, d_model=16, n_heads=2, read_at="action")
+    rtg, s, a, ts = _inputs(seed=2)
+    a2 = a.clone()
+    a2[:, 2] = (a2[:, 2] + 1) % 4  # change only a_3
+    moved = (m(rtg, s, a2, ts) - m(rtg, s, a, ts)).abs().amax(dim=(0, 2))
+    assert moved[2] > 1e-4 and moved[:2].max() == 0  # a_3's own logits move: a leak
+
+
 def test_timesteps_matter():
     torch.manual_seed(0)
     m = rl.DecisionTransformer(48, 4, t_max=20, n_ctx=6, d_model=16, n_heads=2)
@@ -339,6 +352,20 @@ def test_gated_block_with_a_closed_gate_is_the_identity():
     assert out.shape == x.shape and (out - x).abs().mean() < 0.3 * x.abs().mean()
 
 
+def test_gated_stack_starts_markovian_and_a_residual_stack_does_not():
+    from transformer_lab.blocks import DecoderBlock
+
+    x = torch.randn(4, 12, 32, generator=_gen(0))
+    torch.manual_seed(0)
+    gated = [rl.GatedBlock(32, 4, gate_bias=2.0) for _ in range(4)]
+    torch.manual_seed(0)
+    closed = [rl.GatedBlock(32, 4, gate_bias=40.0) for _ in range(4)]
+    torch.manual_seed(0)
+    residual = [DecoderBlock(32, 4, cross_attention=False) for _ in range(4)]
+    g, c, r = (rl.memory_influence(b, x, _gen(1)) for b in (gated, closed, residual))
+    assert c < 1e-6 and g < 0.06 and r > 0.12 and r > 4 * g  # measured: 0.023-0.025 vs 0.26
+
+
 # ---------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------
@@ -384,6 +411,8 @@ def test_bad_input_messages(data):
         m(rtg, s + 48, a, ts)
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 20\)"):
         m(rtg, s, a, ts + 20)
+    with pytest.raises(ValueError, match="read_at must be one of"):
+        rl.DecisionTransformer(48, 4, 20, read_at="return")
     with pytest.raises(ValueError, match="block must be"):
         rl.DecisionTransformer(48, 4, 20, block="xl")
     with pytest.raises(ValueError, match="return_scale must lie in"):
