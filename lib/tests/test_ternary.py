@@ -310,13 +310,14 @@ def test_naive_layer_leaves_the_ternary_set_bitlinear_stays():
 
 @pytest.mark.slow
 def test_train_twins_ternary_close_to_full_precision():
-    """The lecture's claim, calibrated on a 2-core CPU (about 15 s): at 150 steps the eval
-    losses were 1.63 (ternary) and 1.49 (full precision); at 300 steps over seeds 0-2,
-    1.38-1.40 and 1.22-1.23."""
-    r = T.train_twins(task="char", steps=150, seed=0, max_chars=50_000)
+    """The lecture's claim with the lecture's configuration (7-11 s for the pair on a loaded
+    2-core CPU): over seeds 0-3 the eval losses were 1.68-1.69 (ternary) and 1.53-1.54 (full
+    precision), a gap of +0.14..+0.16 nats; the lecture asserts 0.25."""
+    r = T.train_twins(task="char", steps=300, seed=1, d_model=48, n_layers=1, batch_size=16, block_size=32,
+                      max_chars=50_000)
     tern, full = r["ternary"]["eval"], r["full"]["eval"]
-    assert tern < 2.0 and full < 2.0  # both learnt (uniform over ~95 characters is 4.55)
-    assert abs(tern - full) < 0.3  # close: the gap was 0.14
+    assert tern < 2.2 and full < 2.2  # both learnt (uniform over ~95 characters is 4.55)
+    assert 0 < tern - full < 0.25  # close, and the quantisation does cost something
     assert T.is_ternary(r["ternary"]["model"].blocks[0].mixer.proj.quantized_weight()[0])
 
 

@@ -794,7 +794,9 @@ def train_twins(task: str = "char", steps: int = 200, seed: int = 0, d_model: in
     suits both; the ternary model gains most from it (measured on a 2-core CPU, 300 steps,
     d_model 64, 2 layers, seeds 0-2: char LM eval loss ternary 1.38-1.40 vs full 1.22-1.23 at
     1e-2, 1.58-1.59 vs 1.37-1.38 at 3e-3; the gap shrinks with width, 0.08 at d_model 128).
-    About 15-30 s for both models at 300 steps on a shared 2-core CPU.
+    About 15-30 s for both models at 300 steps on a shared 2-core CPU. Lecture 12 uses
+    ``d_model=48, n_layers=1, batch_size=16, block_size=32, max_chars=50_000``, 300 steps: 7-11 s
+    for the pair, eval gap +0.14..+0.16 nats over seeds 0-3 (1.68-1.69 vs 1.53-1.54).
 
     Returns ``{"ternary": {...}, "full": {...}}``, each with ``"history"`` (train's), ``"final"``
     (mean training loss over the last 10% of steps), ``"eval"`` (evaluate's mean loss over 10

@@ -222,7 +222,7 @@ def mlgru_reference(f_pre, c_pre, g_pre, h0=None):
 
 def mlgru_cases(rng):
     f, c, g = (torch.randn(2, 6, 4, generator=rng) for _ in range(3))
-    yield Case("(B, L, d) = (2, 6, 4) float32, h0 None", f, c, g)
+    yield Case("(B, L, d_model) = (2, 6, 4) float32, h0 None", f, c, g)
     f, c, g = (torch.randn(3, 5, 7, generator=rng, dtype=torch.float64) * 2 for _ in range(3))
     h0 = torch.randn(3, 7, generator=rng, dtype=torch.float64)
     yield Case("(3, 5, 7) float64 with h0", f, c, g, h0)
