@@ -384,3 +384,58 @@ def test_non_embedding_parameters_counts_by_formula():
     # plus the final LayerNorm (2 d); embeddings and head left out
     per_block = 12 * d * d + 13 * d
     assert O.non_embedding_parameters(model) == n_layers * per_block + 2 * d
+
+
+def test_embed_mean_leaves_cls_and_padding_out():
+    torch.manual_seed(1)
+    data = O.topic_corpus(5, generator=2, min_len=4, max_len=10)
+    enc = O.TinyEncoder(data["vocab"].size, max_len=data["ids"].shape[1])
+    with torch.no_grad():
+        h = enc.eval().encode(data["ids"], data["padding_mask"])
+    s = O.embed(enc, data["ids"], data["padding_mask"], "mean")
+    for b in range(5):
+        words = data["padding_mask"][b].clone()
+        words[0] = False  # not [CLS]
+        torch.testing.assert_close(s[b], h[b, words].mean(0))
+    torch.testing.assert_close(O.embed(enc, data["ids"], data["padding_mask"], "cls"), h[:, 0])
+
+
+def test_backpack_topic_edit_runs_and_matches_prediction_untrained():
+    torch.manual_seed(0)
+    vocab = O.topic_corpus(1)["vocab"]
+    model = O.BackpackLM(vocab.size, d_model=16, n_senses=2, max_len=17)
+    out = O.backpack_topic_edit(model, n=64)
+    assert out["max_error"] < 1e-4 and out["top_words"].shape == (2, 5)
+    assert model.edits == {}  # edits cleared
+    with pytest.raises(ValueError, match="two different classes"):
+        O.backpack_topic_edit(model, source=1, target=1)
+
+
+# ---------------------------------------------------------------------------------------
+# The lecture's claims at one seed (the calibrated settings; the docstring has the margins)
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_claim_pretrained_embeddings_separate_classes_and_probe_is_cheap():
+    out = O.probe_vs_finetune(seed=0)
+    probe, ft = out["probe"], out["finetune"]
+    assert probe["accuracy"] > 0.85 > 3 * out["chance"]  # well above chance (0.25) before fine-tuning
+    assert probe["accuracy"] > out["probe_random"]["accuracy"] + 0.1  # pre-training made the difference
+    assert probe["accuracy"] >= 0.9 * ft["accuracy"]
+    assert probe["n_trainable"] < 0.01 * ft["n_trainable"]
+
+
+@pytest.mark.slow
+def test_claim_backpack_edit_moves_predictions_to_the_target_class():
+    model, _ = O.train_backpack(seed=0)
+    r = O.backpack_topic_edit(model, seed=0)
+    assert r["after"][1] > 10 * r["before"][1] and r["after"][0] < 0.5 * r["before"][0]
+    assert r["max_error"] < 1e-4
+
+
+@pytest.mark.slow
+def test_claim_scaling_loss_falls_with_size_and_fits_a_power_law():
+    out = O.scaling_sweep(seed=0)
+    losses = out["losses"]
+    assert all(a > b for a, b in zip(losses, losses[1:], strict=False))
+    assert 0.03 < out["fit"]["exponent"] < 0.3 and out["fit"]["r2"] > 0.85
