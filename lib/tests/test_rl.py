@@ -1,10 +1,12 @@
 """rl.py: returns-to-go against a brute-force double sum (discounting on and off), the offline
 data replayed in gymnasium's own environment, value iteration (CliffWalking's -13, FrozenLake's
-success probability against a Monte Carlo estimate), the training windows against the data,
-the (R, s, a) interleaving and its embeddings, the causal mask (perturbing every later token
-leaves earlier action logits unchanged; a leaking mask is caught), the return-to-go update
-at evaluation, a trained model's evaluation being deterministic, GTrXL's gate (formula parity,
-gradcheck, near-identity at initialisation and not without its bias), bad input.
+success probability against a Monte Carlo estimate), Q-learning, the training windows against
+the data, the (R, s, a) interleaving and its embeddings, the causal mask (perturbing every later
+token leaves earlier action logits unchanged; a leaking mask and the read-at-the-action-token
+mistake are caught), the return-to-go update at evaluation, a trained model's evaluation being
+deterministic with the same environment seeds for every target, filtered BC's selection,
+GTrXL's gate (formula parity, gradcheck, near-identity at initialisation and not without its
+bias; a gated stack starts Markovian, a residual one does not), bad input. Slow: the claim.
 """
 
 from __future__ import annotations

@@ -928,7 +928,8 @@ def evaluate(model: DecisionTransformer, targets=None, episodes: int = 1, seed: 
              generator: Optional[torch.Generator] = None) -> Dict[str, object]:
     """Roll the model out in the environment, conditioned on each target return (Algorithm 1).
 
-    For every target and episode an environment (:func:`make_env` with the model's ``t_max``)
+    For every target and episode an environment (:func:`make_env` with the model's ``t_max``;
+    ``env_id`` defaults to ``model.env_id``, which :func:`train_policy` sets, else CliffWalking)
     is reset with ``seed + episode`` (the same seeds for every target); all of them step in
     lock-step as one batch. At step t the model sees the last ``n_ctx`` (R-hat, s, a) steps; after the
     reward ``R-hat_{t+1} = R-hat_t - r_t``. The action is sampled from the softmax of the
