@@ -58,6 +58,13 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p_top):
         assert torch.equal(out[row][list(kept)], logits[row][list(kept)])  # kept logits untouched
 
 
+def test_top_p_boundary_mass_exactly_p():
+    # four tokens of 0.25: the first two reach 0.5 exactly, so p_top = 0.5 keeps two, not three
+    assert int(torch.isfinite(Dc.top_p_filter(torch.zeros(1, 4), 0.5)).sum()) == 2
+    assert int(torch.isfinite(Dc.top_p_filter(torch.zeros(1, 4), 0.25)).sum()) == 1
+    assert int(torch.isfinite(Dc.top_p_filter(torch.zeros(1, 4), 0.51)).sum()) == 3
+
+
 def test_top_p_one_is_unchanged_and_tiny_p_is_the_argmax():
     logits = torch.randn(4, 50, generator=_gen(2))
     logits[0, 3] = -1e4  # a token of (nearly) zero probability stays in at p = 1
@@ -173,6 +180,55 @@ def test_wide_beam_search_is_exhaustive_search(lp):
     best, seq = _exhaustive(model, (1,), 4, eos_id=0, lp=lp)
     tokens, score = Dc.beam_search(model, torch.tensor([1]), 4, beam_width=4 ** 3, length_penalty=lp, eos_id=0)
     assert tuple(tokens[1:].tolist()) == seq and score == pytest.approx(best)
+
+
+def _beam_reference(model, prefix, n_new, width, lp, eos_id):
+    """A plain loop: expand every alive beam by every token, rank, move eos candidates among the
+    best `width` to the finished list, keep the best `width` others."""
+    alive, finished = [((), 0.0)], []
+    for _ in range(n_new):
+        cands = []
+        for seq, s in alive:
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([list(prefix) + list(seq)])).double(), -1)[0, -1]
+            cands += [(seq + (x,), s + float(logp[x])) for x in range(logp.shape[0])]
+        cands.sort(key=lambda c: -c[1])
+        alive = []
+        for rank, (seq, s) in enumerate(cands):
+            if seq[-1] == eos_id:
+                if rank < width:
+                    finished.append((seq, s / len(seq) ** lp))
+                continue
+            alive.append((seq, s))
+            if len(alive) == width:
+                break
+    pool = finished + [(seq, s / len(seq) ** lp) for seq, s in alive]
+    return max(pool, key=lambda c: c[1])
+
+
+@pytest.mark.parametrize("width", [2, 3])
+@pytest.mark.parametrize("lp", [0.0, 1.0])
+def test_beam_search_matches_a_loop_reference(width, lp):
+    model = Dc.NGramLM(5, order=2, seed=7, scale=1.0)
+    for start in range(1, 5):
+        seq, score = _beam_reference(model, (start,), 5, width, lp, eos_id=0)
+        tokens, ours = Dc.beam_search(model, torch.tensor([start]), 5, beam_width=width, length_penalty=lp,
+                                      eos_id=0)
+        assert tuple(tokens[1:].tolist()) == seq and ours == pytest.approx(score)
+
+
+def test_beam_width_one_with_eos_is_still_greedy():
+    model = Dc.NGramLM(3, order=2, seed=3)
+    probs = torch.tensor([[0.2, 0.4, 0.4],  # after eos (unused)
+                          [0.4, 0.0, 0.6],  # after 1: eos 0.4 (second best), 2 with 0.6
+                          [0.1, 0.6, 0.3]], dtype=torch.float64)
+    with torch.no_grad():
+        model.table.copy_(probs.clamp_min(1e-9).log())
+    tokens, score = Dc.beam_search(model, torch.tensor([1]), 5, beam_width=1, length_penalty=0.0, eos_id=0)
+    # eos was second at the first step, outside a beam of one: never a finished hypothesis, even
+    # though its log-probability (-0.92) beats the greedy path's (5 log 0.6 = -2.55)
+    assert tokens.tolist() == [1, 2, 1, 2, 1, 2] and score == pytest.approx(5 * math.log(0.6))
+    assert torch.equal(tokens, Dc.greedy_decode(model, torch.tensor([1]), 5)[0])
 
 
 def test_length_penalty_trades_short_for_long():
@@ -402,6 +458,78 @@ def test_calls_per_token_follow_the_expected_tokens_per_call():
         per_round = 60 / float(st["target_calls"].double().mean())
         assert per_round == pytest.approx(Dc.expected_tokens_per_call(a, n_draft), rel=0.05)
         assert st["draft_calls"] == n_draft * st["target_forwards"]
+
+
+# ---------------------------------------------------------------------------------------
+# Tandem in miniature
+# ---------------------------------------------------------------------------------------
+
+def test_tandem_mask_by_hand():
+    m = Dc.tandem_mask(5, 2)
+    large, own = m[:, :5].int().tolist(), m[:, 5:].int().tolist()
+    # query t predicts x_{t+1}; blocks {0, 1}, {2, 3}, {4}
+    assert large == [[0, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
+    assert own == [[1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]]
+    assert (m.sum(-1) > 0).all()  # every query sees something
+
+
+def test_tandem_sees_only_what_generation_would_see():
+    large = _lm("rope")
+    tandem = Dc.TandemLM(large, d_model=16, n_layers=2, n_heads=2, block=3).eval()
+    with torch.no_grad():
+        idx = torch.randint(0, 13, (2, 10), generator=_gen(60))
+        torch.testing.assert_close(large.head(tandem.large_states(idx)), large(idx))  # the large reps
+        out = tandem(idx)
+        # changing token 7 changes nothing before it, and everything from 7 on (its own state at
+        # 7; the large model's states at 8 and 9, which predict tokens of the next block)
+        other = idx.clone()
+        other[:, 7] = (idx[:, 7] + 1) % 13
+        moved = (tandem(other) - out).abs().amax(-1).amax(0)  # (L,)
+        assert (moved[:7] == 0).all() and (moved[7:] > 0).all()
+        # the large model's state at 7 is visible only to queries whose predicted token lies in a
+        # later block than 7's: t = 8, 9 (tokens 9, 10 of block {9, 10, 11})
+        large_states = tandem.positions.embed(tandem.proj(tandem.large_states(idx)))
+        bumped = large_states.clone()
+        bumped[:, 7] += 1.0
+        mask = Dc.tandem_mask(10, 3)
+        x = tandem.positions.embed(tandem.tok(idx))
+        a, b = x, x
+        for blk in tandem.blocks:
+            a, b = blk(a, large_states, mask), blk(b, bumped, mask)
+        diff = (a - b).abs().amax(-1).amax(0)
+        assert (diff[:8] == 0).all() and (diff[8:] > 0).all()
+    assert all(not p.requires_grad for p in large.parameters())
+    assert any(p.requires_grad for p in tandem.proj.parameters())
+
+
+def test_teacher_forced_acceptance_is_one_for_the_same_model():
+    model = _lm()
+    idx = torch.randint(0, 13, (2, 8), generator=_gen(61))
+    torch.testing.assert_close(Dc.teacher_forced_acceptance(model, model, idx), torch.ones(8, dtype=torch.float64))
+    other = _lm(seed=3)
+    acc = Dc.teacher_forced_acceptance(model, other, idx)
+    assert ((acc > 0) & (acc < 1)).all()
+
+
+# ---------------------------------------------------------------------------------------
+# The claim helpers, on small text (the calibrated runs are in the docstrings)
+# ---------------------------------------------------------------------------------------
+
+def test_claim_helpers_run_and_agree_with_the_primitives():
+    from transformer_lab.data import CharTokenizer
+
+    text = "abcabcabd" * 40
+    tok = CharTokenizer.from_text(text)
+    target, draft = _lm(vocab=tok.vocab_size), _lm(vocab=tok.vocab_size, seed=4, n_layers=1)
+    rep = Dc.repetition_comparison(target, tok, text, n_prompts=3, prompt_len=5, n_new=20, seed=1)
+    assert torch.equal(rep["greedy"], Dc.greedy_decode(target, rep["prompts"], 20)[:, 5:])
+    assert rep["rate"]["greedy"] == Dc.repeated_ngram_rate(rep["greedy"], 4)
+    assert rep["corpus"].shape == (3, 20) and rep["rate"]["corpus"] > 0.5  # the text is a loop itself
+    chk = Dc.speculative_check(target, draft, tok, text, n_samples=300, prompt_len=4, m=2, seed=2)
+    assert chk["chi"]["p_value"] > 1e-3 and chk["stats"]["target_calls"].shape == (300,)
+    rows = Dc.calls_per_token_sweep(target, target, rep["prompts"], n_new=12, n_drafts=(1, 3))
+    assert [r["calls_per_token"] for r in rows] == [pytest.approx(6 / 12), pytest.approx(3 / 12)]
+    assert all(r["alpha"] == 1.0 for r in rows)
 
 
 # ---------------------------------------------------------------------------------------
