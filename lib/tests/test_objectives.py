@@ -439,3 +439,36 @@ def test_claim_scaling_loss_falls_with_size_and_fits_a_power_law():
     losses = out["losses"]
     assert all(a > b for a, b in zip(losses, losses[1:], strict=False))
     assert 0.03 < out["fit"]["exponent"] < 0.3 and out["fit"]["r2"] > 0.85
+
+
+def test_pca_2d_matches_the_top_singular_directions():
+    g = _gen(4)
+    x = torch.randn(200, 5, generator=g, dtype=torch.float64) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    y = O.pca_2d(x)
+    assert y.shape == (200, 2)
+    torch.testing.assert_close(y.mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-10, rtol=0)
+    ref = (x - x.mean(0))[:, :2]  # axis-aligned variances: components are the first two axes, up to sign
+    torch.testing.assert_close(y.abs(), ref.abs(), atol=0.1 * float(ref.abs().max()), rtol=0)
+    var = y.var(0)
+    assert var[0] > var[1] > 0.5 * (x[:, 2].var())
+
+
+def test_model_table_is_complete_and_honest():
+    keys = {"model", "paper", "arxiv", "architecture", "objective", "good_for", "published", "not_published"}
+    names = [row["model"].split(" (")[0] for row in O.MODEL_TABLE]
+    for must in ("BERT", "RoBERTa", "DistilBERT", "Transformer-XL", "T5", "GPT-1", "GPT-2", "GPT-3", "GPT-4",
+                 "LLaMA", "PaLM", "Bard"):
+        assert must in names
+    for row in O.MODEL_TABLE:
+        assert set(row) == keys
+        assert row["arxiv"] is None or (len(row["arxiv"]) == 10 and row["arxiv"][4] == ".")
+    gpt4 = O.MODEL_TABLE[names.index("GPT-4")]
+    assert gpt4["arxiv"] == "2303.08774" and "architecture" in gpt4["not_published"]
+    assert O.MODEL_TABLE[names.index("Backpack")]["arxiv"] == "2305.16765"
+
+
+def test_nsp_topic_shortcut_answers_most_pairs_without_coherence():
+    out = O.nsp_topic_shortcut(n_pairs=1000, seed=0)
+    assert out["expected"] == 0.875
+    assert _within_binomial(round(out["accuracy"] * 1000), 1000, out["expected"])
+    assert out["accuracy"] > 0.8

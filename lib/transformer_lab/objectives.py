@@ -29,7 +29,9 @@ Papers
 
 Notation (proposed for the lecture's page)
 ------------------------------------------
-$p_\text{mask}$ the masking rate (0.15) and $\mathcal M$ the selected positions; $\varpi$ the weight
+$p_\text{mask}$ the masking rate (0.15) and $\mathcal M$ the selected positions; $x^{(N)}$ an
+encoder's final states (lecture 10's $x^{(l)}$ at $l = N$); $\text{lg}^\text{s}, \text{lg}^\text{t}$ a
+student's and a teacher's logits, $p^{(T)}_\text{s}, p^{(T)}_\text{t}$ their softmax at temperature $T$; $\varpi$ the weight
 of one loss term: $\varpi_\text{soft}, \varpi_\text{hard}, \varpi_\text{cos}$ (DistilBERT's
 $\alpha_{ce}, \alpha_{mlm}, \alpha_{cos}$; $\alpha$ is LoRA's scale), $\varpi_\text{disc}$ (ELECTRA's
 $\lambda$ = 50; $\lambda$ is kNN-LM's); $T$ the softmax temperature of distillation (the course's
@@ -37,8 +39,8 @@ $T$); $p_\text{noise}$ and $\bar L_\text{span}$, T5's noise density and mean spa
 a sentence embedding ($\mathbf s_\text{CLS}$, $\mathbf s_\text{mean}$); the Backpack's $n_s$ senses per
 word (the paper's $k$), sense vectors $\mathcal C(x)_a \in \mathbb R^{d_\text{model}}$, $a = 1..n_s$
 (the paper's $C(x)_\ell$; $C$ is lecture 07's chunk and $\ell$ lecture 08's running sum),
-contextualization weights $\mathcal A_{a,ij} \ge 0$ (the paper's $\alpha_{\ell ij}$), output $o_i$
-and tied embedding $E$; scaling: $\mathcal L$ the loss, $n_\text{p}$ the non-embedding parameter
+contextualization weights $\mathcal A_{a,ij} \ge 0$ (the paper's $\alpha_{\ell ij}$), output $o_i$, an edit $\mathbf d_\text{edit}$ added to one sense vector,
+and tied embedding table $E_\text{tok}$ (the paper's $E$; lecture 07's $E$ is Linformer's projection); scaling: $\mathcal L$ the loss, $n_\text{p}$ the non-embedding parameter
 count (Kaplan's $N$; $N$ is our number of layers), $n_\star$ (Kaplan's $N_c$), $\vartheta$ (Kaplan's
 $\alpha_N$) and $\mathcal L_\infty$ an irreducible loss.
 
@@ -74,6 +76,9 @@ and a last sentinel (:func:`span_corrupt`); :func:`span_uncorrupt` puts them bac
     input    Thank you <X0> me to your party <X1> week .
     target   <X0> for inviting <X1> last <X2>
 
+(the paper's Figure 2). T5's code draws masks that always end in a noise span and closes the
+target with EOS; here a last sentinel closes it, as in the figure, whatever the mask.
+
 Replaced-token detection (ELECTRA)
 ----------------------------------
 A small generator (an MLM) fills the masked positions with samples
@@ -90,35 +95,38 @@ the same document half of the time (IsNext) and a random sentence of another doc
 (NotNext) (:func:`nsp_pairs`). RoBERTa (sec. 4.2, Table 2) found that removing NSP and packing
 full sentences from one document matched or improved downstream results: a random sentence from
 another document is usually off-topic, so NSP is mostly topic prediction, and the short pairs
-cost context length.
+cost context length. :func:`nsp_topic_shortcut` measures it: on topical documents (4 topics)
+answering "IsNext iff same topic" is right 0.880 / 0.892 / 0.877 of the time (seeds 0-2, 2000
+pairs each; 0.875 expected from a perfect topic detector), with no idea of order or coherence.
 
 Knowledge distillation (Hinton et al.; DistilBERT)
 --------------------------------------------------
-With teacher logits $z^t$, student logits $z^s$ and $p^{(T)} = \operatorname{softmax}(z / T)$
+With teacher and student logits $\text{lg}^\text{t}$, $\text{lg}^\text{s}$, final states $x^{(N)}_\text{t}$, $x^{(N)}_\text{s}$ (lecture 10's $x^{(l)}$ after the last layer) and $p^{(T)} = \operatorname{softmax}(\text{lg} / T)$
 (:func:`distillation_loss`):
 
 .. math::
 
-    \mathcal L_\text{soft} = T^2\,\mathrm{KL}\bigl(p_t^{(T)} \,\|\, p_s^{(T)}\bigr), \quad
-    \mathcal L_\text{hard} = \mathrm{CE}(z^s, y), \quad
-    \mathcal L_\text{cos} = 1 - \cos(h^s, h^t),
+    \mathcal L_\text{soft} = T^2\,\mathrm{KL}\bigl(p^{(T)}_\text{t} \,\|\, p^{(T)}_\text{s}\bigr), \quad
+    \mathcal L_\text{hard} = \mathrm{CE}(\text{lg}^\text{s}, y), \quad
+    \mathcal L_\text{cos} = 1 - \cos(x^{(N)}_\text{s}, x^{(N)}_\text{t}),
 
     \mathcal L = \varpi_\text{soft} \mathcal L_\text{soft} + \varpi_\text{hard} \mathcal L_\text{hard}
                + \varpi_\text{cos} \mathcal L_\text{cos}.
 
-The gradient of $\mathcal L_\text{soft}$ with respect to $z^s$ is $T\,(p_s^{(T)} - p_t^{(T)})$ per row
-(divided by the batch), of order $1/T$ for large $T$ without the $T^2$: the factor keeps the soft
-term's weight comparable across temperatures. KL (not the cross-entropy with the soft targets,
+The gradient of $\mathcal L_\text{soft}$ with respect to $\text{lg}^\text{s}$ is $T\,(p^{(T)}_\text{s} - p^{(T)}_\text{t})$ per row
+(divided by the batch). Without the $T^2$ it would be $(p^{(T)}_\text{s} - p^{(T)}_\text{t}) / T$, which
+shrinks like $1/T^2$ for large $T$ (Hinton et al. sec. 2): the factor keeps the soft term's weight
+comparable across temperatures. KL (not the cross-entropy with the soft targets,
 which adds the teacher's entropy) makes $\mathcal L_\text{soft} = \mathcal L_\text{cos} = 0$ when
 student equals teacher; $\mathcal L_\text{hard}$ is the ordinary loss and is 0 only for a perfect
 one-hot prediction. DistilBERT used $\varpi = (5, 2, 1)$ for (soft, MLM, cos).
 
 Sentence embeddings
 -------------------
-From an encoder's final states $h$ (B, L, d_model) and a padding mask (True on real tokens)
-(:func:`pool`): $\mathbf s_\text{CLS} = h_0$ (the state of the ``[CLS]`` token) or
-$\mathbf s_\text{mean} = \sum_i m_i h_i / \sum_i m_i$ over the real tokens only (padding left out).
-Similarity is the cosine $\mathbf s \mathbf s'^\top / (\|\mathbf s\| \|\mathbf s'\|)$; retrieval
+From an encoder's final states $x^{(N)}$ (B, L, d_model) and a padding mask (True on real tokens)
+(:func:`pool`): $\mathbf s_\text{CLS} = x^{(N)}_0$ (the state of the ``[CLS]`` token) or
+$\mathbf s_\text{mean}$, the mean of $x^{(N)}_i$ over the real tokens $i$ only (padding left out).
+:func:`pca_2d` projects embeddings on their two main directions for a plot. Similarity is the cosine $\mathbf s \mathbf s'^\top / (\|\mathbf s\| \|\mathbf s'\|)$; retrieval
 (:func:`retrieve`) is a maximum-inner-product search over L2-normalised embeddings through
 ``retrieval.make_index`` (the course's one search). A *linear probe* trains only a linear head on
 frozen embeddings (computed once); *fine-tuning* trains the encoder and the head
@@ -126,21 +134,21 @@ frozen embeddings (computed once); *fine-tuning* trains the encoder and the head
 
 Backpack language models (Hewitt et al. 2023)
 ---------------------------------------------
-Each vocabulary word $x$ has $n_s$ sense vectors $\mathcal C(x)_a = \mathrm{FF}(E x)_a$, independent of
-context. A small causal Transformer reads the sequence and gives non-negative weights (a softmax
+Each vocabulary word $x$ has $n_s$ sense vectors $\mathcal C(x)_a = \mathrm{FF}(x E_\text{tok})_a$ ($x$ the word's one-hot row), independent of
+context. A small causal Transformer reads the sequence (final states $x^{(N)}$) and gives non-negative weights (a softmax
 over $j \le i$ per sense, each sense its own query and key projection):
 
 .. math::
 
-    \mathcal A_{a,ij} = \operatorname{softmax}_j\!\Bigl(\frac{(h_i W^Q_a)(h_j W^K_a)^\top}{\sqrt{d_\text{model}}}\Bigr), \qquad
+    \mathcal A_{a,ij} = \operatorname{softmax}_j\!\Bigl(\frac{(x^{(N)}_i W^Q_a)(x^{(N)}_j W^K_a)^\top}{\sqrt{d_\text{model}}}\Bigr), \qquad
     o_i = \sum_{j \le i} \sum_{a=1}^{n_s} \mathcal A_{a,ij}\, \mathcal C(x_j)_a, \qquad
-    \text{logits}_i = o_i E^\top.
+    \text{logits}_i = o_i E_\text{tok}^\top.
 
 The output is linear in the sense vectors and the weights do not depend on them, so an edit
-$\mathcal C(w)_a \leftarrow \mathcal C(w)_a + \delta$ changes the logits at position $i$ by exactly
-$\bigl(\sum_{j \le i:\, x_j = w} \mathcal A_{a,ij}\bigr)\, \delta E^\top$ (:class:`BackpackLM`,
+$\mathcal C(w)_a \leftarrow \mathcal C(w)_a + \mathbf d_\text{edit}$ changes the logits at position $i$ by exactly
+$\bigl(\sum_{j \le i:\, x_j = w} \mathcal A_{a,ij}\bigr)\, \mathbf d_\text{edit} E_\text{tok}^\top$ (:class:`BackpackLM`,
 :meth:`BackpackLM.intervene`, :func:`predicted_logit_change`). A sense's meaning is read as
-$\mathcal C(w)_a E^\top$: the words it pushes up (:meth:`BackpackLM.sense_top_words`).
+$\mathcal C(w)_a E_\text{tok}^\top$: the words it pushes up (:meth:`BackpackLM.sense_top_words`).
 
 Scaling laws in miniature (Kaplan et al. 2020)
 ----------------------------------------------
@@ -252,10 +260,12 @@ __all__ = [
     "electra_corrupt",
     "electra_loss",
     "nsp_pairs",
+    "nsp_topic_shortcut",
     "distillation_loss",
     # embeddings
     "pool",
     "cosine_similarity_matrix",
+    "pca_2d",
     "retrieve",
     "Vocab",
     "topic_corpus",
@@ -628,6 +638,42 @@ def nsp_pairs(documents: Sequence[Sequence[Sequence[int]]], n_pairs: int, cls_id
     return {"ids": ids, "segments": segments, "labels": torch.tensor(labels), "source": source}
 
 
+def nsp_topic_shortcut(n_docs: int = 40, sentences_per_doc: int = 6, n_pairs: int = 2000, seed: int = 0,
+                       corpus_kwargs: Optional[dict] = None) -> Dict[str, float]:
+    """Why RoBERTa could drop NSP: on topical documents a topic match alone answers most pairs.
+
+    Builds ``n_docs`` documents of ``sentences_per_doc`` :func:`topic_corpus` sentences, each
+    document of one class (its topic), draws :func:`nsp_pairs`, and answers IsNext iff A's and B's
+    majority topic (the class with most topic words) agree, without looking at order or
+    coherence. Returns ``{"accuracy", "expected"}`` with ``expected = 1/2 + 1/2 (1 - 1/n_classes)``,
+    the accuracy of a perfect topic detector (a NotNext sentence shares the topic 1/n_classes of
+    the time).
+    """
+    kw = dict(corpus_kwargs or {})
+    n_docs, sentences_per_doc = _check_int("n_docs", n_docs, 2), _check_int("sentences_per_doc", sentences_per_doc, 2)
+    pool_ = topic_corpus(n_docs * sentences_per_doc * kw.get("n_classes", 4) * 2, generator=seed, **kw)
+    v = pool_["vocab"]
+    docs: List[List[List[int]]] = []
+    for d in range(n_docs):
+        rows = (pool_["labels"] == d % v.n_classes).nonzero().squeeze(1)[
+            (d // v.n_classes) * sentences_per_doc:(d // v.n_classes + 1) * sentences_per_doc]
+        docs.append([pool_["ids"][r][pool_["padding_mask"][r]][1:].tolist() for r in rows])  # words only
+    pairs = nsp_pairs(docs, n_pairs, v.CLS, v.SEP, generator=seed + 1)
+    firsts = torch.tensor([v.n_special + v.n_common + c * v.n_topic for c in range(v.n_classes)])
+
+    def topic(words: List[int]) -> int:
+        w = torch.tensor(words)
+        w = w[w >= v.n_special + v.n_common]
+        counts = torch.bincount((w - firsts[0]) // v.n_topic, minlength=v.n_classes)
+        return int(counts.argmax())
+
+    correct = 0
+    for (a, b), label in zip(pairs["source"], pairs["labels"].tolist(), strict=True):
+        same = topic(docs[a[0]][a[1]]) == topic(docs[b[0]][b[1]])
+        correct += int(same == bool(label))
+    return {"accuracy": correct / n_pairs, "expected": 0.5 + 0.5 * (1 - 1 / v.n_classes)}
+
+
 # ----------------------------------------------------------------------------
 # Knowledge distillation (Hinton et al. 2015; DistilBERT)
 # ----------------------------------------------------------------------------
@@ -664,7 +710,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     s2, t2 = s2[keep], t2[keep]
     log_ps = F.log_softmax(s2 / T, -1)  # log p_s^(T)
     log_pt = F.log_softmax(t2 / T, -1)  # log p_t^(T)
-    soft = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * T ** 2  # T^2 KL(p_t || p_s)
+    soft = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * T ** 2  # T^2 KL(p_t^(T) || p_s^(T))
     zero = s2.new_zeros(())
     hard = F.cross_entropy(s2, labels.reshape(-1)[keep]) if labels is not None else zero
     cos = zero
@@ -704,6 +750,23 @@ def pool(h: Tensor, padding_mask: Optional[Tensor] = None, how: str = "mean", cl
         return h.mean(1)
     m = padding_mask.to(h.dtype)[..., None]  # (B, L, 1)
     return (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # s_mean = sum_i m_i h_i / sum_i m_i
+
+
+def pca_2d(x: Tensor) -> Tensor:
+    """Project the rows of ``x`` (n, d) on their first two principal components -> (n, 2).
+
+    Centred, then ``x V[:, :2]`` with ``V`` the right singular vectors (signs fixed so that each
+    component's largest-magnitude coordinate is positive, for plots that do not flip between runs).
+    """
+    x = _check_float_tensor("x", x, 2)
+    if x.shape[0] < 2 or x.shape[1] < 2:
+        raise ValueError(f"x must have at least 2 rows and 2 columns; got {tuple(x.shape)}")
+    xc = x - x.mean(0)
+    _, _, vh = torch.linalg.svd(xc, full_matrices=False)
+    v = vh[:2].T  # (d, 2)
+    y = xc @ v  # (n, 2)
+    sign = torch.sign(y.gather(0, y.abs().argmax(0, keepdim=True)))  # (1, 2)
+    return y * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 def cosine_similarity_matrix(a: Tensor, b: Optional[Tensor] = None) -> Tensor:
