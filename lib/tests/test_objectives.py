@@ -472,3 +472,39 @@ def test_nsp_topic_shortcut_answers_most_pairs_without_coherence():
     assert out["expected"] == 0.875
     assert _within_binomial(round(out["accuracy"] * 1000), 1000, out["expected"])
     assert out["accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_everything_runs_where_its_input_lives(device):
+    ids = torch.randint(4, 30, (3, 12), generator=_gen(0)).to(device)
+    m = O.mask_tokens(ids, 3, 30, 0.3, special_ids=(0, 1, 2), generator=0)
+    assert m.inputs.device.type == device and m.labels.device.type == device
+    inputs, targets = O.span_corrupt(ids[0], O.t5_sentinels(40, 10), generator=1)
+    assert inputs.device.type == device and torch.equal(O.span_uncorrupt(inputs, targets, O.t5_sentinels(40, 10)), ids[0])
+    logits = torch.randn(3, 12, 30, device=device)
+    corrupted, replaced = O.electra_corrupt(ids, m.selected, logits, generator=2)
+    assert corrupted.device.type == device and replaced.device.type == device
+    out = O.distillation_loss(logits, logits.flip(0), labels=m.labels)
+    assert out["total"].device.type == device
+    torch.manual_seed(0)
+    bp = O.BackpackLM(30, d_model=8, n_senses=2, max_len=12).to(device)
+    before = bp(ids)
+    delta = torch.ones(8, device=device)
+    predicted = O.predicted_logit_change(bp, ids, 5, 1, delta)
+    bp.intervene(5, 1, delta)
+    torch.testing.assert_close(bp(ids) - before, predicted, atol=1e-4, rtol=1e-4)
+    enc = O.TinyEncoder(30, d_model=8, n_heads=2, n_layers=1, max_len=12).to(device)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    assert O.embed(enc, ids, mask).device.type == device
+
+
+def test_retrieval_precision_against_a_loop():
+    g = _gen(7)
+    y = torch.randint(3, (40,), generator=g)
+    x = torch.randn(40, 6, generator=g) + F.one_hot(y, 6).float() * 1.5
+    sims = O.cosine_similarity_matrix(x)
+    sims.fill_diagonal_(-2.0)  # never itself
+    ref = sum(float((y[sims[q].topk(4).indices] == y[q]).float().mean()) for q in range(40)) / 40
+    assert O.retrieval_precision(x, y, k=4) == pytest.approx(ref)
+    with pytest.raises(ValueError, match="at most n - 1"):
+        O.retrieval_precision(x, y, k=40)

@@ -185,6 +185,9 @@ for the first two claims):
    mean pooling (0.36-0.45 vs 0.59-0.93 on seeds 0-1), as Sentence-BERT reports for BERT. Assert
    ``probe > 0.85`` (margin >= 0.12 over 5 seeds) and ``probe > random-init probe + 0.1``
    (smallest gap 0.21). Pre-training: 3.4-4.7 s of CPU (12-16 s wall under that load).
+   Cosine retrieval (:func:`retrieval_precision`, k = 5, the 512 test sentences, seeds 0-2):
+   pre-trained mean pooling 0.969 / 0.989 / 0.989, [CLS] 0.919 / 0.988 / 0.995; a randomly
+   initialised encoder 0.68-0.77 (mean) and 0.58-0.71 ([CLS]); chance about 0.25.
 2. *A linear probe reaches a stated fraction of fine-tuning's accuracy at a fraction of its cost*
    (the same call; fine-tuning: every parameter, 100 AdamW steps of 16, lr 1e-3). Fine-tuned
    accuracy 0.969 / 0.982 / 0.984 / 0.947 / 0.984; probe / fine-tune = 1.004 / 1.008 / 1.010 /
@@ -231,6 +234,7 @@ Glossary (code -> symbol)
 ``n_senses``                n_s (the Backpack paper's k)
 ``senses``                  C(x)_a, (B, L, n_s, d_model)
 ``weights`` (Backpack)      A_{a,ij}, (B, n_s, L, L)
+``delta``                   d_edit, an edit added to one sense vector, (d_model,)
 ``n_params``                n_p, non-embedding parameters (Kaplan's N)
 ``exponent``, ``n_star``    vartheta, n_star (Kaplan's alpha_N, N_c); ``floor`` L_inf
 ==========================  =============================================================
@@ -267,6 +271,7 @@ __all__ = [
     "cosine_similarity_matrix",
     "pca_2d",
     "retrieve",
+    "retrieval_precision",
     "Vocab",
     "topic_corpus",
     "TinyEncoder",
@@ -793,6 +798,27 @@ def retrieve(queries: Tensor, keys: Tensor, k: int = 5, kind: str = "torch"):
     return index.search(F.normalize(queries, dim=-1), k)
 
 
+def retrieval_precision(embeddings: Tensor, labels: Tensor, k: int = 5, kind: str = "torch") -> float:
+    """Precision at ``k`` of cosine retrieval: each row queries all the others (not itself).
+
+    The mean, over queries, of the fraction of its ``k`` most cosine-similar other rows that share
+    its label (:func:`retrieve`). Chance is about the share of the query's class in the data.
+    """
+    embeddings = _check_float_tensor("embeddings", embeddings, 2)
+    n = embeddings.shape[0]
+    if not isinstance(labels, Tensor) or labels.shape != (n,):
+        raise ValueError(f"labels must be a tensor of shape ({n},); got {getattr(labels, 'shape', type(labels).__name__)}")
+    _check_int("k", k)
+    if k > n - 1:
+        raise ValueError(f"k must be at most n - 1 = {n - 1} (a query does not retrieve itself); got k={k}")
+    _, idx = retrieve(embeddings, embeddings, k + 1, kind)  # (n, k + 1), itself among them
+    hits = 0.0
+    for q in range(n):
+        others = idx[q][idx[q] != q][:k]  # drop the query itself
+        hits += float((labels[others] == labels[q]).float().mean())
+    return hits / n
+
+
 # ----------------------------------------------------------------------------
 # A synthetic corpus, a tiny encoder pre-trained with MLM, probe versus fine-tuning
 # ----------------------------------------------------------------------------
@@ -1122,7 +1148,7 @@ class BackpackLM(nn.Module):
         for (word, sense), delta in self.edits.items():
             hit = (ids == word)[..., None].to(c.dtype)  # (B, L, 1)
             c = c.clone()
-            c[:, :, sense] = c[:, :, sense] + hit * delta.to(c.dtype)
+            c[:, :, sense] = c[:, :, sense] + hit * delta.to(device=c.device, dtype=c.dtype)  # + d_edit
         return c
 
     def weights(self, ids: Tensor) -> Tensor:
@@ -1185,7 +1211,7 @@ def predicted_logit_change(model: BackpackLM, ids: Tensor, word: int, sense: int
     A = model.weights(ids)[:, sense]  # (B, L, L)
     hit = (ids == word).to(A.dtype)  # (B, L): where the word sits
     weight = (A * hit[:, None, :]).sum(-1)  # (B, L): sum_j A_{a,ij} 1[x_j = word]
-    return weight[..., None] * (delta.to(A.dtype) @ model.tok.weight.T)  # (B, L, V)
+    return weight[..., None] * (delta.to(device=A.device, dtype=A.dtype) @ model.tok.weight.T)  # (B, L, V)
 
 
 def train_backpack(seed: int = 0, steps: int = 200, d_model: int = 32, n_senses: int = 4, batch_size: int = 64,
