@@ -446,6 +446,19 @@ def test_speculative_samples_pass_a_chi_square_test_where_the_draft_fails():
     assert 0.0 < st["acceptance_rate"] < 1.0 and st["target_calls_per_token"] < 1.0
 
 
+def test_speculative_with_top_k_keeps_the_filtered_target_distribution_and_is_seeded():
+    V, N = 5, 5000
+    target = Dc.NGramLM(V, order=2, seed=42, scale=1.0)
+    draft = target.perturbed(1.0, seed=43)
+    prefix = torch.tensor([[3]]).expand(N, 1)
+    out, _ = Dc.speculative_generate(target, draft, prefix, 2, 2, temperature=0.8, top_k=3, generator=_gen(27))
+    exact = Dc.exact_sequence_probs(target, torch.tensor([3]), 2, temperature=0.8, top_k=3)
+    assert int((exact > 0).sum()) == 9  # 3 x 3 continuations survive top-3
+    assert Dc.chi_square_test(Dc.sequence_counts(out[:, 1:], V), exact)["p_value"] > 1e-3
+    again, _ = Dc.speculative_generate(target, draft, prefix, 2, 2, temperature=0.8, top_k=3, generator=_gen(27))
+    assert torch.equal(out, again)
+
+
 def test_calls_per_token_follow_the_expected_tokens_per_call():
     target = Dc.NGramLM(6, order=1, seed=50, scale=1.0)  # a fixed distribution: i.i.d. acceptances
     draft = target.perturbed(0.8, seed=51)

@@ -619,6 +619,11 @@ def greedy_decode(model, prefix: Tensor, n_new: int, use_cache: bool = True) -> 
 
     Benchmark hook (``benchmarks/``): ``use_cache=True`` (KV cache, one new token per forward)
     versus ``use_cache=False`` (the whole sequence recomputed at each step); same output.
+    Measured (B = 1, prompt 16, one thread of a loaded 2-core CPU, best of 2): d_model 64, 2
+    layers: cached 630-680 tokens/s at 64-512 new tokens, recomputed 438, 243, 104 tokens/s at
+    64, 256, 512 (x1.4, x2.6, x6.5); d_model 256, 4 layers: cached 107-133 tokens/s, recomputed
+    50, 31, 13 (x2.7, x3.4, x9.2). The cached rate stays flat (Python overhead dominates at this
+    size); the recomputed one falls as the sequence grows.
     """
     return sample_decode(model, prefix, n_new, temperature=0.0, use_cache=use_cache)
 
