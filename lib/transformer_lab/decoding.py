@@ -29,17 +29,19 @@ Notation (proposed for lecture 13)
 The papers' letters collide with the course's (``q`` is a query, ``alpha`` LoRA's scale,
 ``gamma`` a compression rate, ``K`` the keys, ``T`` the temperature), so:
 
-  x_t                 the token at position t; x_{<t} the tokens before it
-  p(. | x_{<t})       the target model's next-token distribution     (the papers' p, M_p)
-  p~(. | x_{<t})      the draft model's ("p tilde")                  (the papers' q, M_q)
+  y_t                 the token at position t, y_{<t} the tokens before it (lecture 09's y_t;
+                      its x_t is a context vector); x, a dummy vocabulary item in p(x)
+  p(. | y_{<t})       the target model's next-token distribution     (the papers' p, M_p)
+  p~(. | y_{<t})      the draft model's ("p tilde")                  (the papers' q, M_q)
   T                   the softmax temperature (the course's T)
   k_top, p_top        top-k's k and nucleus' threshold               (Holtzman's k and p)
-  V_top               the kept set: top-k's k tokens or the nucleus   (Holtzman's V^(p))
+  U_top               the kept set: top-k's k tokens or the nucleus   (Holtzman's V^(p); V is the values)
   n_beam              the beam width                                  (the papers' B or k)
   lp                  the length-normalisation exponent ``length_penalty`` (GNMT's alpha)
   n_draft             tokens the draft proposes per round             (Leviathan's gamma, Chen's K)
   L_blk               a Tandem block's length                         (Nair et al.'s gamma)
-  a                   the acceptance rate E[sum_x min(p, p~)]         (Leviathan's alpha)
+  cA                  the acceptance rate E[sum_x min(p, p~)], calligraphic A, $\mathcal A$
+                      (Leviathan's alpha; alpha is LoRA's scale and a an index in this course)
   E_tok               expected tokens per target call                 (Leviathan's eq. 1)
   N, d_model, H, D    layers, width, heads, head dimension (as everywhere)
 
@@ -49,15 +51,15 @@ Equations
 ``transformers``). With logits ``z`` (one row of ``vocab_size`` numbers)::
 
     p_T(x)   = softmax(z / T)(x)                                   T > 0; T -> 0 is greedy
-    top-k:   V_top = the k_top tokens of largest z                 (ties at the k-th value kept)
-    nucleus: V_top = the smallest set with sum_{x in V_top} p_T(x) >= p_top
+    top-k:   U_top = the k_top tokens of largest z                 (ties at the k-th value kept)
+    nucleus: U_top = the smallest set with sum_{x in U_top} p_T(x) >= p_top
                      (tokens taken in decreasing probability; the most likely always kept)
-    p'(x)    = p_T(x) / sum_{x' in V_top} p_T(x')   for x in V_top, 0 elsewhere
+    p'(x)    = p_T(x) / sum_{x' in U_top} p_T(x')   for x in U_top, 0 elsewhere
 
 ``p_top = 1`` keeps every token (plain sampling); ``p_top -> 0`` keeps only the argmax (greedy).
 
 **Greedy and beam search** (:func:`greedy_decode`, :func:`beam_search`). Greedy takes
-``argmax_x p(x | x_{<t})`` at every step. Beam search keeps the ``n_beam`` prefixes of highest
+``argmax_x p(x | y_{<t})`` at every step. Beam search keeps the ``n_beam`` prefixes of highest
 ``s(y) = sum_t log p(y_t | x, y_{<t})``; a hypothesis that emits ``eos_id`` is finished, and
 finished and surviving hypotheses are compared by ``s(y) / |y|^lp`` (``|y|`` generated tokens,
 eos included). ``lp = 0`` is the raw log-probability (favours short outputs), ``lp = 1`` the
@@ -89,21 +91,21 @@ added at the new tokens' absolute positions; RoPE rotates each new key once, at 
 before it is stored; score biases (ALiBi, T5, Shaw, XL) read the queries as the last positions.
 
 **Speculative sampling** (:func:`speculative_step`, :func:`speculative_generate`). One round:
-the draft proposes ``x_1 .. x_n`` (``n = n_draft``) autoregressively, ``x_i ~ p~(. | x_{<i})``;
-the target scores all ``n + 1`` next-token distributions ``p(. | x_{<i})``, ``i = 1 .. n + 1``,
-in **one** forward pass; then, left to right, ``x_i`` is accepted with probability
-``min(1, p(x_i) / p~(x_i))``. At the first rejection, position i is resampled from the residual
+the draft proposes ``y_1 .. y_n`` (``n = n_draft``) autoregressively, ``y_i ~ p~(. | y_{<i})``;
+the target scores all ``n + 1`` next-token distributions ``p(. | y_{<i})``, ``i = 1 .. n + 1``,
+in **one** forward pass; then, left to right, ``y_i`` is accepted with probability
+``min(1, p(y_i) / p~(y_i))``. At the first rejection, position i is resampled from the residual
 
     p_res(x) = max(0, p(x) - p~(x)) / sum_x' max(0, p(x') - p~(x')),
 
-and the round ends; if all n are accepted a bonus token is drawn from ``p(. | x_{<n+1})``.
+and the round ends; if all n are accepted a bonus token is drawn from ``p(. | y_{<n+1})``.
 Each round costs one target call and yields between 1 and n + 1 tokens. Every emitted token has
-exactly the target's distribution: ``P(emit x) = p~(x) min(1, p(x)/p~(x)) + (1 - a) p_res(x)
-= min(p~(x), p(x)) + max(0, p(x) - p~(x)) = p(x)``, where ``a = sum_x min(p(x), p~(x))`` is the
-probability of acceptance (Leviathan Thm 3.5, Chen Thm 1). With acceptances i.i.d. at rate a,
+exactly the target's distribution: ``P(emit x) = p~(x) min(1, p(x)/p~(x)) + (1 - cA) p_res(x)
+= min(p~(x), p(x)) + max(0, p(x) - p~(x)) = p(x)``, where ``cA = sum_x min(p(x), p~(x))`` is
+the probability of acceptance (Leviathan Thm 3.5, Chen Thm 1). With acceptances i.i.d. at rate cA,
 the expected number of tokens per target call is (:func:`expected_tokens_per_call`)::
 
-    E_tok = (1 - a^(n+1)) / (1 - a)            (= n + 1 when a = 1, 1 when a = 0)
+    E_tok = (1 - cA^(n+1)) / (1 - cA)          (= n + 1 when cA = 1, 1 when cA = 0)
 
 so the target is called ``1 / E_tok`` times per token. :func:`speculative_distribution` computes
 the exact output distribution of the whole procedure by enumeration (a small vocabulary), and
@@ -131,7 +133,7 @@ Benchmark hooks (``benchmarks/``)
   stats)``: ``stats["target_calls_per_token"]`` versus ``n_draft``, beside
   :func:`expected_tokens_per_call` at the measured ``stats["acceptance_rate"]``.
 * :func:`calls_per_token_sweep` ``(target, draft, prompts, n_new=64, n_drafts=(1, 2, 4, 8),
-  seed=0) -> list of dicts`` (measured calls per token and the prediction at the measured a).
+  seed=0) -> list of dicts`` (measured calls per token and the prediction at the measured cA).
 * :func:`train_lm_pair` ``(seed=0) -> dict`` for a trained target and draft on the offline
   character corpus.
 
@@ -140,7 +142,7 @@ cut into blocks of ``L_blk`` tokens. The large model processes a block once it i
 one pass; the small model generates the tokens of the next block one by one. Each small-model
 layer attends, in one softmax, over the large model's final states of every processed position
 (projected to the small width, plus the small model's position encoding) and its own states of
-the current block: query t (predicting ``x_{t+1}``, whose block starts at
+the current block: query t (predicting ``y_{t+1}``, whose block starts at
 ``s = floor((t+1)/L_blk) L_blk``) sees large-model keys ``j < s`` and its own keys
 ``s <= j <= t``. With speculative decoding (the paper's SPEED) the Tandem small model is the
 draft with ``n_draft = L_blk``: the large model's verification pass of a block is also the pass
@@ -161,7 +163,7 @@ Glossary (code -> symbol)
 ``n_draft``             n_draft (Leviathan's gamma, Chen's K)
 ``p``, ``q``            target and draft probabilities p and p~ (code keeps the papers' q)
 ``residual``            p_res, the renormalised max(0, p - p~)
-``alpha``               a, the acceptance rate (code keeps the papers' alpha)
+``alpha``               cA, the acceptance rate (code keeps the papers' alpha)
 ``cache.keys[l]``       K^(l), layer l's stored keys ``(B, H, L, D)``; ``cache.values[l]``: V^(l)
 ======================  ======================================================================
 """
@@ -308,7 +310,7 @@ def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
     if k is None or k >= logits.shape[-1]:
         return logits
     kth = logits.topk(k, dim=-1).values[..., -1:]  # (..., 1): the k-th largest z
-    return logits.masked_fill(logits < kth, float("-inf"))  # V_top = {x : z_x >= z_(k)}
+    return logits.masked_fill(logits < kth, float("-inf"))  # U_top = {x : z_x >= z_(k)}
 
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
@@ -326,7 +328,7 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     probs = torch.softmax(sorted_z.float(), dim=-1)  # p_T in decreasing order
     mass_before = probs.cumsum(dim=-1) - probs  # (..., vocab): mass of the tokens ranked above
     drop_sorted = mass_before >= p_top  # already >= p_top without this token: outside the nucleus
-    # (the argmax has mass_before = 0 < p_top: it is always in V_top)
+    # (the argmax has mass_before = 0 < p_top: it is always in U_top)
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
@@ -350,7 +352,7 @@ def sampling_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int
         z = top_k_filter(z, top_k)  # -inf outside the k_top largest
     if top_p is not None:
         z = top_p_filter(z, top_p)  # -inf outside the nucleus
-    return torch.softmax(z, dim=-1)  # p'(x): 0 outside V_top
+    return torch.softmax(z, dim=-1)  # p'(x): 0 outside U_top
 
 
 def _multinomial(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
@@ -765,8 +767,8 @@ def acceptance_rate(p: Tensor, q: Tensor) -> Tensor:
 
 
 def expected_tokens_per_call(alpha, n_draft: int) -> float:
-    """Leviathan et al. eq. (1): ``(1 - a^(n_draft + 1)) / (1 - a)`` tokens per target call,
-    for an acceptance rate ``alpha`` in [0, 1] (``n_draft + 1`` at a = 1)."""
+    """Leviathan et al. eq. (1): ``(1 - cA^(n_draft + 1)) / (1 - cA)`` tokens per target call,
+    for an acceptance rate ``alpha`` = cA in [0, 1] (``n_draft + 1`` at cA = 1)."""
     n = _check_count("n_draft", n_draft, 1)
     a = float(alpha)
     if not 0.0 <= a <= 1.0:
@@ -831,7 +833,7 @@ def speculative_generate(target, draft, prefix: Tensor, n_new: int, n_draft: int
     each row took part in; ``"accepted"``, ``"rejected"``, ``"proposed"`` (B,) draft tokens
     accepted, rejected and proposed (tokens after a rejection are proposed but never tested);
     ``"draft_calls"`` and ``"target_forwards"`` (batched calls made); ``"acceptance_rate"``
-    accepted / tested = accepted / (accepted + rejected) over all rows, the estimate of a;
+    accepted / tested = accepted / (accepted + rejected) over all rows, the estimate of cA;
     ``"target_calls_per_token"`` mean target calls per row / n_new; ``"tokens_per_call"``
     n_new / mean target calls (below :func:`expected_tokens_per_call` by the last round's cut).
     """
@@ -859,7 +861,7 @@ def speculative_generate(target, draft, prefix: Tensor, n_new: int, n_draft: int
             for i in range(n):  # the draft proposes x_1 .. x_n, one call each
                 pos = lengths - 1 + i  # (B,) where each row's next-token logits are
                 logits = draft(buf[:, :int(pos.max()) + 1])  # (B, L', V)
-                q_i = sampling_probs(logits[rows, pos], T, top_k, top_p)  # (B, V): p~(. | x_<i)
+                q_i = sampling_probs(logits[rows, pos], T, top_k, top_p)  # (B, V): p~(. | y_<i)
                 x_i = _multinomial(q_i, generator)  # (B,)
                 buf[rows, pos + 1] = torch.where(active, x_i, buf[rows, pos + 1])
                 qs.append(q_i)
@@ -898,7 +900,7 @@ ProbsFn = Callable[[Tuple[int, ...]], Tensor]
 
 def sequence_distribution(probs_fn: ProbsFn, prefix: Sequence[int], n_new: int) -> Dict[tuple, float]:
     """Exact law of ``n_new`` tokens sampled one by one from ``probs_fn(context) -> (V,)``
-    probabilities: ``{(x_1, .., x_n): prod_t p(x_t | prefix, x_<t)}``."""
+    probabilities: ``{(y_1, .., y_n): prod_t p(y_t | prefix, y_<t)}``."""
     n_new = _check_count("n_new", n_new, 1)
     out: Dict[tuple, float] = {}
 
@@ -1084,17 +1086,17 @@ def tandem_mask(L: int, block: int, device=None) -> Tensor:
     """Boolean ``(L, 2 L)`` mask of a Tandem small model's attention (True = attend).
 
     Keys ``0 .. L-1`` are the large model's (projected) representations, keys ``L .. 2L-1`` the
-    small model's own states. Query t reads token ``x_t`` and predicts ``x_{t+1}``, which lies in
+    small model's own states. Query t reads token ``y_t`` and predicts ``y_{t+1}``, which lies in
     the block starting at ``s = ((t + 1) // block) * block``. When that token is generated the
     large model has processed every position before s, so query t sees the large model's
-    representations ``j < s`` and its own states ``s <= j <= t`` (none when ``x_{t+1}`` opens a
+    representations ``j < s`` and its own states ``s <= j <= t`` (none when ``y_{t+1}`` opens a
     block: then it sees the large model's state at t itself, the large model's own prediction).
     """
     _check_count("L", L, 1)
     _check_count("block", block, 1)
     t = torch.arange(L, device=device)[:, None]  # (L, 1) queries
     j = torch.arange(L, device=device)[None, :]  # (1, L) positions
-    start = ((t + 1) // block) * block  # first position of the block of the predicted token x_{t+1}
+    start = ((t + 1) // block) * block  # first position of the block of the predicted token y_{t+1}
     large = j < start  # blocks the large model has processed
     own = (j >= start) & (j <= t)  # the current block so far: the small model's own tokens
     return torch.cat([large, own], dim=1)  # (L, 2L)
@@ -1182,7 +1184,7 @@ class TandemLM(nn.Module):
 
 
 def teacher_forced_acceptance(target, draft, idx: Tensor) -> Tensor:
-    """Mean over positions of ``a_t = sum_x min(p(x | x_<t), p~(x | x_<t))`` on given text
+    """Mean over positions of ``cA_t = sum_x min(p(x | y_<t), p~(x | y_<t))`` on given text
     ``idx`` (B, L): the acceptance rate speculative sampling would see there. Returns (L,)."""
     with _EvalMode(target, draft):
         p = torch.softmax(target(idx).double(), -1)  # (B, L, V)
@@ -1242,7 +1244,7 @@ def train_tandem(pair: Dict, steps: int = 200, block: int = 4, d_model: int = 32
                 (("tandem", model), ("alone", alone), ("target", target))}
     acc_t = teacher_forced_acceptance(target, model, x)  # (L,)
     acc_a = teacher_forced_acceptance(target, alone, x)
-    # by the predicted token's offset in its block: x_{t+1} at offset o  <=>  t = o - 1 (mod block)
+    # by the predicted token's offset in its block: y_{t+1} at offset o  <=>  t = o - 1 (mod block)
     by_offset = torch.stack([acc_t[(o - 1) % block::block].mean() for o in range(block)])
     return {"model": model, "alone": alone, "history": hist, "loss": loss,
             "acceptance": {"tandem": float(acc_t.mean()), "alone": float(acc_a.mean())},
@@ -1366,11 +1368,11 @@ def calls_per_token_sweep(target, draft, prompts: Tensor, n_new: int = 64,
 
     For each ``n_draft``: :func:`speculative_generate` of ``n_new`` tokens from ``prompts`` (B, L);
     returns one dict per ``n_draft`` with ``"n_draft"``, ``"calls_per_token"`` (measured),
-    ``"alpha"`` (measured acceptance rate), ``"predicted"`` (``1 / E_tok`` at that alpha,
+    ``"alpha"`` (measured acceptance rate cA), ``"predicted"`` (``1 / E_tok`` at that cA,
     Leviathan eq. 1) and ``"draft_calls_per_token"``.
 
     Measured (:func:`train_lm_pair` defaults, seeds 0-4, the 8 prompts of
-    :func:`repetition_comparison`, 64 tokens): a 0.56-0.67; calls per token 0.61-0.63 at
+    :func:`repetition_comparison`, 64 tokens): cA 0.56-0.67; calls per token 0.61-0.63 at
     n_draft 1, 0.48-0.50 at 2, 0.41-0.47 at 4, 0.34-0.40 at 8; at most 3.5% above the prediction
     (the last round's cut). 5-8 s for the four settings on the loaded 2-core CPU. Each call of the target here is as cheap as the draft's, so these are
     call counts, not a speed-up: the speed-up needs a target much costlier than the draft.
