@@ -451,6 +451,10 @@ def test_pca_2d_matches_the_top_singular_directions():
     torch.testing.assert_close(y.abs(), ref.abs(), atol=0.1 * float(ref.abs().max()), rtol=0)
     var = y.var(0)
     assert var[0] > var[1] > 0.5 * (x[:, 2].var())
+    for seed in range(6):  # the sign convention (plots do not flip between runs), on several inputs
+        z = O.pca_2d(torch.randn(30, 4, generator=_gen(seed)) @ torch.randn(4, 4, generator=_gen(seed + 50)))
+        assert (z.gather(0, z.abs().argmax(0, keepdim=True)) > 0).all()
+    torch.testing.assert_close(O.pca_2d(-x), y)  # same picture for a flipped input
 
 
 def test_model_table_is_complete_and_honest():
