@@ -6,7 +6,11 @@ Papers
   Language Understanding", arXiv:1810.04805: sec. 3.1 (masked LM with the 80/10/10 rule, next
   sentence prediction), the [CLS] token.
 * Liu, Ott, Goyal, Du, Joshi, Chen, Levy, Lewis, Zettlemoyer, Stoyanov 2019, "RoBERTa: A Robustly
-  Optimized BERT Pretraining Approach", arXiv:1907.11692: sec. 4.2 (dropping NSP), dynamic masking.
+  Optimized BERT Pretraining Approach", arXiv:1907.11692: sec. 4.2 (dropping NSP), dynamic masking;
+  Lan et al. 2019, "ALBERT: A Lite BERT for Self-supervised Learning of Language Representations",
+  arXiv:1909.11942 (why NSP is mostly topic prediction).
+* Wettig, Gao, Zhong, Chen 2022, "Should You Mask 15% in Masked Language Modeling?",
+  arXiv:2202.08005 (higher masking rates; this module pre-trains its tiny encoder at 0.4).
 * Radford, Narasimhan, Salimans, Sutskever 2018, "Improving Language Understanding by Generative
   Pre-Training" (OpenAI report, no arXiv id): the causal LM objective then fine-tuning.
 * Raffel, Shazeer, Roberts, Lee, Narang, Matena, Zhou, Li, Liu 2019, "Exploring the Limits of
@@ -24,6 +28,8 @@ Papers
 * Hewitt, Thickstun, Manning, Liang 2023, "Backpack Language Models", arXiv:2305.16765 (ACL 2023):
   sense vectors, contextualization weights, interventions. (A widely shared reading list links it
   as arXiv:2302.07730: that id is another paper.)
+* Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", arXiv:2203.15556
+  (Chinchilla: how to split compute between parameters and tokens).
 * Kaplan, McCandlish, Henighan, Brown, Chess, Child, Gray, Radford, Wu, Amodei 2020, "Scaling Laws
   for Neural Language Models", arXiv:2001.08361: eq. 1.1, L(N) = (N_c / N)^alpha_N.
 
@@ -82,10 +88,10 @@ target with EOS; here a last sentinel closes it, as in the figure, whatever the 
 Replaced-token detection (ELECTRA)
 ----------------------------------
 A small generator (an MLM) fills the masked positions with samples
-$\hat x_i \sim p_G(\cdot \mid \tilde x)$; the discriminator reads the corrupted text and predicts for
+$\hat x_i \sim p_\text{gen}(\cdot \mid \tilde x)$; the discriminator reads the corrupted text and predicts for
 every position whether its token was replaced: label 1 iff $\hat x_i \ne x_i$ (a sample equal to
 the original counts as original). Loss (:func:`electra_loss`):
-$\mathcal L_\text{MLM}(G) + \varpi_\text{disc}\,\mathcal L_\text{Disc}$, $\mathcal L_\text{Disc}$ the binary
+$\mathcal L_\text{MLM}(\text{generator}) + \varpi_\text{disc}\,\mathcal L_\text{Disc}$, $\mathcal L_\text{Disc}$ the binary
 cross-entropy over all real positions; the sampling step is not back-propagated through.
 
 Next-sentence prediction (BERT) and why RoBERTa dropped it
@@ -93,9 +99,12 @@ Next-sentence prediction (BERT) and why RoBERTa dropped it
 Pairs ``[CLS] A [SEP] B [SEP]`` with segment ids 0 for A and 1 for B; B is A's successor in
 the same document half of the time (IsNext) and a random sentence of another document otherwise
 (NotNext) (:func:`nsp_pairs`). RoBERTa (sec. 4.2, Table 2) found that removing NSP and packing
-full sentences from one document matched or improved downstream results: a random sentence from
-another document is usually off-topic, so NSP is mostly topic prediction, and the short pairs
-cost context length. :func:`nsp_topic_shortcut` measures it: on topical documents (4 topics)
+full sentences from one document matched or slightly improved downstream results, and that
+pairs of single sentences hurt. Why NSP teaches little was argued by Lan et al. 2019, "ALBERT: A
+Lite BERT for Self-supervised Learning of Language Representations", arXiv:1909.11942: a random
+sentence from another document is usually off-topic, so NSP is mostly topic prediction, which
+the MLM already learns (ALBERT replaced it with sentence-order prediction).
+:func:`nsp_topic_shortcut` measures the shortcut: on topical documents (4 topics)
 answering "IsNext iff same topic" is right 0.880 / 0.892 / 0.877 of the time (seeds 0-2, 2000
 pairs each; 0.875 expected from a perfect topic detector), with no idea of order or coherence.
 
@@ -575,7 +584,7 @@ def electra_corrupt(ids: Tensor, selected: Tensor, generator_logits: Tensor, gen
         sample = torch.multinomial(probs.cpu(), 1, generator=g).to(ids.device)
     else:
         sample = torch.multinomial(probs, 1, generator=g)
-    sample = sample.reshape(ids.shape)  # x-hat ~ p_G
+    sample = sample.reshape(ids.shape)  # x-hat ~ p_gen
     corrupted = torch.where(selected, sample, ids)
     return corrupted, corrupted != ids
 
