@@ -1406,6 +1406,15 @@ def train_lm_pair(seed: int = 0, target_steps: int = 150, draft_steps: int = 100
     as slow here (``apply_rope``), for no gain in these claims. Every claim of the lecture holds
     on every seed at these settings (see :func:`repetition_comparison`,
     :func:`speculative_check`, :func:`calls_per_token_sweep`).
+
+    Grading mode (``budget``): ``train_lm_pair(seed, 40, 30)`` trains in 3.4-3.5 s (7 s for the
+    first call of a process: imports, corpus) to losses 2.62-2.73 / 3.14-3.32, and the claims
+    still hold on seeds 0-2 with smaller runs: ``repetition_comparison(..., n_prompts=4,
+    n_new=100)`` greedy 0.96-0.97 vs nucleus 0.09-0.12 (0.7-1.2 s); ``speculative_check(...,
+    n_samples=1000)`` p-value 0.18-0.67, draft alone below 1e-31, 0.63-0.72 calls per token
+    (1.1-1.3 s). Also a tighter, 3 s-faster alternative for normal mode if the budget is short.
+    Learning rate 1e-2 gives a better target (held-out 1.66-1.79 instead of 1.90-2.20 at seeds
+    0-1) in the same steps; the claims above were calibrated at 3e-3 only.
     """
     start = time.perf_counter()
     tgt = train_tiny_lm(seed, target_steps, progress=progress, **(target_kwargs or {}))
