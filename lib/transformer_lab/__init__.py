@@ -15,6 +15,9 @@ One module per concept, mirroring the lectures::
     adaptive    Universal Transformer, ACT, adaptive span, early exit (lecture 10)
     ssm         state spaces, S4D, selective scan, the Mamba block    (lecture 11)
     ternary     BitNet b1.58, addition-only layers, MatMul-free LM    (lecture 12)
+    decoding    greedy, beam, top-k/top-p sampling, KV cache, speculative decoding (lecture 13)
+    objectives  MLM, span corruption, ELECTRA, NSP, distillation, Backpack, scaling (lecture 14)
+    rl          offline RL data (gymnasium), returns-to-go, Decision Transformer, GTrXL gate (lecture 15)
     models      small configurable LM / classifier / seq2seq
     data        synthetic tasks and an offline character corpus
     train       a seeded training loop with a progress bar
@@ -35,7 +38,8 @@ from .device import budget, device, grading_mode, seed_everything
 __version__ = "0.1.0"
 
 SUBMODULES = ("attention", "blocks", "positions", "adapters", "sparse", "lsh", "lowrank", "flash", "memory",
-              "retrieval", "adaptive", "ssm", "ternary", "models", "data", "train", "viz", "grading")
+              "retrieval", "adaptive", "ssm", "ternary", "decoding", "objectives", "rl", "models", "data", "train",
+              "viz", "grading")
 
 __all__ = ["device", "seed_everything", "grading_mode", "budget", "__version__", *SUBMODULES]
 
