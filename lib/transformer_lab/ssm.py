@@ -40,6 +40,7 @@ quantities are therefore written in sans-serif, each named after its symbol in t
   d_conv            width of the causal depthwise convolution (4 in the paper)
   d_delta           rank of the projection that makes Δ_t  (the paper's R, ``dt_rank``)
   N                 blocks stacked, as in lecture 05
+  i, k              a channel (0 .. d_inner-1) and a state (0 .. d_state-1; the papers' n)
 
 1. The continuous SSM and its discretisation
 -------------------------------------------
@@ -53,11 +54,11 @@ the ODE exactly::
 
     Abar = exp(delta A),      Bbar = (delta A)^{-1} (exp(delta A) - I) delta B
 
-(for a diagonal A: ``Bbar_n = (exp(delta A_n) - 1) / A_n * B_n``). **Euler**
+(for a diagonal A, one number A_k per state k: ``Bbar_k = (exp(delta A_k) - 1) / A_k * B_k``). **Euler**
 (:func:`discretize_euler`) takes one straight step: ``Abar = I + delta A``, ``Bbar = delta B``.
-Why ZOH: for a stable system (Re A_n < 0) ``|exp(delta A_n)| < 1`` for *every* delta, so the
-discrete state decays as the continuous one does; Euler's ``|1 + delta A_n|`` exceeds 1 once
-``delta > 2 / |A_n|`` (real A_n), and the discrete state explodes where the true one decays.
+Why ZOH: for a stable system (Re A_k < 0) ``|exp(delta A_k)| < 1`` for *every* delta, so the
+discrete state decays as the continuous one does; Euler's ``|1 + delta A_k|`` exceeds 1 once
+``delta > 2 / |A_k|`` (real A_k), and the discrete state explodes where the true one decays.
 ZOH is also exact for piecewise-constant inputs, and it makes delta a *timescale*: a large
 delta forgets the state (Abar -> 0) and lets the input in, a small delta keeps the state.
 Mamba uses ZOH for A and the Euler-like ``Bbar = delta B`` for B (sec. 3.5 and the code).
@@ -71,12 +72,13 @@ With Abar, Bbar, C fixed over time, unrolling the recurrence (h_{-1} = 0) gives:
 so the same model is an RNN (:func:`ssm_recurrence`, O(L) sequential steps, O(1) state) and
 a causal convolution (:func:`ssm_kernel` + :func:`ssm_convolution`, parallel over L, by FFT in
 O(L log L)). Training uses the convolution, generation the recurrence. For a diagonal A the
-kernel is a Vandermonde product, ``K_j = sum_n C_n Abar_n^j Bbar_n`` (S4D).
+kernel is a Vandermonde product, ``K_j = sum_k C_k Abar_k^j Bbar_k`` (S4D; the papers index
+the states by n, the course by k because n and N are taken).
 
-**S4D's initialisation** (:func:`s4d_init`): S4D-Lin ``A_n = -1/2 + i pi n`` (complex, the
+**S4D's initialisation** (:func:`s4d_init`): S4D-Lin ``A_k = -1/2 + i pi k`` (complex, the
 imaginary parts spread like Fourier frequencies; a complex state stands for a conjugate
-pair, so the output is ``2 Re(C h)``), S4D-Real ``A_n = -(n + 1)`` (real; Mamba's
-default, stored as ``A_log = log(n + 1)`` and used as ``A = -exp(A_log)`` so A stays
+pair, so the output is ``2 Re(C h)``), S4D-Real ``A_k = -(k + 1)`` (real; Mamba's
+default, stored as ``A_log = log(k + 1)`` and used as ``A = -exp(A_log)`` so A stays
 negative whatever the gradient does); B = 1, C ~ N(0, 1), delta log-uniform in
 [0.001, 0.1] (:func:`init_delta`).
 
@@ -104,10 +106,11 @@ needs a **scan** (:func:`selective_scan`).
 
 which is associative, so the prefixes can be combined in any bracketing: in a tree.
 :func:`parallel_scan` is Blelloch's work-efficient scan written recursively: the
-**up-sweep** combines neighbours (2m, 2m+1) into one pair (length L/2), recurses, and the
-**down-sweep** fills in the even positions, ``h_2m = a_2m h_{2m-1} + b_2m``: about 2L
-operator applications, 2 log2 L sequential levels, every level one batch of tensor
-operations. It only multiplies a's and adds, exactly as the sequential loop
+**up-sweep** combines neighbours (t, t+1), t even, into one pair (length L/2), recurses
+(its scan gives the odd states h_1, h_3, ...), and the **down-sweep** fills in the even
+positions, ``h_t = a_t h_{t-1} + b_t`` for every even t >= 2 and ``h_0 = b_0``: about 2L
+operator applications in log2 L levels of recursion (each level one up-sweep and one
+down-sweep step, each a batch of tensor operations). It only multiplies a's and adds, exactly as the sequential loop
 (:func:`sequential_scan`) does, so it is as stable: products of |a| <= 1 can only shrink
 towards 0, which is the right answer. It is made of plain differentiable PyTorch operations,
 so autograd gives its gradient.
@@ -320,13 +323,13 @@ def discretize_zoh(A: Tensor, B: Tensor, delta, full: Optional[bool] = None):
         B_bar = torch.linalg.solve(delta * A, (eA - eye) @ (delta * B))  # (delta A)^-1 (e^{delta A} - I) delta B
         return eA, B_bar
     A_bar = torch.exp(delta * A)  # (..., d_state)
-    B_bar = (A_bar - 1) / A * B  # diagonal: (e^{delta A_n} - 1) / A_n B_n
+    B_bar = (A_bar - 1) / A * B  # diagonal: (e^{delta A_k} - 1) / A_k B_k
     return A_bar, B_bar
 
 
 def discretize_euler(A: Tensor, B: Tensor, delta, full: Optional[bool] = None):
     """Euler's step: ``Abar = I + delta A``, ``Bbar = delta B`` (same arguments as
-    :func:`discretize_zoh`). Unstable once ``|1 + delta A_n| > 1`` (delta > 2 / |A_n|)."""
+    :func:`discretize_zoh`). Unstable once ``|1 + delta A_k| > 1`` (delta > 2 / |A_k|)."""
     detected = _check_AB(A, B, delta)
     full = detected if full is None else bool(full)
     if full:
@@ -386,7 +389,7 @@ def ssm_kernel(A_bar: Tensor, B_bar: Tensor, C: Tensor, L: int) -> Tensor:
     """The convolution kernel ``K_j = C Abar^j Bbar``, j = 0 .. L-1.
 
     A_bar ``(d_inner, d_state)`` diagonal (the Vandermonde form of S4D,
-    ``K_j = sum_n C_n Abar_n^j Bbar_n``) or ``(d_inner, d_state, d_state)`` full (L matrix
+    ``K_j = sum_k C_k Abar_k^j Bbar_k``) or ``(d_inner, d_state, d_state)`` full (L matrix
     products). B_bar, C ``(d_inner, d_state)``. Returns K ``(d_inner, L)``, real.
     """
     L = _check_int("L", L, 0)
@@ -394,8 +397,8 @@ def ssm_kernel(A_bar: Tensor, B_bar: Tensor, C: Tensor, L: int) -> Tensor:
     _check_lti(torch.zeros(1, 0, A_bar.shape[0], dtype=torch.float32), A_bar, B_bar, C)
     if A_bar.dim() == 2:
         j = torch.arange(L, device=A_bar.device, dtype=A_bar.real.dtype)  # 0 .. L-1
-        powers = A_bar.unsqueeze(-1) ** j  # Abar_n^j                           (d_inner, d_state, L)
-        K = ((C * B_bar).unsqueeze(-1) * powers).sum(1)  # sum_n C_n Bbar_n Abar_n^j  (d_inner, L)
+        powers = A_bar.unsqueeze(-1) ** j  # Abar_k^j                           (d_inner, d_state, L)
+        K = ((C * B_bar).unsqueeze(-1) * powers).sum(1)  # sum_k C_k Bbar_k Abar_k^j  (d_inner, L)
         return 2 * K.real if K.is_complex() else K
     ks, v = [], B_bar  # v = Abar^j Bbar                                        (d_inner, d_state)
     for _ in range(L):
@@ -439,16 +442,16 @@ def ssm_convolution(u: Tensor, K: Tensor, method: str = "fft") -> Tensor:
 def s4d_init(d_inner: int, d_state: int, kind: str = "real", dtype=torch.float32, device=None) -> Tensor:
     """S4D's initial A, one row per channel: ``(d_inner, d_state)``.
 
-    ``"lin"``: S4D-Lin, ``A_n = -1/2 + i pi n`` (complex; each mode stands for a conjugate pair).
-    ``"real"``: S4D-Real, ``A_n = -(n + 1)`` (Mamba's init; store ``A_log = log(-A)``).
+    ``"lin"``: S4D-Lin, ``A_k = -1/2 + i pi k`` (complex; each mode stands for a conjugate pair).
+    ``"real"``: S4D-Real, ``A_k = -(k + 1)`` (Mamba's init; store ``A_log = log(-A)``).
     """
     d_inner = _check_int("d_inner", d_inner, 1)
     d_state = _check_int("d_state", d_state, 1)
-    n = torch.arange(d_state, dtype=dtype, device=device)
+    k = torch.arange(d_state, dtype=dtype, device=device)  # the state index k (the papers' n)
     if kind == "lin":
-        A = torch.complex(torch.full_like(n, -0.5), math.pi * n)  # -1/2 + i pi n
+        A = torch.complex(torch.full_like(k, -0.5), math.pi * k)  # -1/2 + i pi k
     elif kind == "real":
-        A = -(n + 1)  # -(n + 1)
+        A = -(k + 1)  # -(k + 1)
     else:
         raise ValueError(f"kind must be 'lin' (S4D-Lin) or 'real' (S4D-Real); got {kind!r}")
     return A.expand(d_inner, d_state).clone()  # (d_inner, d_state)
@@ -488,12 +491,12 @@ def _blelloch(a: Tensor, b: Tensor) -> Tensor:
     L = a.shape[1]
     if L == 1:
         return b
-    # up-sweep: combine neighbours (2m, 2m+1): (a, b) . (a', b') = (a a', a' b + b')
+    # up-sweep: combine neighbours (t, t+1), t even: (a, b) . (a', b') = (a a', a' b + b')
     a_r, b_r = a[:, 1::2], b[:, 1::2]  # odd positions                  (B, L//2, ...)
     n = a_r.shape[1]
     a_l, b_l = a[:, 0:2 * n:2], b[:, 0:2 * n:2]  # their left neighbours
     h_odd = _blelloch(a_l * a_r, torch.addcmul(b_r, a_r, b_l))  # h_1, h_3, ... (B, L//2, ...)
-    # down-sweep: h_2m = a_2m h_{2m-1} + b_2m, and h_0 = b_0
+    # down-sweep: h_t = a_t h_{t-1} + b_t for even t >= 2, and h_0 = b_0
     h = torch.empty_like(b)  # (B, L, ...), filled by slices (autograd records the copies)
     h[:, 1::2] = h_odd
     h[:, :1] = b[:, :1]
