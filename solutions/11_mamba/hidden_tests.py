@@ -6,7 +6,8 @@ reference (and the library's functions that contain it, and PyTorch's cumulative
 does not exist. See ``autograder/hidden.py``. The cases vary what the exercises state and the
 visible tests check: shapes, dtypes, one step size per channel, odd and long lengths, negative
 a, D = None, and the errors for a step size that is not positive, shapes that differ, an empty
-sequence and a state size that does not match.
+sequence and a state size that does not match; gradients through the scan on the short float64
+cases; inputs left unchanged.
 """
 
 import math
@@ -33,7 +34,7 @@ def zoh_cases(rng):
     yield Case("A (4, 2) float32, one step size per channel (delta (4, 1))", A, B, delta)
     A = -(torch.arange(6, dtype=torch.float64) + 1).expand(2, 6).clone()  # S4D-Real
     B = torch.ones(2, 6, dtype=torch.float64)
-    yield Case("S4D-Real A = -(n + 1), B = 1, delta 3.0 (a large step)", A, B, 3.0)
+    yield Case("S4D-Real A = -(k + 1), B = 1, delta 3.0 (a large step)", A, B, 3.0)
     A = -torch.rand(7, generator=rng, dtype=torch.float64) - 0.5
     yield Case("1-D A (7,), float64, delta 1e-3 (a small step)", A, torch.randn(7, generator=rng, dtype=torch.float64), 1e-3)
     yield Case("delta 0 must raise ValueError", A, A.clone(), 0.0, raises=ValueError)
@@ -88,7 +89,22 @@ def drive_scan(fn, a, b):
 
     with CountOps() as counter:
         h = fn(a, b)
-    return {"h": h, "ops": counter.n}
+    out = {"h": h, "ops": counter.n}
+    if a.dtype == torch.float64 and 1 < a.shape[1] <= 64:   # gradients must flow through the scan
+        a_g, b_g = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        try:
+            with torch.enable_grad():
+                h_g = fn(a_g, b_g)
+            if not (isinstance(h_g, torch.Tensor) and h_g.requires_grad):
+                out["grad"] = "h does not require grad: the scan cut the graph"
+            else:
+                w = torch.linspace(-1, 1, h_g.numel(), dtype=h_g.dtype).reshape(h_g.shape)
+                with torch.enable_grad():
+                    g_a, g_b = torch.autograd.grad((h_g * w).sum(), (a_g, b_g), allow_unused=True)
+                out["grad"] = [torch.zeros_like(a_g) if g_a is None else g_a, torch.zeros_like(b_g) if g_b is None else g_b]
+        except RuntimeError as err:
+            out["grad"] = f"backward failed: {err}"
+    return out
 
 
 def _op_limit(L):
@@ -96,7 +112,14 @@ def _op_limit(L):
 
 
 def scan_reference(a, b):
-    return {"h": S.sequential_scan(a, b), "ops": _op_limit(a.shape[1])}
+    out = {"h": S.sequential_scan(a, b), "ops": _op_limit(a.shape[1])}
+    if a.dtype == torch.float64 and 1 < a.shape[1] <= 64:
+        a_g, b_g = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        with torch.enable_grad():
+            h_g = S.sequential_scan(a_g, b_g)
+            w = torch.linspace(-1, 1, h_g.numel(), dtype=h_g.dtype).reshape(h_g.shape)
+            out["grad"] = list(torch.autograd.grad((h_g * w).sum(), (a_g, b_g)))
+    return out
 
 
 def scan_cases(rng):
@@ -138,10 +161,21 @@ def check_scan(got, expected, case):
             hint = "you returned h_{t-1} (an exclusive scan): h_t includes b_t, so h_0 = b_0"
         elif torch.allclose(h, S.sequential_scan(torch.ones_like(a), b), **tol):
             hint = "you summed the b's without the a's: the operator is (a, b) o (a', b') = (a a', a' b + b')"
-        elif h.shape[1] > 1 and torch.allclose(h[:, 1::2], ref[:, 1::2], **tol):
-            hint = "the odd positions are right, the even ones are not: h_0 = b_0 and h_2m = a_2m h_{2m-1} + b_2m"
         elif h.shape[1] % 2 == 1 and torch.allclose(h[:, :-1], ref[:, :-1], **tol):
             hint = "all but the last position are right: with an odd L the last element has no partner, fill it in the down-sweep"
+        elif h.shape[1] > 1 and torch.allclose(h[:, 1::2], ref[:, 1::2], **tol):
+            hint = "the odd positions are right, the even ones are not: h_0 = b_0 and h_t = a_t h_{t-1} + b_t at every even t >= 2"
+        else:
+            wrong = (~torch.isclose(h, ref, **tol)).reshape(h.shape[0], h.shape[1], -1).any(-1).any(0).nonzero()
+            if len(wrong):
+                t = int(wrong[0])
+                hint = (f"h_{t} (odd, from the up-sweep) is the first wrong state: check the operator's order, "
+                        "(a, b) o (a', b') = (a a', a' b + b') with (a, b) the EARLIER step (the later a' multiplies b)"
+                        + ("" if t == 1 else ", and that the half-length scan also handles an odd length (the last "
+                           "element, without a partner, still needs its state)")
+                        if t % 2 else
+                        f"h_{t} (even, from the down-sweep) is the first wrong state: h_t = a_t h_(t-1) + b_t takes a_t, "
+                        "b_t at the even position t and the odd state just before it")
         err = (h - ref).abs().max().item()
         raise AssertionError(f"{case.label}: h differs from the sequential loop (max error {err:.3g})\n  hint: {hint}")
     if got.get("ops", 0) > expected["ops"]:
@@ -149,6 +183,17 @@ def check_scan(got, expected, case):
             f"{case.label}: blelloch_scan made {got['ops']} tensor operations for L = {a.shape[1]}; a parallel scan "
             f"makes about 20 per level of the tree, at most {expected['ops']} = 200 (ceil(log2 L) + 1) allowed\n"
             "  hint: a loop over t makes 4 or more operations per step; recurse on the pairs instead")
+    if "grad" in expected:
+        g = got.get("grad")
+        if isinstance(g, str) or g is None:
+            hint = ("build new tensors (a_l * a_r, torch.empty_like(b)) instead of writing into a or b" if "in-place" in str(g)
+                    else "use plain differentiable operations (no .detach(), no .item(), no torch.no_grad())")
+            raise AssertionError(f"{case.label}: gradients do not flow through blelloch_scan ({g})\n  hint: {hint}")
+        for name, gg, ref_g in (("a", g[0], expected["grad"][0]), ("b", g[1], expected["grad"][1])):
+            if not torch.allclose(gg, ref_g, atol=1e-8, rtol=1e-6):
+                raise AssertionError(f"{case.label}: the gradient with respect to {name} differs from the loop's "
+                                     f"(max error {(gg - ref_g).abs().max().item():.3g})\n"
+                                     "  hint: use plain differentiable operations (no .detach(), no .item(), no torch.no_grad())")
 
 
 # --------------------------------------------------------------------------- ex3: selective_step
@@ -197,6 +242,11 @@ def _step_no_delta_b(u, delta, A, B, C, D, h):
     return _skip((h_new * C.unsqueeze(1)).sum(-1), D, u), h_new
 
 
+def _step_no_u(u, delta, A, B, C, D, h):
+    h_new = torch.exp(delta.unsqueeze(-1) * A) * h + delta.unsqueeze(-1) * B.unsqueeze(1)
+    return _skip((h_new * C.unsqueeze(1)).sum(-1), D, u), h_new
+
+
 def _step_old_state(u, delta, A, B, C, D, h):
     _, h_new = S.selective_scan_step(u, delta, A, B, C, D, h)
     return _skip((h * C.unsqueeze(1)).sum(-1), D, u), h_new
@@ -231,6 +281,7 @@ TESTS = [
                   "exp(A) forgets the step size: Abar = exp(delta * A) (delta broadcasts against A)": _zoh_no_delta},
         hint="Abar = exp(delta * A), Bbar = (Abar - 1) / A * B, element by element, delta broadcasting against A; "
              "raise ValueError when any delta <= 0",
+        unchanged=True,
     ),
     HiddenTest(
         cell="ex2_blelloch_scan_test",
@@ -244,8 +295,8 @@ TESTS = [
                  torch.cumprod, torch.cumsum, torch.logcumsumexp, torch.Tensor.cumprod, torch.Tensor.cumsum,
                  torch.Tensor.logcumsumexp, torch.Tensor.cumprod_, torch.Tensor.cumsum_],
         unchanged=True,
-        hint="recurse: combine pairs (2m, 2m+1) with (a, b) o (a', b') = (a a', a' b + b'), scan the half-length "
-             "sequence, then fill in h_0 = b_0 and h_2m = a_2m h_{2m-1} + b_2m",
+        hint="recurse: combine the pairs (t, t+1), t even, with (a, b) o (a', b') = (a a', a' b + b'), scan the "
+             "half-length sequence (it gives h_1, h_3, ...), then fill in h_0 = b_0 and h_t = a_t h_{t-1} + b_t for even t >= 2",
     ),
     HiddenTest(
         cell="ex3_selective_step_test",
@@ -255,6 +306,7 @@ TESTS = [
         blocked=[S.selective_scan_step, S.selective_scan, S.MambaBlock, S.discretize_zoh],
         mistakes={"that is Euler's (1 + delta A) h; Mamba decays the state by exp(delta A)": _step_euler,
                   "the input term is delta_t B_t u_t: you left out delta": _step_no_delta_b,
+                  "the input term is delta_t B_t u_t: you left out u": _step_no_u,
                   "the output reads the NEW state: y_t = C_t h_t after the update": _step_old_state,
                   "you forgot the skip D u_t (when D is not None)": _step_no_skip,
                   "the exercise asks for Mamba's delta B input map, not ZOH's (exp(delta A) - 1) / A B": _step_zoh_b},
