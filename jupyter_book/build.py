@@ -49,7 +49,7 @@ BUILD = BOOK / "_build"  # jupyter-book output; the site is _build/html
 NODE_MODULES = BOOK / "node_modules"
 
 #: Pages of the book itself, copied into the staging folder as they are.
-BOOK_FILES = ("_config.yml", "intro.md", "logo.svg", "widgets-config.js")
+BOOK_FILES = ("_config.yml", "intro.md", "logo.svg", "widgets-config.js", "nav-fix.js", "site.css")
 #: Lecture folders look like ``01_attention``.
 LECTURE_DIR = re.compile(r"^\d{2}_[A-Za-z0-9_]+$")
 #: npm packages for the offline site, and what of each the site needs.
@@ -210,6 +210,8 @@ def stage_assets(extra: Path) -> None:
         if f.name == "embed-amd.js" or f.suffix in {".woff", ".woff2", ".ttf", ".eot", ".svg"}:
             shutil.copy2(f, manager / f.name)
     shutil.copy2(BOOK / "widgets-config.js", vendor / "widgets-config.js")
+    shutil.copy2(BOOK / "nav-fix.js", vendor / "nav-fix.js")  # the sidebar toggle (see the file)
+    shutil.copy2(BOOK / "site.css", vendor / "site.css")  # narrow screens, explorers' figures
     (vendor / "requirejs").mkdir(parents=True)
     shutil.copy2(NODE_MODULES / "requirejs" / "require.js", vendor / "requirejs" / "require.js")
     for package in ("mathjax", "requirejs", "@jupyter-widgets/html-manager"):
@@ -259,8 +261,15 @@ def cdn_references(html_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
-def stage(course: Path, execute: str) -> list[tuple[str, str]]:
-    """Fill WORK with the book's pages, the prepared lectures, _toc.yml and the vendor files."""
+def work_folder(out: Path) -> Path:
+    """Where a build stages its sources: WORK for the default site, else beside ``out`` (two
+    builds into different folders, e.g. a lecture author's and ``make test``'s, never share one)."""
+    return WORK if out.resolve() == BUILD.resolve() else out.parent / "_work"
+
+
+def stage(course: Path, execute: str, work: Path = WORK) -> list[tuple[str, str]]:
+    """Fill ``work`` with the book's pages, the prepared lectures, _toc.yml and the vendor files."""
+    WORK = work  # noqa: N806 - the module's default, or a build's own folder
     if WORK.exists():
         shutil.rmtree(WORK)
     (WORK / "lectures").mkdir(parents=True)
@@ -289,9 +298,11 @@ def stage(course: Path, execute: str) -> list[tuple[str, str]]:
 
 def build_env(environ) -> dict:
     """The environment the notebooks run in: normal mode (TRANSFORMER_LAB_GRADING removed, so
-    claim checks and widgets run in full) and the library importable from a plain checkout."""
+    claim checks and widgets run in full), explorers as static pages whose controls switch figures
+    drawn in advance (a static site has no kernel) and the library importable from a plain checkout."""
     env = dict(environ)
     env.pop("TRANSFORMER_LAB_GRADING", None)
+    env["TRANSFORMER_LAB_STATIC_WIDGETS"] = "1"  # explorers draw their figures in advance (viz.core)
     env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT / "lib"), env.get("PYTHONPATH", "")) if p
@@ -313,7 +324,10 @@ def build(course: Path = ROOT / "course", execute: str = "force", out: Path = BU
     t0 = time.perf_counter()
     npm_install()
     t_npm = time.perf_counter() - t0
-    lectures = stage(course, execute)
+    if out.name != "_build":
+        raise SystemExit("error: --out must be a folder named _build (jupyter-book's layout)")
+    work = work_folder(out)
+    lectures = stage(course, execute, work)
     print(f"[book] staged {len(lectures)} lecture(s) from {course}: "
           + ", ".join(name for name, _ in lectures), flush=True)
 
@@ -322,10 +336,8 @@ def build(course: Path = ROOT / "course", execute: str = "force", out: Path = BU
     if html.exists():  # no stale pages from lectures that are gone
         shutil.rmtree(html)
     t1 = time.perf_counter()
-    cmd = [jupyter_book_command(), "build", str(WORK), "--path-output", str(out.parent),
+    cmd = [jupyter_book_command(), "build", str(work), "--path-output", str(out.parent),
            "--builder", "html"]
-    if out.name != "_build":
-        raise SystemExit("error: --out must be a folder named _build (jupyter-book's layout)")
     result = subprocess.run(cmd, env=env)
     t_build = time.perf_counter() - t1
     if result.returncode != 0:

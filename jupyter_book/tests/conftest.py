@@ -7,7 +7,7 @@ records a digest of the learner notebooks, the book's files, the build script an
 
 Environment variables, for developing the book before ``course/`` exists:
 ``TRANSFORMER_LAB_BOOK_COURSE`` (default ``course/``) and ``TRANSFORMER_LAB_BOOK_SOLUTIONS``
-(default ``solutions/``).
+(default ``solutions/``); ``TRANSFORMER_LAB_BOOK_HTML`` tests a site already built elsewhere.
 """
 
 from __future__ import annotations
@@ -76,7 +76,10 @@ def _is_fresh(html: Path, course: Path) -> bool:
 
 @pytest.fixture(scope="session")
 def built_site(lectures, course_dir) -> Path:
-    """The built site's folder, built now unless a fresh one is there."""
+    """The built site's folder, built now unless a fresh one is there (or the folder named by
+    ``TRANSFORMER_LAB_BOOK_HTML``, as it is: to test a site built elsewhere with ``--out``)."""
+    if os.environ.get("TRANSFORMER_LAB_BOOK_HTML"):
+        return Path(os.environ["TRANSFORMER_LAB_BOOK_HTML"]).resolve()
     html = book_build.BUILD / "html"
     if not _is_fresh(html, course_dir):
         try:

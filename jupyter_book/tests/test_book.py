@@ -207,3 +207,22 @@ def test_pages_use_the_local_mathjax(built_site, lectures, build_module):
         )
         if "application/vnd.jupyter.widget-state+json" in text:
             assert re.search(r'<script[^>]*src="[^"]*vendor/html-manager/embed-amd\.js', text)
+
+
+PAGE_BUDGET_MIB = 4.0  # a lecture page with its images; the explorers' figures are inline PNGs
+
+
+def test_lecture_pages_stay_light(built_site, lectures, build_module):
+    """The weight of each lecture page: its HTML (with the explorers' figures drawn in advance,
+    inline) and the images it loads from _images/. Printed for the record (pytest -s)."""
+    heavy = []
+    for notebook in lectures:
+        page = built_site / build_module.page_path(notebook.stem)
+        text = page.read_text(encoding="utf-8")
+        images = {m for m in re.findall(r'src="((?:\.\./)+_images/[^"]+)"', text)}
+        size = page.stat().st_size + sum((page.parent / m).resolve().stat().st_size for m in images)
+        explorers = text.count('class="tl-static-explorer"')
+        print(f"{notebook.stem}: {size / 2**20:.2f} MiB ({len(images)} images, {explorers} explorer(s))")
+        if size > PAGE_BUDGET_MIB * 2**20:
+            heavy.append(f"{notebook.stem}: {size / 2**20:.2f} MiB")
+    assert not heavy, f"lecture pages over {PAGE_BUDGET_MIB} MiB: {heavy}"

@@ -6,8 +6,9 @@ the ``playwright`` package; nothing is downloaded. Every request that is not to 
 server is aborted and counted as a failure, so the test also proves the site works offline.
 
 For each page: MathJax typeset the math (``mjx-container`` elements exist when the page has
-math), every ``<img>`` loaded (``complete`` and ``naturalWidth > 0``), embedded widgets were
-drawn by the widget manager, no request failed or answered >= 400. A screenshot of each page
+math), every ``<img>`` loaded (``complete`` and ``naturalWidth > 0``), embedded widget views were
+drawn by the widget manager, each lecture's explorer (drawn in advance: viz.core.Explorer.static_html)
+changes its figure when a control moves, no request failed or answered >= 400. A screenshot of each page
 goes to ``jupyter_book/_build/screenshots/``.
 """
 
@@ -82,6 +83,36 @@ def _pages(build_module, lectures: list[Path]) -> list[str]:
     return ["intro.html"] + [build_module.page_path(nb.stem) for nb in lectures]
 
 
+def _move_every_explorer(page, screenshot: Path) -> list[dict]:
+    """On the static site an explorer's controls switch figures drawn in advance: move the first
+    live control of each to its last value and see the figure change (screenshots before and
+    after, beside the page's). Returns one dict per explorer."""
+    found = []
+    explorers = page.locator(".tl-static-explorer")
+    for e in range(explorers.count()):
+        ex = explorers.nth(e)
+        img = ex.locator(".tlx-figure")
+        live = ex.locator("[data-i]:not([disabled])")
+        seen = {"controls": ex.locator("[data-i]").count(), "live": live.count(), "changed": False}
+        if live.count():
+            ex.scroll_into_view_if_needed()
+            before = img.get_attribute("src")
+            ex.screenshot(path=str(screenshot.with_name(f"{screenshot.stem}_explorer{e}_before.png")))
+            field = live.first
+            if field.evaluate("f => f.tagName") == "SELECT":
+                n = field.locator("option").count()
+                current = int(field.input_value())
+                field.select_option(str((current + 1) % n))
+            else:
+                field.focus()
+                key = "Home" if field.input_value() == field.get_attribute("max") else "End"
+                page.keyboard.press(key)
+            seen["changed"] = img.get_attribute("src") != before
+            ex.screenshot(path=str(screenshot.with_name(f"{screenshot.stem}_explorer{e}_after.png")))
+        found.append(seen)
+    return found
+
+
 def check_page(browser, base_url: str, path: str, screenshot: Path) -> dict:
     """Load one page; return what was seen (and the problems found)."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -109,7 +140,9 @@ def check_page(browser, base_url: str, path: str, screenshot: Path) -> dict:
             page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise")
             page.evaluate("() => MathJax.startup.promise")
             page.wait_for_function("() => document.querySelectorAll('mjx-container').length > 0")
-        has_widgets = page.locator('script[type="application/vnd.jupyter.widget-state+json"]').count() > 0
+        # a widget view drawn by the widget manager (a page may hold widget state and no view:
+        # the explorers are shown as static pages, viz.core.Explorer.static_html)
+        has_widgets = page.locator('script[type="application/vnd.jupyter.widget-view+json"]').count() > 0
         if has_widgets:
             page.wait_for_function("() => document.querySelectorAll('.jupyter-widgets').length > 0")
         page.wait_for_load_state("networkidle")
@@ -126,6 +159,7 @@ def check_page(browser, base_url: str, path: str, screenshot: Path) -> dict:
             "images": images,
             "widgets": page.locator(".jupyter-widgets").count() if has_widgets else 0,
             "has_widgets": has_widgets,
+            "explorers": _move_every_explorer(page, screenshot),
         }
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(screenshot), full_page=True)
@@ -167,7 +201,17 @@ def test_every_image_loaded(rendered):
 
 def test_embedded_widgets_are_drawn(rendered):
     bad = [p for p, s in rendered.items() if s["has_widgets"] and not s["widgets"]]
-    assert not bad, f"widget state embedded but no widget drawn on: {bad}"
+    assert not bad, f"widget views embedded but no widget drawn on: {bad}"
+
+
+def test_every_lecture_explorer_answers_its_controls_without_a_kernel(rendered):
+    """Each lecture has an explorer, and on the static site moving a control changes its figure."""
+    lectures = {p: s["explorers"] for p, s in rendered.items() if p.startswith("lectures/")}
+    none = [p for p, ex in lectures.items() if not ex]
+    assert not none, f"lecture pages without an explorer: {none}"
+    dead = [f"{p} (explorer {i})" for p, ex in lectures.items() for i, e in enumerate(ex)
+            if not e["live"] or not e["changed"]]
+    assert not dead, f"explorers whose figure did not change when a control moved: {dead}"
 
 
 def test_no_failed_or_external_request(rendered):
@@ -178,3 +222,46 @@ def test_no_failed_or_external_request(rendered):
 def test_screenshots_were_taken(rendered):
     for path, seen in rendered.items():
         assert seen["screenshot"].stat().st_size > 10_000, f"{path}: screenshot is (nearly) empty"
+
+
+def _narrow_page(browser, url: str, width: int):
+    context = browser.new_context(viewport={"width": width, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    page.goto(url, wait_until="load")
+    page.wait_for_timeout(300)
+    return context, page
+
+
+def test_navigation_works_on_a_phone_and_the_sidebar_collapses_on_a_desktop(server, lectures, browser,
+                                                                            build_module, built_site):
+    """At 390 px the sidebar's button opens the navigation with every lecture (it did nothing:
+    two buttons of one class, nav-fix.js); at 1280 px it collapses the sidebar; no page scrolls
+    sideways at 390 px (the landing page's table did)."""
+    page_path = build_module.page_path(lectures[0].stem)
+    shots = built_site.parent / "screenshots"
+    context, page = _narrow_page(browser, f"{server}/{page_path}", 390)
+    try:
+        toggle = page.locator(".primary-toggle:visible").first
+        toggle.click()
+        page.wait_for_timeout(500)
+        assert page.locator("#pst-primary-sidebar-modal").evaluate("d => d.open"), "the phone's menu button opened nothing"
+        links = page.locator("#pst-primary-sidebar-modal a.reference.internal").all_inner_texts()
+        page.screenshot(path=str(shots / "phone_navigation.png"))
+        missing = [nb.stem[:2] for nb in lectures if not any(t.startswith(f"{nb.stem[:2]} ·") for t in links)]
+        assert not missing, f"the phone's navigation lacks lectures {missing}: {links}"
+        for path in _pages(build_module, lectures):
+            page.goto(f"{server}/{path}", wait_until="load")
+            wide = page.evaluate("document.documentElement.scrollWidth")
+            assert wide <= 392, f"{path} scrolls sideways at 390 px (content {wide} px wide)"
+    finally:
+        context.close()
+    context, page = _narrow_page(browser, f"{server}/{page_path}", 1280)
+    try:
+        sidebar = page.locator("#pst-primary-sidebar")
+        assert sidebar.is_visible()
+        page.locator(".primary-toggle:visible").first.click()
+        page.wait_for_timeout(500)
+        assert not sidebar.is_visible(), "the desktop's sidebar button did not collapse the sidebar"
+    finally:
+        context.close()

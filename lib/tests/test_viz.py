@@ -442,3 +442,59 @@ def test_grading_mode_gives_a_placeholder(builder, monkeypatch):
     assert w.controls == {} and w.state == {} and w.figure is None
     w.render()
     assert set(plt.get_fignums()) == open_before
+
+
+# --------------------------------------------------------------------------- the website's explorers
+
+
+def _tiny_explorer():
+    controls = {
+        "n": widgets.IntSlider(value=3, min=1, max=9, description="n"),
+        "kind": widgets.Dropdown(options=["sin", "cos"], value="sin", description="kind"),
+        "unused": widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.1, description="unused"),
+        "flip": widgets.Checkbox(value=False, description="flip"),
+    }
+
+    def compute(v):
+        y = np.sin(np.arange(v["n"])) if v["kind"] == "sin" else np.cos(np.arange(v["n"]))
+        return {"y": -y if v["flip"] else y}  # "unused" changes nothing
+
+    def draw(s):
+        fig, ax = plt.subplots(figsize=(2, 1.5))
+        ax.plot(s["y"], "o-")
+        return fig
+
+    return viz.Explorer(controls, compute, draw, title="tiny & <test>")
+
+
+def _static_data(text: str) -> dict:
+    import json
+    import re
+
+    return json.loads(re.search(r'<script type="application/json" class="tlx-data">(.*?)</script>', text).group(1))
+
+
+def test_static_explorer_has_every_figure_of_its_grid(monkeypatch):
+    """The website's copy: each control's values (slider ends, evenly between, and its start; every
+    option; both states), one figure per distinct state, the start first; a control that changes
+    nothing is disabled; the title is escaped."""
+    ex = _tiny_explorer()
+    grid = ex.static_grid(steps=5)
+    assert grid["n"] == [1, 3, 5, 7, 9] and grid["kind"] == ["sin", "cos"] and grid["flip"] == [False, True]
+    assert grid["unused"] == pytest.approx([0.0, 0.2, 0.5, 0.8, 1.0])  # rounded to the step, start kept
+    text = ex.static_html(steps=5, dpi=20)
+    data = _static_data(text)
+    by_name = dict(zip(grid, data["controls"], strict=True))
+    assert by_name["n"]["start"] == 1 and by_name["n"]["values"] == ["1", "3", "5", "7", "9"]
+    assert len(set(by_name["n"]["figures"])) == 5 and len(set(by_name["unused"]["figures"])) == 1
+    starts = {c["figures"][c["start"]] for c in data["controls"]}
+    assert starts == {0}  # every control's start shows the same first figure
+    # distinct states: n (4 more), kind (1 more), flip (1 more), unused (none)
+    assert len(data["images"]) == 1 + 4 + 1 + 1
+    assert text.count("<select") == 1 and text.count('type="range"') == 2 + 1 - 0  # n, unused, flip
+    assert "tiny &amp; &lt;test&gt;" in text and "<test>" not in text
+    assert text.count(" disabled") == 1  # "unused"
+    monkeypatch.setenv(viz.core.STATIC_ENV, "1")
+    assert "text/html" in ex._repr_mimebundle_() and "application/vnd.jupyter.widget-view+json" not in ex._repr_mimebundle_()
+    monkeypatch.delenv(viz.core.STATIC_ENV)
+    assert "application/vnd.jupyter.widget-view+json" in ex._repr_mimebundle_()

@@ -64,3 +64,19 @@ def test_explorer_recomputes_and_draws(monkeypatch):
     assert ex.state["target"] == int(y[7])
     monkeypatch.setenv("TRANSFORMER_LAB_GRADING", "1")
     assert isinstance(vz.knn_lm_explorer(log_p, d, tok, y), WidgetsOff)
+
+
+def test_lambda_one_with_a_target_no_neighbour_holds_draws(monkeypatch):
+    """At lambda = 1 the neighbours alone give a target they do not hold probability 0: perplexity
+    infinite. The figure must still draw (the website draws every slider value in advance; the
+    live slider reaches 1 too), and it says "infinite"."""
+    monkeypatch.delenv("TRANSFORMER_LAB_GRADING", raising=False)
+    log_p, d, tok, y = _inputs()
+    tok = torch.zeros_like(tok)  # every neighbour holds token 0
+    y = torch.ones_like(y)  # every target is token 1
+    s = vz.knn_lm_state(log_p, d, tok, y, lam=1.0, n_k=4)
+    assert math.isinf(s["ppl_at"])
+    fig = vz.knn_lm_figure(s)
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any("infinite" in t for t in texts), texts
+    assert math.isfinite(fig.axes[0].get_ylim()[1])

@@ -33,7 +33,26 @@ builder                                lecture   shows
 :func:`sparse_pattern_explorer`        05        a sparse pattern's mask and density, the BFS hop
                                                  distances of its graph (diameter), and its
                                                  attended pairs against L next to dense attention's
+``lsh.lsh_explorer``                   06        buckets, sorted chunks and the error of LSH attention
+``lowrank.kernel_attention_explorer``  07        random-feature attention against exact attention
+``flash.flash_tile_explorer``          08        the tiles FlashAttention visits, causal skipping
+``memory.memory_explorer``             09        what each layer sees with a Transformer-XL cache
+``retrieval.knn_lm_explorer``          09        kNN-LM: interpolation weight, temperature, neighbours
+``adaptive.span_act_explorer``         10        adaptive span's soft mask and ACT's halting weights
+``ssm.kernel_explorer``                11        the SSM kernel K: zero-order hold against Euler
+``ternary.quant_explorer``             12        ternary weights and n-bit activations
+``decoding.sampling_explorer``         13        temperature, top-k and top-p on one distribution
+``decoding.speculative_explorer``      13        acceptance rate and draft length: tokens per call
+``rl.target_explorer``                 15        a Decision Transformer's episodes for a target return
 =====================================  ========  ===================================================
+
+The builders of lectures 06 on live in their own submodule, imported on use
+(``from transformer_lab.viz import lsh as vz``), so that ``import transformer_lab.viz`` stays
+cheap; lectures 01-05's are also importable from ``transformer_lab.viz`` itself.
+
+On the website (``TRANSFORMER_LAB_STATIC_WIDGETS=1``, set by the book's build) an
+:class:`Explorer` shows itself as HTML with its figures drawn in advance, one control moving at a
+time (:meth:`Explorer.static_html`): a static page has no kernel to redraw it.
 
 In grading mode (``TRANSFORMER_LAB_GRADING=1``) the builders return a
 :class:`WidgetsOff` placeholder (a ``Label`` with empty ``.controls``/``.state`` and a
@@ -49,7 +68,7 @@ Shapes: attention weights are ``(B, H, Lq, Lk)`` in the library; the plots take 
 
 Layout: the shared primitives are in ``viz/core.py``; each lecture's widget and its helpers
 in the module of the same name as the library module it illustrates (``viz/attention.py``
-for lecture 01, ...). Everything is importable from ``transformer_lab.viz``.
+for lecture 01, ...).
 """
 
 from __future__ import annotations

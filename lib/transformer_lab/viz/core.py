@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import html
+import io
+import json
 import math
+import os
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import ipywidgets as widgets
@@ -15,6 +21,18 @@ if TYPE_CHECKING:  # for annotations only; drawing imports pyplot on first use
 __all__ = ["plot_attention", "plot_heads", "plot_history", "Explorer", "WidgetsOff", "WIDGETS_OFF_MESSAGE"]
 
 WIDGETS_OFF_MESSAGE = "Interactive widgets are off while grading (TRANSFORMER_LAB_GRADING=1)."
+#: Set to 1 by the website's build (jupyter_book/build.py): an :class:`Explorer` then shows itself as
+#: a page with its figures computed in advance (no kernel on a static site), see ``static_html``.
+STATIC_ENV = "TRANSFORMER_LAB_STATIC_WIDGETS"
+STATIC_STEPS = 5  # values per slider on the website (its two ends, evenly between, and its start)
+STATIC_DPI = 80  # the website's figures: small enough to ship every variant in the page
+STATIC_NOTE = ("On this page each control moves alone, the others at their starting values: the "
+               "figures were drawn in advance. In JupyterLab every combination is drawn live.")
+
+
+def static_widgets() -> bool:
+    """True while the website is built: widgets are drawn in advance, for a page with no kernel."""
+    return os.environ.get(STATIC_ENV) == "1"
 
 
 # --------------------------------------------------------------------------- plots
@@ -216,6 +234,113 @@ def _in_ipython() -> bool:
     return get_ipython() is not None
 
 
+def _is_menu(control) -> bool:
+    return hasattr(control, "options")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def _control_values(control, steps: int) -> list:
+    """See :meth:`Explorer.static_grid`."""
+    value = control.value
+    if _is_menu(control):
+        return list(control._options_values) if hasattr(control, "_options_values") else list(control.options)
+    if isinstance(control, (widgets.Checkbox, widgets.ToggleButton)):
+        return [False, True]
+    if isinstance(control, widgets.FloatLogSlider):
+        exps = np.linspace(control.min, control.max, steps)
+        values = [float(control.base ** e) for e in exps]
+    elif isinstance(control, (widgets.IntSlider, widgets.FloatSlider)):
+        raw = np.linspace(control.min, control.max, steps)
+        step = control.step or 1
+        values = [control.min + round((v - control.min) / step) * step for v in raw]
+        values = [int(v) if isinstance(control, widgets.IntSlider) else float(v) for v in values]
+    else:  # a control the website cannot vary (text, ...): its value only
+        return [value]
+    out: list = []
+    for v in sorted(values + [value]):
+        if not any(_same(v, w) for w in out):
+            out.append(v)
+    return out
+
+
+def _state_key(state) -> str:
+    """A digest of an explorer's state (tensors and arrays by their bytes): equal states, one figure."""
+    h = hashlib.sha1()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        if isinstance(x, np.ndarray):
+            h.update(str((x.dtype, x.shape)).encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                h.update(repr(k).encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    feed(state)
+    return h.hexdigest()
+
+
+def _small_png(fig, dpi: int) -> bytes:
+    """The figure as a PNG with at most 256 colours (a third of the bytes; plots have few)."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    buf.seek(0)
+    out = io.BytesIO()
+    Image.open(buf).convert("RGB").quantize(colors=256).save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def _value_label(control, v) -> str:
+    if _is_menu(control) and hasattr(control, "_options_labels"):
+        return str(control._options_labels[list(control._options_values).index(v)])
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _control_label(control, name: str) -> str:
+    return str(getattr(control, "description", "") or name)
+
+
+# The website's explorer: show the figure of the control just moved, the others back at their start.
+_STATIC_JS = """(function () {
+  var root = document.getElementById("UID");
+  var data = JSON.parse(root.querySelector(".tlx-data").textContent);
+  var img = root.querySelector(".tlx-figure");
+  var fields = root.querySelectorAll("[data-i]");
+  function show(i, j) {
+    fields.forEach(function (f) {
+      var k = +f.dataset.i, c = data.controls[k], v = (k === i) ? j : c.start;
+      f.value = String(v);
+      var out = f.parentNode.querySelector(".tlx-value");
+      if (out) { out.textContent = c.values[v]; }
+    });
+    img.src = "data:image/png;base64," + data.images[data.controls[i].figures[j]];
+  }
+  fields.forEach(function (f) {
+    f.addEventListener("input", function () { show(+f.dataset.i, +f.value); });
+  });
+})();"""
+
+
 class Explorer(widgets.VBox):
     """A control panel over a figure: ``.controls``, ``.output``, ``.state``, ``.render()``.
 
@@ -234,6 +359,7 @@ class Explorer(widgets.VBox):
         self.figure = None
         self.renders = 0
         self._compute, self._draw, self._on_change = compute, draw, on_change
+        self._title = title
         rows = [widgets.HTML(f"<b>{title}</b>")] if title else []
         rows.append(widgets.HBox(list(self.controls.values()),
                                  layout=widgets.Layout(flex_flow="row wrap")))
@@ -256,7 +382,7 @@ class Explorer(widgets.VBox):
             self._on_change(self)
         self.state = self._compute(self.values())
         fig = self._draw(self.state)
-        if _in_ipython():  # in a terminal or a test there is nowhere to show it
+        if _in_ipython() and not static_widgets():  # a terminal, a test, the website: nowhere to show it
             from IPython.display import display
 
             self.output.clear_output(wait=True)
@@ -266,3 +392,78 @@ class Explorer(widgets.VBox):
         plt.close(fig)  # shown once, inside the Output; never again at the end of the cell
         self.figure = fig
         self.renders += 1
+
+    # ----------------------------------------------------------------------- the website's copy
+    def _repr_mimebundle_(self, **kwargs):
+        if static_widgets():
+            return {"text/plain": f"<{type(self).__name__}: {self._title or 'explorer'}>",
+                    "text/html": self.static_html()}
+        return super()._repr_mimebundle_(**kwargs)
+
+    def static_grid(self, steps: int = STATIC_STEPS) -> dict[str, list]:
+        """The values each control takes on the website: every option of a menu, both states of
+        a check box, ``steps`` values of a slider (its ends, evenly between, and its start)."""
+        return {name: _control_values(c, steps) for name, c in self.controls.items()}
+
+    def static_html(self, steps: int = STATIC_STEPS, dpi: int = STATIC_DPI) -> str:
+        """The explorer as one self-contained HTML block: its controls as HTML inputs and every
+        figure of :meth:`static_grid` as a PNG, drawn now; a few lines of JavaScript show the
+        figure of the control just moved, the others at their starting values (one control at a
+        time: the grid grows with the sum of the controls' values, not their product). A
+        control whose every value draws the same figure there is shown disabled."""
+        start = self.values()
+        grid = self.static_grid(steps)
+        images: list[str] = []
+        seen: dict[str, int] = {}
+        drawn: dict[str, int] = {}
+
+        def figure_index(values: dict) -> int:
+            state = self._compute(values)
+            key = _state_key(state)
+            if key in drawn:  # the same state draws the same figure: draw it once
+                return drawn[key]
+            png = _small_png(self._draw(state), dpi)
+            digest = hashlib.sha1(png).hexdigest()
+            if digest not in seen:
+                seen[digest] = len(images)
+                images.append(base64.b64encode(png).decode("ascii"))
+            drawn[key] = seen[digest]
+            return drawn[key]
+
+        first = figure_index(start)
+        controls = []
+        for name, values in grid.items():
+            c = self.controls[name]
+            index = [first if _same(v, start[name]) else figure_index({**start, name: v}) for v in values]
+            controls.append({"name": name, "label": _control_label(c, name),
+                             "values": [_value_label(c, v) for v in values], "figures": index,
+                             "start": next(i for i, v in enumerate(values) if _same(v, start[name])),
+                             "menu": _is_menu(c), "live": len(set(index)) > 1})
+        uid = "tlx-" + hashlib.sha1(json.dumps([self._title, [c["values"] for c in controls]]).encode()
+                                     + str(id(self)).encode()).hexdigest()[:10]
+        parts = [f'<div class="tl-static-explorer" id="{uid}">']
+        if self._title:
+            parts.append(f"<b>{html.escape(self._title)}</b>")
+        parts.append('<div class="tlx-controls" style="display:flex;flex-wrap:wrap;gap:4px 18px;margin:6px 0">')
+        for i, c in enumerate(controls):
+            disabled = "" if c["live"] else " disabled"
+            label = html.escape(c["label"])
+            if c["menu"]:
+                options = "".join(f'<option value="{j}"{" selected" if j == c["start"] else ""}>'
+                                  f"{html.escape(v)}</option>" for j, v in enumerate(c["values"]))
+                field = f'<select data-i="{i}" aria-label="{label}"{disabled}>{options}</select>'
+            else:
+                field = (f'<input type="range" data-i="{i}" min="0" max="{len(c["values"]) - 1}" step="1" '
+                         f'value="{c["start"]}" aria-label="{label}"{disabled}>'
+                         f'<span class="tlx-value" style="min-width:3.5em">{html.escape(c["values"][c["start"]])}</span>')
+            parts.append(f'<label style="display:flex;align-items:center;gap:6px">{label} {field}</label>')
+        parts.append("</div>")
+        alt = html.escape(f"{self._title or 'explorer'}: the figure for the controls' starting values")
+        parts.append(f'<img class="tlx-figure" alt="{alt}" style="max-width:100%" '
+                     f'src="data:image/png;base64,{images[first]}">')
+        parts.append(f'<div class="tlx-note" style="font-size:85%;color:#555">{html.escape(STATIC_NOTE)}</div>')
+        data = {"images": images, "controls": [{k: c[k] for k in ("values", "figures", "start")} for c in controls]}
+        parts.append(f'<script type="application/json" class="tlx-data">{json.dumps(data)}</script>')
+        parts.append("<script>" + _STATIC_JS.replace("UID", uid) + "</script></div>")
+        return "".join(parts)
+

@@ -92,9 +92,15 @@ def knn_lm_figure(s: dict):
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.3), gridspec_kw={"width_ratios": [1, 1.3]})
     ax1.plot(s["lams"], s["ppl"], "o-", ms=3)
-    ax1.plot([s["lam"]], [s["ppl_at"]], "r*", ms=12, label=f"$\\lambda$ = {s['lam']:.2f}: {s['ppl_at']:.2f}")
+    # at lambda = 1 the perplexity is infinite when some target is held by no neighbour: the
+    # neighbours alone give it probability 0 (drawn at the top of the axes, marked by an arrow)
+    at = s["ppl_at"]
+    top = max(2 * s["ppl_lm"], 1.05 * at) if math.isfinite(at) else 2 * s["ppl_lm"]
+    shown_at = at if math.isfinite(at) else top
+    ax1.plot([s["lam"]], [shown_at], "r*" if math.isfinite(at) else "r^", ms=12,
+             label=f"$\\lambda$ = {s['lam']:.2f}: " + (f"{at:.2f}" if math.isfinite(at) else "infinite"))
     ax1.axhline(s["ppl_lm"], color="gray", ls=":", label=f"LM alone: {s['ppl_lm']:.2f}")
-    ax1.set_ylim(0, max(2 * s["ppl_lm"], 1.05 * s["ppl_at"]))
+    ax1.set_ylim(0, top)
     ax1.set_xlabel("$\\lambda$")
     ax1.set_ylabel("perplexity")
     ax1.set_title(f"T = {s['temperature']:.2g}, $n_k$ = {s['n_k']} (best $\\lambda$ {s['best_lam']})", fontsize=10)
