@@ -8,6 +8,8 @@ forward, the MatMul-free LM, the naive ternary layer leaving {-1, 0, 1}, and bad
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,6 +192,18 @@ def test_multiplications_counted_matmul_vs_additions():
     with torch.no_grad():  # the counter sees mm/addmm inside nn.Linear too
         lin = torch.nn.Linear(32, 16)
         assert T.count_multiplications(lambda: lin(x))["matmul"] == n * 32 * 16
+
+
+def test_counter_is_not_wrapped_for_dynamo():
+    # TorchDispatchMode wraps __torch_dispatch__ in torch._disable_dynamo unless the subclass
+    # opts out; the wrapper's first call imports torch._dynamo (~800 modules, sympy; seconds),
+    # which every learner's first count_multiplications paid. The counter opts out.
+    raw = T._MultiplicationCounter.__dict__["__torch_dispatch__"]
+    assert raw.__code__.co_filename.endswith("ternary.py")
+    before = set(sys.modules)
+    with torch.no_grad():
+        T.count_multiplications(lambda: torch.ones(2, 3) @ torch.ones(3, 4))
+    assert not {m for m in set(sys.modules) - before if m.startswith("torch._dynamo")}
 
 
 # ---------------------------------------------------------------------------------------

@@ -520,6 +520,13 @@ class _MultiplicationCounter(TorchDispatchMode):
         self.matmul = 0
         self.elementwise = 0
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # False: TorchDispatchMode leaves __torch_dispatch__ unwrapped. The default (True) wraps
+        # it in torch._disable_dynamo, whose first call imports torch._dynamo (about 800 modules,
+        # sympy among them; seconds). Nothing here is compiled, so the wrapper buys nothing.
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
