@@ -866,7 +866,7 @@ FAMILY_TARGETS = {"flash_time_L": 8192, "flash_time_ratio": 1.3, "flash_mem_rati
 def family_variants(causal: bool, L: int, args) -> list[str]:
     names = [n for n, (_, c, _) in FAMILY.items() if (c is None or c == causal)
              and (not args.family_variants or n in args.family_variants or n == "sdpa")]
-    if L > args.naive_max:
+    if L > args.naive_max and "readable" in names:
         names.remove("readable")
     if args.no_compile and "flex_window" in names:
         names.remove("flex_window")
