@@ -206,6 +206,31 @@ def test_counter_is_not_wrapped_for_dynamo():
     assert not {m for m in set(sys.modules) - before if m.startswith("torch._dynamo")}
 
 
+def _hidden_products():
+    """Ways to compute x W^T that hide the products from a counter of mm/mul alone."""
+    x, w = torch.randn(3, 5, 20, generator=_gen(11)), torch.randint(-1, 2, (12, 20), generator=_gen(12)).float()
+    bags = torch.arange(20).repeat(12), torch.arange(0, 240, 20)
+    return x, w, {
+        "conv1d": lambda: F.conv1d(x.reshape(-1, 20, 1), w[:, :, None]).reshape(3, 5, 12),
+        "lerp": lambda: torch.lerp(torch.zeros(()), x.unsqueeze(-2), w).sum(-1),
+        "xlogy": lambda: torch.xlogy(x.unsqueeze(-2), w.exp()).sum(-1),
+        "bilinear": lambda: F.bilinear(x, torch.ones(3, 5, 1), w[:, :, None]),
+        "sparse mm": lambda: torch.sparse.mm(w.to_sparse(), x.reshape(-1, 20).T).T.reshape(3, 5, 12),
+        "embedding_bag": lambda: F.embedding_bag(bags[0], x.reshape(15, 20).T.contiguous(), bags[1], mode="sum",
+                                                 per_sample_weights=w.flatten()).T.reshape(3, 5, 12),
+    }
+
+
+def test_counter_sees_hidden_products():
+    x, w, ways = _hidden_products()
+    with torch.no_grad():
+        for name, fn in ways.items():
+            assert torch.allclose(fn(), x @ w.T, atol=1e-4), name
+            assert T.count_multiplications(fn)["total"] >= 15 * 12 * 20, name  # one per product at least
+        assert T.count_multiplications(ways["conv1d"])["matmul"] == 15 * 12 * 20
+        assert T.count_multiplications(ways["bilinear"])["matmul"] == 2 * 15 * 12 * 20
+
+
 # ---------------------------------------------------------------------------------------
 # 2-bit packing
 # ---------------------------------------------------------------------------------------

@@ -507,13 +507,20 @@ def bitlinear_inference(layer: BitLinear, x: Tensor, indices: Optional[Tuple[Ten
     return y if layer.bias is None else y + layer.bias
 
 
-_MATMULS = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "matmul", "linear"}
-_ELEMENTWISE_MULS = {"mul", "div", "pow", "rsqrt", "reciprocal", "addcmul", "addcdiv", "mean"}
+_MATMULS = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "matmul", "linear",
+            "_int_mm", "_sparse_mm", "_sparse_addmm"}
+_CONVOLUTIONS = {"convolution", "_convolution", "convolution_overrideable", "conv1d", "conv2d", "conv3d",
+                 "conv_tbc", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "mkldnn_convolution",
+                 "_slow_conv2d_forward", "slow_conv3d_forward", "thnn_conv2d"}
+_ELEMENTWISE_MULS = {"mul", "div", "pow", "rsqrt", "reciprocal", "addcmul", "addcdiv", "mean",
+                     "lerp", "xlogy", "addr", "prod", "cumprod", "floor_divide", "true_divide", "remainder", "fmod"}
 
 
 class _MultiplicationCounter(TorchDispatchMode):
     """Counts scalar multiplications (and divisions) in the aten operations run under it:
-    ``m k n`` for an (m, k) x (k, n) product, one per output element for mul/div."""
+    ``m k n`` for an (m, k) x (k, n) product (a convolution: one weight slice per output entry,
+    ``F.bilinear``'s ``_trilinear``: two per broadcast term), one per output element for
+    mul/div and the other element-wise products (``lerp`` and ``xlogy`` hide one too)."""
 
     def __init__(self):
         super().__init__()
@@ -535,6 +542,19 @@ class _MultiplicationCounter(TorchDispatchMode):
             mats = [a for a in args if isinstance(a, Tensor) and a.dim() >= 1]
             k = mats[-2].shape[-1]  # (m, k) x (k, n); addmm/baddbmm's args are (bias, a, b)
             self.matmul += int(out.numel()) * int(k)  # each output entry: k products
+        elif name in _CONVOLUTIONS:
+            weight = args[1]  # (C_out, C_in / groups, *kernel): one slice per output entry
+            self.matmul += int(out.numel()) * int(weight[0].numel())
+        elif name == "_trilinear":  # F.bilinear: i1 * i2 * i3 over their broadcast shape, summed
+            shapes = []
+            for a, expand in zip(args[:3], args[3:6], strict=True):  # each operand with 1s at its expanded axes
+                dims = iter(a.shape)
+                shapes.append([1 if d in expand else next(dims) for d in range(a.dim() + len(expand))])
+            self.matmul += 2 * math.prod(torch.broadcast_shapes(*shapes))
+        elif name in ("_embedding_bag", "_embedding_bag_forward_only"):  # weighted bags multiply
+            weights = args[6] if len(args) > 6 else kwargs.get("per_sample_weights")
+            if isinstance(weights, Tensor):
+                self.elementwise += int(weights.numel()) * int(args[0].shape[-1])
         elif name in _ELEMENTWISE_MULS:
             self.elementwise += int(out.numel()) if isinstance(out, Tensor) else 0
         return out
@@ -544,9 +564,10 @@ def count_multiplications(fn) -> Dict[str, int]:
     """Run ``fn()`` and count the multiplications its tensor operations perform.
 
     Returns ``{"matmul": ..., "elementwise": ..., "total": ...}``: products inside matrix
-    multiplications (``d_in`` per output entry) and element-wise multiplications, divisions,
-    powers, reciprocal square roots and means (one per output element). Additions, gathers, sums, comparisons and rounding
-    are not counted. Run it under ``torch.no_grad()`` to count a forward only.
+    multiplications (``d_in`` per output entry; convolutions and ``F.bilinear`` too) and
+    element-wise multiplications, divisions, powers, reciprocal square roots, means, products and
+    the operations that hide a product (``lerp``, ``xlogy``, ``addr``, weighted embedding bags;
+    one per output element). Additions, gathers, sums, comparisons and rounding are not counted. Run it under ``torch.no_grad()`` to count a forward only.
     """
     if not callable(fn):
         raise TypeError(f"fn must be a callable taking no arguments; got {type(fn).__name__}")

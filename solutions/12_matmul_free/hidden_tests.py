@@ -129,25 +129,43 @@ def _ste_exclusive(v, lo, hi, upstream):
 
 
 def drive_additions(fn, x, w_ternary):
+    import math
+
     from torch.utils._python_dispatch import TorchDispatchMode
 
     matmuls = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "matmul", "linear",
-               "_int_mm", "einsum", "tensordot"}
+               "_int_mm", "einsum", "tensordot", "_sparse_mm", "_sparse_addmm"}
+    convolutions = {"convolution", "_convolution", "convolution_overrideable", "conv1d", "conv2d", "conv3d",
+                    "conv_tbc", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "mkldnn_convolution",
+                    "_slow_conv2d_forward", "slow_conv3d_forward", "thnn_conv2d"}
     elementwise = {"mul", "div", "pow", "addcmul", "addcdiv", "mean", "prod", "cumprod", "floor_divide",
-                   "true_divide", "multiply", "divide", "square", "xlogy"}
+                   "true_divide", "multiply", "divide", "square", "xlogy", "lerp", "addr", "remainder", "fmod"}
 
     class Count(TorchDispatchMode):
+        @classmethod
+        def _should_skip_dynamo(cls):
+            return False  # no torch._disable_dynamo wrapper: its first call imports torch._dynamo (seconds)
+
         def __init__(self):
             super().__init__()
             self.n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
             name = func.overloadpacket.__name__
             if name in matmuls:
                 mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 1]
                 k = mats[-2].shape[-1] if len(mats) >= 2 else 1
                 self.n += int(out.numel()) * int(k) if isinstance(out, torch.Tensor) else 1
+            elif name in convolutions:
+                self.n += int(out.numel()) * int(args[1][0].numel())
+            elif name == "_trilinear":  # F.bilinear
+                self.n += 2 * math.prod(max(a.numel(), 1) for a in args[:3])
+            elif name in ("_embedding_bag", "_embedding_bag_forward_only"):
+                weights = args[6] if len(args) > 6 else kwargs.get("per_sample_weights")
+                if isinstance(weights, torch.Tensor):
+                    self.n += int(weights.numel()) * int(args[0].shape[-1])
             elif name in elementwise:
                 self.n += int(out.numel()) if isinstance(out, torch.Tensor) else 1
             return out
