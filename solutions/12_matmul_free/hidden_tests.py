@@ -34,6 +34,8 @@ def absmean_cases(rng):
     yield Case("(4, 6) uniform in [-1, 1), row 2 a hundred times smaller", w)
     yield Case("all zeros (5, 3): scale 1e-5, zeros, no NaN", torch.zeros(5, 3))
     yield Case("(1, 1) one weight -0.3", torch.tensor([[-0.3]], dtype=torch.float64))
+    w = torch.tensor([[0.5, -0.5, 1.5, -1.5], [1.0, -1.0, 0.75, 1.25]])  # mean |W| = 1 exactly
+    yield Case("weights exactly at +-Gamma_W / 2 and +-1.5 Gamma_W (torch.round: half to even)", w)
     w = torch.randn(2, 3, 4, generator=rng)
     yield Case("a 3-D weight (2, 3, 4): the scale is still one per tensor", w)
 
@@ -60,6 +62,16 @@ def _abs_sign(w):
 def _abs_trunc(w):
     s = w.abs().mean().clamp(min=1e-5)
     return torch.trunc(w / s).clamp(-1, 1), s
+
+
+def _abs_half_up(w):
+    s = w.abs().mean().clamp(min=1e-5)
+    return torch.floor(w / s + 0.5).clamp(-1, 1), s
+
+
+def _abs_plus_eps(w):
+    s = w.abs().mean() + 1e-5
+    return torch.round(w / s).clamp(-1, 1), s
 
 
 def _abs_no_floor(w):
@@ -220,6 +232,11 @@ def _add_both_added(x, w_ternary):
     return additions_reference(x, (w_ternary != 0).to(w_ternary.dtype))
 
 
+def _add_int8_wrap(x, w_ternary):
+    y, n = additions_reference(x, w_ternary)
+    return (y.to(x.dtype) if x.dtype == torch.int8 else y), n
+
+
 def _add_float_for_ints(x, w_ternary):
     y, n = additions_reference(x, w_ternary)
     return (y.float() if not x.is_floating_point() else y), n
@@ -250,6 +267,10 @@ def mlgru_cases(rng):
                torch.tensor([[3.0, -2.0]]))
     f, c, g = (torch.randn(2, 1, 3, generator=rng) for _ in range(3))
     yield Case("L = 1", f, c, g, torch.randn(2, 3, generator=rng))
+    f = torch.full((2, 40, 3), -20.0)  # forget gate ~2e-9: the state follows the candidate
+    c, g = torch.randn(2, 40, 3, generator=rng), torch.randn(2, 40, 3, generator=rng)
+    yield Case("forget gate near 0 (f_pre = -20) over L = 40: a closed form dividing by the product of the gates "
+               "overflows; the loop does not", f, c, g)
     yield Case("L = 0 with h0: y empty (2, 0, 3), h_last = h0", torch.zeros(2, 0, 3), torch.zeros(2, 0, 3),
                torch.zeros(2, 0, 3), torch.randn(2, 3, generator=rng))
 
@@ -294,6 +315,28 @@ def _mlgru_last_is_y(f_pre, c_pre, g_pre, h0=None):
     return _mlgru_from(f_pre, c_pre, g_pre, h0, _mlgru_correct, last_y=True)
 
 
+def _mlgru_y_before_update(f_pre, c_pre, g_pre, h0=None):
+    B, L, d = f_pre.shape
+    h = torch.zeros(B, d, dtype=f_pre.dtype) if h0 is None else h0
+    fs, cs, gs = torch.sigmoid(f_pre), F.silu(c_pre), torch.sigmoid(g_pre)
+    ys = []
+    for t in range(L):
+        ys.append(gs[:, t] * h)
+        h = fs[:, t] * h + (1 - fs[:, t]) * cs[:, t]
+    return (torch.stack(ys, 1) if ys else torch.zeros_like(f_pre)), h
+
+
+def _mlgru_raw(f_pre, c_pre, g_pre, h0=None):
+    B, L, d = f_pre.shape
+    h = torch.zeros(B, d, dtype=f_pre.dtype) if h0 is None else h0
+    cs, gs = F.silu(c_pre), torch.sigmoid(g_pre)
+    ys = []
+    for t in range(L):
+        h = f_pre[:, t] * h + (1 - f_pre[:, t]) * cs[:, t]
+        ys.append(gs[:, t] * h)
+    return (torch.stack(ys, 1) if ys else torch.zeros_like(f_pre)), h
+
+
 def _mlgru_ignores_h0(f_pre, c_pre, g_pre, h0=None):
     y, h = _mlgru_from(f_pre, c_pre, g_pre, None, _mlgru_correct)
     return y, h
@@ -321,6 +364,10 @@ TESTS = [
                 _abs_trunc,
             "an all-zero weight divides 0 by 0: floor the scale with clamp(min=1e-5)":
                 _abs_no_floor,
+            "rounded half up (floor(v + 0.5)): torch.round rounds half to even, so W / Gamma_W = 0.5 gives 0":
+                _abs_half_up,
+            "1e-5 was added to the scale: floor it with clamp(min=1e-5) instead (it only matters for an all-zero weight)":
+                _abs_plus_eps,
         },
         hint="Gamma_W = w.abs().mean().clamp(min=1e-5) (0-d), W^ = round(W / Gamma_W).clamp(-1, 1) in w's dtype",
     ),
@@ -370,8 +417,11 @@ TESTS = [
                 _add_plus_only,
             "the -1 entries were added: subtract them":
                 _add_both_added,
-            "integer x must give an int64 result (sum the integers; do not convert to float)":
+            "integer x must give an int64 result (sum the integers; do not convert to float; a float fill value, "
+            "torch.where(mask, x, 0.), also turns integer x into float: fill with 0 or torch.zeros((), dtype=x.dtype))":
                 _add_float_for_ints,
+            "the sums were kept in int8 and wrapped around: .sum() without dtype= returns int64":
+                _add_int8_wrap,
         },
         hint="y_j = sum of x_i where w[j, i] = 1 minus sum where w[j, i] = -1, over the last axis of x, "
              "with no multiplication; int64 for integer x, x's dtype otherwise",
@@ -401,6 +451,10 @@ TESTS = [
                 _mlgru_last_is_y,
             "h0 was ignored: start the recurrence from h0 when it is given":
                 _mlgru_ignores_h0,
+            "y_t = g_t h_t uses the state after this step's update; you used h_{t-1} (update h first, then y_t)":
+                _mlgru_y_before_update,
+            "the forget gate is f_t = sigmoid(f_pre), not f_pre itself":
+                _mlgru_raw,
         },
         hint="f = sigmoid(f_pre), c = SiLU(c_pre), g = sigmoid(g_pre); h_t = f_t h_{t-1} + (1 - f_t) c_t from h0 "
              "(zeros if None); return (g * h for every t, h_L)",
