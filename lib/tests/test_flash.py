@@ -482,3 +482,25 @@ def test_counting_modes_run_in_one_thread(two_threads):
         FL.flash_attention_forward(q, k, v, 16, 32, causal=True)
     assert counter.get_total_flops() == FL.flash_flops(96, 8, causal=True, block_q=16, block_k=32, H=2)
     assert FL._workers(1) == 1  # one query block: nothing to share
+
+
+def test_memory_counters_do_not_import_dynamo():
+    """The course's TorchDispatchMode counters (flash, lsh, lowrank, ternary) run unwrapped: by
+    default PyTorch wraps a mode in torch._disable_dynamo, whose first call imports torch._dynamo
+    (about 800 modules, 1.7-3.5 s), paid by every graded notebook that counts memory once."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from transformer_lab import flash, lowrank, lsh, ternary\n"
+        "q = torch.randn(1, 1, 16, 8)\n"
+        "flash.peak_memory(lambda: flash.flash_attention(q, q, q))\n"
+        "flash.largest_allocation(lambda: flash.flash_attention(q, q, q))\n"
+        "lsh.largest_intermediate(lambda: q @ q.transpose(-1, -2))\n"
+        "lowrank.largest_tensor(lambda: q @ q.transpose(-1, -2))\n"
+        "ternary.count_multiplications(lambda: q @ q.transpose(-1, -2))\n"
+        "assert 'torch._dynamo' not in sys.modules, 'a counter imported torch._dynamo'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

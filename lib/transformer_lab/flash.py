@@ -1072,6 +1072,12 @@ class _LiveTensorBytes(TorchDispatchMode):
     """Counts the bytes of the tensor storages created by the operations run under it, and
     the peak of their sum while they are alive (a weak reference tells when one is freed)."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # unwrapped: the default wraps __torch_dispatch__ in torch._disable_dynamo, whose first
+        # call imports torch._dynamo (~800 modules, seconds); nothing here is compiled
+        return False
+
     def __init__(self):
         super().__init__()
         from torch.multiprocessing.reductions import StorageWeakRef
@@ -1109,6 +1115,12 @@ class _LiveTensorBytes(TorchDispatchMode):
 
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor storage (in elements) created by the operations run under it."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # unwrapped: the default wraps __torch_dispatch__ in torch._disable_dynamo, whose first
+        # call imports torch._dynamo (~800 modules, seconds); nothing here is compiled
+        return False
 
     def __init__(self):
         super().__init__()

@@ -1136,6 +1136,12 @@ def largest_intermediate(fn: Callable, *args, **kwargs) -> int:
     largest = [0]
 
     class _Widest(TorchDispatchMode):
+        @classmethod
+        def _should_skip_dynamo(cls) -> bool:
+            # unwrapped: the default wraps __torch_dispatch__ in torch._disable_dynamo, whose first
+            # call imports torch._dynamo (~800 modules, seconds); nothing here is compiled
+            return False
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in tree_leaves(out):
