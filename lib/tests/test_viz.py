@@ -498,3 +498,14 @@ def test_static_explorer_has_every_figure_of_its_grid(monkeypatch):
     assert "text/html" in ex._repr_mimebundle_() and "application/vnd.jupyter.widget-view+json" not in ex._repr_mimebundle_()
     monkeypatch.delenv(viz.core.STATIC_ENV)
     assert "application/vnd.jupyter.widget-view+json" in ex._repr_mimebundle_()
+
+
+def test_static_explorer_draws_at_most_max_figures_taking_controls_in_turns():
+    ex = _tiny_explorer()
+    data = _static_data(ex.static_html(steps=5, dpi=20, max_figures=4))
+    assert len(data["images"]) <= 4
+    n, kind, unused, flip = data["controls"]
+    # round 1: n's first end (1), kind's other option, unused (same state: free), flip -> 4 figures
+    assert n["values"] == ["1", "3"] and kind["values"] == ["sin", "cos"] and flip["values"] == ["False", "True"]
+    assert len(set(n["figures"])) == 2 and n["start"] == 1
+    assert unused["values"] == ["0", "0.5"] and len(set(unused["figures"])) == 1  # one end (same state), disabled

@@ -25,6 +25,7 @@ WIDGETS_OFF_MESSAGE = "Interactive widgets are off while grading (TRANSFORMER_LA
 #: a page with its figures computed in advance (no kernel on a static site), see ``static_html``.
 STATIC_ENV = "TRANSFORMER_LAB_STATIC_WIDGETS"
 STATIC_STEPS = 5  # values per slider on the website (its two ends, evenly between, and its start)
+STATIC_MAX_FIGURES = 10  # different figures per explorer on the website: its page weight and build time
 STATIC_DPI = 80  # the website's figures: small enough to ship every variant in the page
 STATIC_NOTE = ("On this page each control moves alone, the others at their starting values: the "
                "figures were drawn in advance. In JupyterLab every combination is drawn live.")
@@ -308,6 +309,18 @@ def _small_png(fig, dpi: int) -> bytes:
     return out.getvalue()
 
 
+def _static_order(values: list, start) -> list[int]:
+    """The indices of ``values`` other than the start, in the order the website adds them: the first
+    and the last (a slider's two ends), then the others from the middle out."""
+    rest = [i for i, v in enumerate(values) if not _same(v, start)]
+    if len(rest) <= 2:
+        return rest
+    ends = [rest[0], rest[-1]]
+    middle = rest[1:-1]
+    centre = (len(middle) - 1) / 2
+    return ends + sorted(middle, key=lambda i: (abs(middle.index(i) - centre), i))
+
+
 def _value_label(control, v) -> str:
     if _is_menu(control) and hasattr(control, "_options_labels"):
         return str(control._options_labels[list(control._options_values).index(v)])
@@ -405,12 +418,14 @@ class Explorer(widgets.VBox):
         a check box, ``steps`` values of a slider (its ends, evenly between, and its start)."""
         return {name: _control_values(c, steps) for name, c in self.controls.items()}
 
-    def static_html(self, steps: int = STATIC_STEPS, dpi: int = STATIC_DPI) -> str:
+    def static_html(self, steps: int = STATIC_STEPS, dpi: int = STATIC_DPI,
+                    max_figures: int = STATIC_MAX_FIGURES) -> str:
         """The explorer as one self-contained HTML block: its controls as HTML inputs and every
         figure of :meth:`static_grid` as a PNG, drawn now; a few lines of JavaScript show the
         figure of the control just moved, the others at their starting values (one control at a
-        time: the grid grows with the sum of the controls' values, not their product). A
-        control whose every value draws the same figure there is shown disabled."""
+        time: the grid grows with the sum of the controls' values, not their product), at most
+        ``max_figures`` different figures (the values of each control are taken in turns). A
+        control whose every kept value draws the same figure is shown disabled."""
         start = self.values()
         grid = self.static_grid(steps)
         images: list[str] = []
@@ -431,13 +446,26 @@ class Explorer(widgets.VBox):
             return drawn[key]
 
         first = figure_index(start)
+        # Which values get a figure: round by round, each control's next value (a slider's two
+        # ends first, then the values between, from the middle out), until max_figures
+        # different figures are drawn (a value whose state was drawn already costs nothing). The
+        # page weight and the build time stay bounded whatever the number of controls.
+        queues = {name: _static_order(values, start[name]) for name, values in grid.items()}
+        kept = {name: {i: first for i, v in enumerate(values) if _same(v, start[name])}
+                for name, values in grid.items()}
+        while any(queues.values()) and len(drawn) < max_figures:
+            for name in grid:
+                if queues[name] and len(drawn) < max_figures:
+                    i = queues[name].pop(0)
+                    kept[name][i] = figure_index({**start, name: grid[name][i]})
         controls = []
         for name, values in grid.items():
             c = self.controls[name]
-            index = [first if _same(v, start[name]) else figure_index({**start, name: v}) for v in values]
+            order = sorted(kept[name])
+            index = [kept[name][i] for i in order]
             controls.append({"name": name, "label": _control_label(c, name),
-                             "values": [_value_label(c, v) for v in values], "figures": index,
-                             "start": next(i for i, v in enumerate(values) if _same(v, start[name])),
+                             "values": [_value_label(c, values[i]) for i in order], "figures": index,
+                             "start": next(j for j, i in enumerate(order) if _same(values[i], start[name])),
                              "menu": _is_menu(c), "live": len(set(index)) > 1})
         uid = "tlx-" + hashlib.sha1(json.dumps([self._title, [c["values"] for c in controls]]).encode()
                                      + str(id(self)).encode()).hexdigest()[:10]
