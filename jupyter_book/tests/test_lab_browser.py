@@ -23,7 +23,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from test_book_browser import CHROMIUM_ARGS, chromium_path
+from test_book_browser import browser  # noqa: F401, F811  (the same headless Chromium fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "jupyter_book" / "_build" / "screenshots"
@@ -72,20 +72,6 @@ def jupyterlab(tmp_path_factory):
             proc.kill()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    executable = chromium_path()
-    if executable is None:
-        pytest.skip("headless Chromium not found (/usr/bin/chromium): apt-get install chromium")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
 def _shot(page, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / f"lab_{name}.png"))
@@ -118,7 +104,7 @@ def _wait_for_run_all(page, status, path: Path, timeout: float):
     return nb
 
 
-def test_learner_lab_runs_the_whole_lecture_and_the_widget_answers(jupyterlab, browser):
+def test_learner_lab_runs_the_whole_lecture_and_the_widget_answers(jupyterlab, browser):  # noqa: F811
     url, token, log, root = jupyterlab
     outside: list[str] = []
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
