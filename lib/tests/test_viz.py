@@ -509,3 +509,12 @@ def test_static_explorer_draws_at_most_max_figures_taking_controls_in_turns():
     assert n["values"] == ["1", "3"] and kind["values"] == ["sin", "cos"] and flip["values"] == ["False", "True"]
     assert len(set(n["figures"])) == 2 and n["start"] == 1
     assert unused["values"] == ["0", "0.5"] and len(set(unused["figures"])) == 1  # one end (same state), disabled
+
+
+def test_static_explorer_data_cannot_end_its_script_block():
+    controls = {"kind": widgets.Dropdown(options=["a", "</script><b>x"], value="a", description="kind")}
+    ex = viz.Explorer(controls, lambda v: {"k": v["kind"]},
+                      lambda s: plt.subplots(figsize=(1, 1))[0], title="t")
+    text = ex.static_html(dpi=10)
+    assert text.count("</script>") == 2  # the data block's end and the code block's end
+    assert _static_data(text)["controls"][0]["values"] == ["a", "</script><b>x"]

@@ -491,7 +491,8 @@ class Explorer(widgets.VBox):
                      f'src="data:image/png;base64,{images[first]}">')
         parts.append(f'<div class="tlx-note" style="font-size:85%;color:#555">{html.escape(STATIC_NOTE)}</div>')
         data = {"images": images, "controls": [{k: c[k] for k in ("values", "figures", "start")} for c in controls]}
-        parts.append(f'<script type="application/json" class="tlx-data">{json.dumps(data)}</script>')
+        payload = json.dumps(data).replace("</", "<\\/")  # a label holding "</script>" cannot end the block
+        parts.append(f'<script type="application/json" class="tlx-data">{payload}</script>')
         parts.append("<script>" + _STATIC_JS.replace("UID", uid) + "</script></div>")
         return "".join(parts)
 
