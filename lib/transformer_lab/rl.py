@@ -240,7 +240,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -250,6 +249,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_int
 from .attention import causal_mask
 from .blocks import DecoderBlock, FeedForward
 
@@ -296,16 +296,7 @@ IGNORE = -100  # lm_loss's ignore_index: padded steps are not scored
 # Input checks: each one says what was expected and what came.
 # ----------------------------------------------------------------------------
 
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, (bool, float)):
-        raise TypeError(f"{name} must be an int >= {minimum}; got {type(value).__name__} {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int >= {minimum}; got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
-    return value
+_check_int = check_int  # the shared check (_checks.py)
 
 
 def _check_number(name: str, value, lo: float = -math.inf, hi: float = math.inf,

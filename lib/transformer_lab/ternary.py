@@ -157,7 +157,6 @@ Glossary (code -> symbol)
 from __future__ import annotations
 
 import math
-import operator
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -165,6 +164,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from ._checks import check_int
 
 __all__ = [
     # quantisation and the STE
@@ -237,16 +238,7 @@ def _check_bits(n_bits) -> int:
     return n_bits
 
 
-def _check_size(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, (bool, float)):
-        raise TypeError(f"{name} must be an int >= {minimum}; got {type(value).__name__} {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int >= {minimum}; got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
-    return value
+_check_size = check_int  # the shared check (_checks.py)
 
 
 def _check_last_dim(name: str, x: Tensor, d: int) -> None:
