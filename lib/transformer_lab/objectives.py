@@ -45,7 +45,7 @@ $T$); $p_\text{noise}$ and $\bar L_\text{span}$, T5's noise density and mean spa
 a sentence embedding ($\mathbf s_\text{CLS}$, $\mathbf s_\text{mean}$); the Backpack's $n_s$ senses per
 word (the paper's $k$), sense vectors $\mathcal C(x)_a \in \mathbb R^{d_\text{model}}$, $a = 1..n_s$
 (the paper's $C(x)_\ell$; $C$ is lecture 07's chunk and $\ell$ lecture 08's running sum),
-contextualization weights $\mathcal A_{a,ij} \ge 0$ (the paper's $\alpha_{\ell ij}$), output $o_i$, an edit $\mathbf d_\text{edit}$ added to one sense vector,
+contextualization weights $\mathcal W_{a,ij} \ge 0$ (the paper's $\alpha_{\ell ij}$; $\mathcal A$ is lecture 13's acceptance rate), output $o_i$, an edit $\mathbf d_\text{edit}$ added to one sense vector,
 and tied embedding table $E_\text{tok}$ (the paper's $E$; lecture 07's $E$ is Linformer's projection); scaling: $\mathcal L$ the loss, $n_\text{p}$ the non-embedding parameter
 count (Kaplan's $N$; $N$ is our number of layers), $n_\star$ (Kaplan's $N_c$), $\vartheta$ (Kaplan's
 $\alpha_N$) and $\mathcal L_\infty$ an irreducible loss.
@@ -60,14 +60,14 @@ model cannot learn that only ``[MASK]`` positions matter (there is no ``[MASK]``
 
 .. math::
 
-    \mathcal L_\text{MLM} = -\frac{1}{|\mathcal M|} \sum_{i \in \mathcal M} \log p(x_i \mid \tilde x).
+    \mathcal L_\text{MLM} = -\frac{1}{|\mathcal M|} \sum_{i \in \mathcal M} \log p(y_i \mid \tilde y).
 
 Selection here is a Bernoulli draw per position (as Hugging Face's collator and RoBERTa's
 dynamic masking; BERT's preprocessing picked exactly round(0.15 L) positions per sequence).
 
 Causal LM (GPT)
 ---------------
-:math:`\mathcal L_\text{LM} = -\frac1{L-1}\sum_t \log p(x_{t+1} \mid x_{\le t})`: inputs ``x[:-1]``,
+:math:`\mathcal L_\text{LM} = -\frac1{L-1}\sum_t \log p(y_{t+1} \mid y_{\le t})`: inputs ``x[:-1]``,
 targets ``x[1:]`` (:func:`causal_lm_targets`), every position scored, nothing hidden but the future.
 
 Span corruption (T5)
@@ -88,8 +88,8 @@ target with EOS; here a last sentinel closes it, as in the figure, whatever the 
 Replaced-token detection (ELECTRA)
 ----------------------------------
 A small generator (an MLM) fills the masked positions with samples
-$\hat x_i \sim p_\text{gen}(\cdot \mid \tilde x)$; the discriminator reads the corrupted text and predicts for
-every position whether its token was replaced: label 1 iff $\hat x_i \ne x_i$ (a sample equal to
+$\hat y_i \sim p_\text{gen}(\cdot \mid \tilde y)$; the discriminator reads the corrupted text and predicts for
+every position whether its token was replaced: label 1 iff $\hat y_i \ne y_i$ (a sample equal to
 the original counts as original). Loss (:func:`electra_loss`):
 $\mathcal L_\text{MLM}(\text{generator}) + \varpi_\text{disc}\,\mathcal L_\text{Disc}$, $\mathcal L_\text{Disc}$ the binary
 cross-entropy over all real positions; the sampling step is not back-propagated through.
@@ -149,13 +149,13 @@ over $j \le i$ per sense, each sense its own query and key projection):
 
 .. math::
 
-    \mathcal A_{a,ij} = \operatorname{softmax}_j\!\Bigl(\frac{(x^{(N)}_i W^Q_a)(x^{(N)}_j W^K_a)^\top}{\sqrt{d_\text{model}}}\Bigr), \qquad
-    o_i = \sum_{j \le i} \sum_{a=1}^{n_s} \mathcal A_{a,ij}\, \mathcal C(x_j)_a, \qquad
+    \mathcal W_{a,ij} = \operatorname{softmax}_j\!\Bigl(\frac{(x^{(N)}_i W^Q_a)(x^{(N)}_j W^K_a)^\top}{\sqrt{d_\text{model}}}\Bigr), \qquad
+    o_i = \sum_{j \le i} \sum_{a=1}^{n_s} \mathcal W_{a,ij}\, \mathcal C(x_j)_a, \qquad
     \text{logits}_i = o_i E_\text{tok}^\top.
 
 The output is linear in the sense vectors and the weights do not depend on them, so an edit
 $\mathcal C(w)_a \leftarrow \mathcal C(w)_a + \mathbf d_\text{edit}$ changes the logits at position $i$ by exactly
-$\bigl(\sum_{j \le i:\, x_j = w} \mathcal A_{a,ij}\bigr)\, \mathbf d_\text{edit} E_\text{tok}^\top$ (:class:`BackpackLM`,
+$\bigl(\sum_{j \le i:\, x_j = w} \mathcal W_{a,ij}\bigr)\, \mathbf d_\text{edit} E_\text{tok}^\top$ (:class:`BackpackLM`,
 :meth:`BackpackLM.intervene`, :func:`predicted_logit_change`). A sense's meaning is read as
 $\mathcal C(w)_a E_\text{tok}^\top$: the words it pushes up (:meth:`BackpackLM.sense_top_words`).
 
@@ -242,7 +242,7 @@ Glossary (code -> symbol)
 ``w_soft, w_hard, w_cos``   varpi_soft, varpi_hard, varpi_cos (DistilBERT's alpha_ce, alpha_mlm, alpha_cos)
 ``n_senses``                n_s (the Backpack paper's k)
 ``senses``                  C(x)_a, (B, L, n_s, d_model)
-``weights`` (Backpack)      A_{a,ij}, (B, n_s, L, L)
+``weights`` (Backpack)      W_{a,ij} (script W), (B, n_s, L, L)
 ``delta``                   d_edit, an edit added to one sense vector, (d_model,)
 ``n_params``                n_p, non-embedding parameters (Kaplan's N)
 ``exponent``, ``n_star``    vartheta, n_star (Kaplan's alpha_N, N_c); ``floor`` L_inf
@@ -1108,7 +1108,7 @@ def probe_vs_finetune(seed: int = 0, pretrain_steps: int = 200, n_train: int = 1
 # ----------------------------------------------------------------------------
 
 class BackpackLM(nn.Module):
-    """A Backpack LM: ``logits_i = (sum_j sum_a A_{a,ij} C(x_j)_a) E^T``.
+    """A Backpack LM: ``logits_i = (sum_j sum_a W_{a,ij} C(x_j)_a) E^T``.
 
     ``forward(ids (B, L)) -> logits (B, L, vocab_size)``. Parts:
 
@@ -1118,7 +1118,7 @@ class BackpackLM(nn.Module):
       GPT blocks over ``E x`` + learned positions) gives states ``h``; sense ``a`` has its own
       query and key projections, ``A_a = softmax_j(h W^Q_a (h W^K_a)^T / sqrt(d_model))`` over
       ``j <= i``: non-negative, each row summing to 1;
-    * output ``o_i = sum_j sum_a A_{a,ij} C(x_j)_a`` and logits ``o_i E^T`` with the embedding
+    * output ``o_i = sum_j sum_a W_{a,ij} C(x_j)_a`` and logits ``o_i E^T`` with the embedding
       ``E`` tied. No normalisation after the sum, so the logits are exactly linear in the sense
       vectors (the property the paper's interventions use).
     """
@@ -1161,7 +1161,7 @@ class BackpackLM(nn.Module):
         return c
 
     def weights(self, ids: Tensor) -> Tensor:
-        """Contextualization weights ``A_{a,ij}``: (B, n_s, L, L), >= 0, rows sum to 1 over j <= i."""
+        """Contextualization weights ``W_{a,ij}``: (B, n_s, L, L), >= 0, rows sum to 1 over j <= i."""
         from .attention import causal_mask
 
         self._check(ids)
@@ -1175,12 +1175,12 @@ class BackpackLM(nn.Module):
         k = self.wk(h).reshape(B, L, self.n_senses, self.d_model).transpose(1, 2)  # (B, n_s, L, d)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_model)  # (B, n_s, L, L)
         scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.softmax(scores, -1)  # A_{a,ij}
+        return torch.softmax(scores, -1)  # W_{a,ij}
 
     def forward(self, ids: Tensor) -> Tensor:
         c = self.senses(ids)  # (B, L, n_s, d)
         A = self.weights(ids)  # (B, n_s, L, L)
-        o = torch.einsum("baij,bjad->bid", A, c)  # o_i = sum_j sum_a A_{a,ij} C(x_j)_a, (B, L, d)
+        o = torch.einsum("baij,bjad->bid", A, c)  # o_i = sum_j sum_a W_{a,ij} C(x_j)_a, (B, L, d)
         return o @ self.tok.weight.T  # logits_i = o_i E^T, (B, L, vocab_size)
 
     def intervene(self, word: int, sense: int, delta: Tensor) -> None:
@@ -1219,7 +1219,7 @@ def predicted_logit_change(model: BackpackLM, ids: Tensor, word: int, sense: int
     """
     A = model.weights(ids)[:, sense]  # (B, L, L)
     hit = (ids == word).to(A.dtype)  # (B, L): where the word sits
-    weight = (A * hit[:, None, :]).sum(-1)  # (B, L): sum_j A_{a,ij} 1[x_j = word]
+    weight = (A * hit[:, None, :]).sum(-1)  # (B, L): sum_j W_{a,ij} 1[x_j = word]
     return weight[..., None] * (delta.to(device=A.device, dtype=A.dtype) @ model.tok.weight.T)  # (B, L, V)
 
 
