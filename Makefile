@@ -71,6 +71,7 @@ bench: setup
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/recurrent.py
+	$(BIN)/python benchmarks/decoding.py
 	$(BIN)/python benchmarks/notebooks.py
 
 bench-grading: setup

@@ -421,6 +421,18 @@ CSV_FIELDS = ["impl", "level", "L", "causal", "time_ms", "time_min_ms", "peak_mi
               "time_vs_sdpa", "mem_vs_sdpa", "time_vs_torch_mha", "mem_vs_torch_mha"]
 
 
+def run_setup(device, args, t0: float, load_before, **extra) -> dict:
+    """The "setup" block every benchmark script writes: machine, versions, date, duration, load."""
+    return {
+        "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+        **extra, "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "platform": platform.platform(), "quick": args.quick,
+        "repeats": args.repeats, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "load_average_before_after": [load_before, load_average()],
+    }
+
+
 def write_report(report: dict, out: Path, stem: str, fields: list[str], rows: list[dict],
                  plot=None, number=lambda v: round(v, 4)) -> list[Path]:
     """``stem``.json (everything), ``stem``.csv (``fields`` of ``rows``) and, given ``plot``

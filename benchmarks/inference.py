@@ -44,8 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -57,7 +55,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "lib"))
 
-from attention import device_name, load_average, sync, time_interleaved, write_report  # noqa: E402
+from attention import load_average, run_setup, sync, time_interleaved, write_report  # noqa: E402
 
 import transformer_lab  # noqa: E402
 from transformer_lab import adaptive, memory, retrieval  # noqa: E402
@@ -353,14 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(summary({name: report[name]}), flush=True)
     finally:
         torch.set_num_threads(threads_before)  # main() may run inside another program (tests)
-    report["setup"] = {
-        "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-        "threads": args.threads or threads_before, "cpu_count": os.cpu_count(),
-        "python": platform.python_version(), "platform": platform.platform(), "quick": args.quick,
-        "repeats": args.repeats, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "load_average_before_after": [load_before, load_average()],
-    }
+    report["setup"] = run_setup(device, args, t0, load_before, threads=args.threads or threads_before)
     rows = [r for name in ("xl", "knn", "exit") if name in report for r in report[name]["rows"]]
     paths = write_report(report, out, "inference", CSV_FIELDS, rows,
                          None if args.no_plot else plot,

@@ -52,8 +52,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -66,7 +64,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "lib"))
 
-from attention import device_name, load_average, sync, time_interleaved, write_report  # noqa: E402
+from attention import load_average, run_setup, sync, time_interleaved, write_report  # noqa: E402
 
 import transformer_lab  # noqa: E402
 from transformer_lab import ssm, ternary  # noqa: E402
@@ -386,14 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         sync(device)
         if not args.silent:
             print(summary({name: report[name]}), flush=True)
-    report["setup"] = {
-        "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-        "threads_default": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "python": platform.python_version(), "platform": platform.platform(), "quick": args.quick,
-        "repeats": args.repeats, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "load_average_before_after": [load_before, load_average()],
-    }
+    report["setup"] = run_setup(device, args, t0, load_before, threads_default=torch.get_num_threads())
     rows = [r for name in ("scan", "generate", "ternary") if name in report for r in report[name]["rows"]]
     paths = write_report(report, out, "recurrent", CSV_FIELDS, rows, None if args.no_plot else plot,
                          number=lambda v: v if math.isinf(v) else float(f"{v:.4g}"))

@@ -129,3 +129,30 @@ def test_recurrent_benchmark_quick(tmp_path):
     assert tern["weight_bytes"]["packed_2bit"] == 32 * 8 + 4  # 32 rows of 32 weights at 2 bits, + scale
     assert (tmp_path / "recurrent.csv").read_text().startswith("section,name,L,width")
     assert (tmp_path / "recurrent.png").stat().st_size > 10_000
+
+
+def test_decoding_benchmark_quick(tmp_path):
+    """benchmarks/decoding.py (lecture 13): the next token from a KV cache against recomputation,
+    whole greedy generations both ways, speculative sampling's target calls per token."""
+    bench = _load("decoding")
+    assert bench.main(["--quick", "--silent", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "decoding.json").read_text())
+    kv = report["kvcache"]
+    steps = {(r["name"], r["L"]): r for r in kv["rows"] if r["section"] == "step"}
+    assert set(steps) == {(n, t) for n in ("recompute", "cached") for t in (8, 32)}
+    for t in (8, 32):
+        assert steps[("cached", t)]["max_error"] < 1e-5  # the cached step equals recomputation
+        # the cache holds K and V of every layer for every earlier token: 2 layers x 2 x 32 x 4 bytes
+        assert steps[("cached", t)]["bytes"] == t * 2 * 2 * 32 * 4
+    assert kv["verdict"]["same_tokens"] is True  # greedy with and without the cache agree
+    assert {r["L"] for r in kv["rows"] if r["section"] == "generate"} == {16 + 8, 16 + 16}
+    spec = report["speculative"]
+    calls = [r for r in spec["rows"] if r["name"] == "calls"]
+    assert [r["n_draft"] for r in calls] == [1, 3]
+    for r in calls:
+        # at least one token per target call and at most n_draft + 1 (plus the last round's cut)
+        assert 1 / (r["n_draft"] + 1) <= r["calls_per_token"] <= 1.0, r
+        assert 0 <= r["alpha"] <= 1
+    assert {r["name"] for r in spec["rows"]} == {"calls", "target_only", "speculative_1", "speculative_3"}
+    assert (tmp_path / "decoding.csv").read_text().startswith("section,name,L,n_draft")
+    assert (tmp_path / "decoding.png").stat().st_size > 10_000
