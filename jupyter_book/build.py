@@ -12,6 +12,9 @@ Steps:
    ``raises-exception`` and ``remove-output``: in a learner notebook the exercises are stubs that
    raise ``NotImplementedError``, so their tests fail; the page shows the test code and no
    traceback. Any *other* failing cell stops the build (``nb_execution_raise_on_error``).
+   Each staged lecture gets its overview boxes after its title (learning goals and prerequisites
+   from the title cell, the time estimate and the exercises with points, the launch links of
+   ``course.yml``), and a self-installing copy of it is written to ``notebooks/NN_topic.ipynb``.
 3. Write ``_toc.yml`` from the lecture folders found, and the lecture list into ``intro.md``,
    so a new lecture appears without editing any configuration.
 4. Install ``mathjax@3``, ``@jupyter-widgets/html-manager`` and ``requirejs`` from npm into
@@ -28,6 +31,7 @@ Steps:
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import hashlib
 import json
@@ -37,7 +41,10 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
+from html import escape as html_escape
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 import nbformat
 import yaml
@@ -49,7 +56,8 @@ BUILD = BOOK / "_build"  # jupyter-book output; the site is _build/html
 NODE_MODULES = BOOK / "node_modules"
 
 #: Pages of the book itself, copied into the staging folder as they are.
-BOOK_FILES = ("_config.yml", "intro.md", "logo.svg", "widgets-config.js", "nav-fix.js", "site.css")
+BOOK_FILES = ("_config.yml", "course.yml", "intro.md", "logo.svg", "widgets-config.js", "nav-fix.js",
+              "search-fix.js", "site.css")
 #: Lecture folders look like ``01_attention``.
 LECTURE_DIR = re.compile(r"^\d{2}_[A-Za-z0-9_]+$")
 #: npm packages for the offline site, and what of each the site needs.
@@ -165,6 +173,218 @@ def lecture_table(lectures: list[tuple[str, str]]) -> str:
     return "\n".join(rows)
 
 
+# --------------------------------------------------------------------------- lecture overview
+
+#: The course's links (repository, Binder, Colab, JupyterHub, the library's pip requirement).
+COURSE_LINKS = BOOK / "course.yml"
+LINK_KEYS = ("repository_url", "branch", "binderhub_url", "site_branch", "jupyterhub_url", "library_pip")
+#: The time estimate's rule, printed in every lecture's box.
+READING_WORDS_PER_MINUTE = 150
+MINUTES_PER_POINT = 5
+#: Paragraphs of a lecture's title cell that move into the overview's boxes, in this order.
+OVERVIEW_PARAGRAPHS = ("Learning goals", "Prerequisites")
+BOLD_PARAGRAPH = re.compile(r"^\*\*([^*]+?)\.?\*\*\.?\s*(.*)$")
+EXERCISE_HEADING = re.compile(r"^#{2,4}\s+Exercise\s+(\d+)\b[^:—–]*[:—–]\s*(.*\S)\s*$")
+
+
+def load_links(path: Path = COURSE_LINKS) -> dict:
+    """``course.yml`` checked: every key a string, URLs absolute, no unknown key."""
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise SystemExit(f"error: {path} must map some of {list(LINK_KEYS)} to strings; got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(LINK_KEYS))
+    if unknown:
+        raise SystemExit(f"error: {path}: unknown key(s) {unknown}; expected some of {list(LINK_KEYS)}")
+    links = {}
+    for key in LINK_KEYS:
+        value = raw.get(key) or ""
+        if not isinstance(value, str):
+            raise SystemExit(f"error: {path}: {key} must be a string; got {value!r}")
+        links[key] = value.strip().rstrip("/") if key.endswith("_url") else value.strip()
+        if key.endswith("_url") and links[key] and not re.match(r"^https?://[^\s/]+", links[key]):
+            raise SystemExit(f"error: {path}: {key} must be an http(s) address; got {value!r}")
+    links["branch"] = links["branch"] or "main"
+    return links
+
+
+def library_requirement(links: dict) -> str:
+    """What the downloaded notebook pip-installs when the library is missing ("" if nothing is set)."""
+    if links["library_pip"]:
+        return links["library_pip"]
+    if links["repository_url"]:
+        return f"transformer-lab @ git+{links['repository_url']}@{links['branch']}"
+    return ""
+
+
+def launch_links(name: str, links: dict) -> list[tuple[str, str]]:
+    """(label, address) of lecture ``name``'s "Run this lecture" box, the download first (relative
+    to the lecture's page; always there), then those ``course.yml`` sets."""
+    out = [("Download the notebook", f"../../{download_path(name)}")]
+    repo, branch = links["repository_url"], links["branch"]
+    if not repo:
+        return out
+    path = f"course/{name}/{name}.ipynb"
+    github = re.match(r"^https://github\.com/([^/]+)/([^/]+?)(?:\.git)?$", repo)
+    if links["binderhub_url"]:
+        provider = f"gh/{github[1]}/{github[2]}" if github else f"git/{quote(repo, safe='')}"
+        out.append(("Binder", f"{links['binderhub_url']}/v2/{provider}/{branch}?urlpath="
+                              + quote(f"lab/tree/{path}", safe="")))
+    if github and links["site_branch"]:
+        out.append(("Colab", f"https://colab.research.google.com/github/{github[1]}/{github[2]}/blob/"
+                             f"{links['site_branch']}/{download_path(name)}"))
+    if links["jupyterhub_url"]:
+        folder = repo.rsplit("/", 1)[-1].removesuffix(".git")  # where nbgitpuller clones it
+        query = urlencode({"repo": repo, "branch": branch, "urlpath": f"lab/tree/{folder}/{path}"})
+        out.append(("JupyterHub", f"{links['jupyterhub_url']}/hub/user-redirect/git-pull?{query}"))
+    out.append(("Repository", repo))
+    return out
+
+
+def download_path(name: str) -> str:
+    """The self-installing copy of lecture ``name``, relative to the site root."""
+    return f"notebooks/{name}.ipynb"
+
+
+def split_title_cell(source: str, name: str) -> tuple[str, str, dict]:
+    """The title cell cut around its OVERVIEW_PARAGRAPHS (``**Learning goals.** ...`` up to the next
+    bold-led paragraph or heading): what comes before the first of them (the title and why the
+    lecture matters), what comes after (notation, how the exercises work), and their text by name."""
+    lines = source.splitlines()
+    head: list[str] = []
+    tail: list[str] = []
+    found: dict[str, list[str]] = {}
+    current = None
+    for i, line in enumerate(lines):
+        starts_paragraph = i == 0 or not lines[i - 1].strip()
+        match = BOLD_PARAGRAPH.match(line) if starts_paragraph else None
+        if match or line.startswith("#"):
+            current = match[1].strip() if match and match[1].strip() in OVERVIEW_PARAGRAPHS else None
+            if current:
+                found[current] = [match[2]] if match[2] else []
+                continue
+        (found[current] if current else tail if found else head).append(line)
+    missing = [p for p in OVERVIEW_PARAGRAPHS if p not in found]
+    if missing:
+        raise SystemExit(f"error: {name}: the title cell has no {', '.join(f'**{p}.**' for p in missing)} "
+                         f"paragraph; every lecture opens with {list(OVERVIEW_PARAGRAPHS)} (CONTRIBUTING.md)")
+    return ("\n".join(head).strip(), "\n".join(tail).strip(),
+            {k: "\n".join(v).strip() for k, v in found.items()})
+
+
+def exercises(nb) -> list[dict]:
+    """The autograded exercises in order: number, title (from the "### Exercise N ...: title"
+    heading before the test cell) and points (summed over the exercise's test cells)."""
+    out: list[dict] = []
+    heading = None
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                match = EXERCISE_HEADING.match(line)
+                if match:
+                    heading = (int(match[1]), match[2].strip())
+        elif is_test_cell(cell):
+            meta = cell.metadata["nbgrader"]
+            number, title = heading if heading else (len(out) + 1, meta.get("grade_id", "?"))
+            if out and out[-1]["number"] == number:
+                out[-1]["points"] += meta.get("points", 0)
+            else:
+                out.append({"number": number, "title": title, "points": meta.get("points", 0)})
+    return out
+
+
+def time_estimate(nb) -> dict:
+    """Minutes to read the lecture's prose and to do its exercises, by the rule printed in the box."""
+    words = sum(len(c.source.split()) for c in nb.cells if c.cell_type == "markdown")
+    points = sum(e["points"] for e in exercises(nb))
+    reading = words / READING_WORDS_PER_MINUTE
+    total = 5 * max(1, round((reading + points * MINUTES_PER_POINT) / 5))
+    return {"words": words, "points": points, "reading_min": round(reading),
+            "exercise_min": points * MINUTES_PER_POINT, "total_min": total}
+
+
+def _duration(minutes: int) -> str:
+    hours, rest = divmod(minutes, 60)
+    return f"{hours} h {rest:02d} min" if hours else f"{rest} min"
+
+
+def overview_markdown(nb, name: str, goals: dict, links: dict) -> str:
+    """Four boxes, the same on every lecture page: goals, prerequisites, time and exercises, run."""
+    est = time_estimate(nb)
+    table = ["| exercise | points |", "|---|---|"]
+    table += [f"| {e['number']} · {e['title'].replace('|', '/')} | {e['points']} |" for e in exercises(nb)]
+    table.append(f"| **total** | **{est['points']}** |")
+    # raw HTML links: MyST would treat a relative ".ipynb" address as a reference to a document
+    run = " · ".join(
+        f'<a href="{html_escape(url)}" class="overview-link"{" download" if i == 0 else ""}>{label}</a>'
+        for i, (label, url) in enumerate(launch_links(name, links)))
+    boxes = [
+        ("Learning goals", "tip overview-goals", goals["Learning goals"]),
+        ("Prerequisites", "note overview-prerequisites", goals["Prerequisites"]),
+        ("Time and exercises", "seealso overview-time",
+         f"About **{_duration(est['total_min'])}**: {est['reading_min']} min of reading ({est['words']:,} words "
+         f"at {READING_WORDS_PER_MINUTE} a minute) and {est['exercise_min']} min for the exercises "
+         f"({MINUTES_PER_POINT} min a point).\n\n" + "\n".join(table)),
+        ("Run this lecture", "important overview-run",
+         run + "\n\n" + (f"The downloaded notebook runs on its own: its first cell installs the course's library "
+                           f"(`{library_requirement(links)}`) when it is missing." if library_requirement(links) else
+                           "The downloaded notebook's first cell checks for the course's library and says how to "
+                           "install it when it is missing.")
+         + " In the course's own JupyterLab (`make lab`) everything is already installed."),
+    ]
+    return "\n\n".join(f"::::{{admonition}} {title}\n:class: {cls}\n{body}\n::::" for title, cls, body in boxes)
+
+
+def add_overview(nb, name: str, links: dict):
+    """A copy of ``nb`` whose title cell is cut in two around the overview boxes: the title and why
+    the lecture matters, then the boxes (goals and prerequisites taken from the title cell), then
+    the rest of the title cell (notation, how the exercises work)."""
+    nb = copy.deepcopy(nb)
+    first = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"), None)
+    if first is None:
+        raise SystemExit(f"error: {name}: no Markdown title cell")
+    head, tail, goals = split_title_cell(nb.cells[first].source, name)
+    box = nbformat.v4.new_markdown_cell(overview_markdown(nb, name, goals, links))
+    box.metadata["tags"] = ["lecture-overview"]
+    nb.cells[first].source = head
+    new = [box] + ([nbformat.v4.new_markdown_cell(tail)] if tail else [])
+    nb.cells[first + 1:first + 1] = new
+    return nb
+
+
+INSTALL_CELL = """\
+# Run this cell first. In the course's own environment (`make lab`, Binder, the class's JupyterHub)
+# it changes nothing; anywhere else (Colab, a fresh Jupyter) it installs the course's library
+# and writes the small data files this lecture reads beside the notebook.
+import base64, importlib, importlib.util, pathlib, subprocess, sys, zlib
+
+REQUIREMENT = {requirement!r}
+DATA = {data!r}  # file name -> zlib-compressed, base64-encoded contents
+if importlib.util.find_spec("transformer_lab") is None:
+    if not REQUIREMENT:
+        raise RuntimeError("This notebook needs the course's library `transformer_lab`: install it with "
+                           "`pip install -e .` in a copy of the course's repository (the website that "
+                           "served this notebook names no pip location: jupyter_book/course.yml).")
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", REQUIREMENT])
+    importlib.invalidate_caches()
+for _name, _blob in DATA.items():
+    if not pathlib.Path(_name).exists():
+        pathlib.Path(_name).write_bytes(zlib.decompress(base64.b64decode(_blob)))
+"""
+
+
+def downloadable_notebook(nb, folder: Path, requirement: str):
+    """The learner notebook with a first cell that installs the library when it is missing and
+    carries the files of the lecture's folder (benchmark results it reads)."""
+    nb = copy.deepcopy(nb)
+    data = {f.name: base64.b64encode(zlib.compress(f.read_bytes(), 9)).decode()
+            for f in sorted(folder.iterdir()) if f.is_file() and f.suffix != ".ipynb"}
+    cell = nbformat.v4.new_code_cell(INSTALL_CELL.format(requirement=requirement, data=data))
+    cell.metadata["tags"] = ["install-if-missing"]
+    nb.cells.insert(0, cell)
+    return nb
+
+
 # --------------------------------------------------------------------------- assets
 
 
@@ -201,6 +421,7 @@ def stage_assets(extra: Path) -> None:
     pages reach the files at ``vendor/...`` (``_config.yml`` points there).
     """
     vendor = extra / "vendor"
+    vendor.mkdir(parents=True, exist_ok=True)
     shutil.copytree(NODE_MODULES / "mathjax" / "es5", vendor / "mathjax" / "es5")
     manager = vendor / "html-manager"
     manager.mkdir(parents=True)
@@ -211,6 +432,7 @@ def stage_assets(extra: Path) -> None:
             shutil.copy2(f, manager / f.name)
     shutil.copy2(BOOK / "widgets-config.js", vendor / "widgets-config.js")
     shutil.copy2(BOOK / "nav-fix.js", vendor / "nav-fix.js")  # the sidebar toggle (see the file)
+    shutil.copy2(BOOK / "search-fix.js", vendor / "search-fix.js")  # search results without raw TeX
     shutil.copy2(BOOK / "site.css", vendor / "site.css")  # narrow screens, explorers' figures
     (vendor / "requirejs").mkdir(parents=True)
     shutil.copy2(NODE_MODULES / "requirejs" / "require.js", vendor / "requirejs" / "require.js")
@@ -274,6 +496,9 @@ def stage(course: Path, execute: str, work: Path = WORK) -> list[tuple[str, str]
         shutil.rmtree(WORK)
     (WORK / "lectures").mkdir(parents=True)
     lectures = []
+    links = load_links()
+    downloads = WORK / "_site_extra" / "notebooks"
+    downloads.mkdir(parents=True)
     for path in find_lectures(course):
         # the lecture's whole folder (figures or small files next to the notebook keep working),
         # then the prepared notebook over the original
@@ -281,7 +506,9 @@ def stage(course: Path, execute: str, work: Path = WORK) -> list[tuple[str, str]
         shutil.copytree(path.parent, target, ignore=shutil.ignore_patterns(
             ".ipynb_checkpoints", "__pycache__", "*.pyc"))
         nb = nbformat.read(path, as_version=4)
-        nbformat.write(prepare_notebook(nb), target / path.name)
+        nbformat.write(add_overview(prepare_notebook(nb), path.stem, links), target / path.name)
+        nbformat.write(downloadable_notebook(nb, path.parent, library_requirement(links)),
+                       WORK / "_site_extra" / download_path(path.stem))
         lectures.append((path.stem, notebook_title(nb, path.stem)))
 
     config = yaml.safe_load((BOOK / "_config.yml").read_text())

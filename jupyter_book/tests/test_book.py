@@ -226,3 +226,26 @@ def test_lecture_pages_stay_light(built_site, lectures, build_module):
         if size > PAGE_BUDGET_MIB * 2**20:
             heavy.append(f"{notebook.stem}: {size / 2**20:.2f} MiB")
     assert not heavy, f"lecture pages over {PAGE_BUDGET_MIB} MiB: {heavy}"
+
+
+def test_every_lecture_opens_with_the_same_four_boxes_and_a_working_download(built_site, lectures, build_module):
+    """Goals, prerequisites, time and exercises with points, and "Run this lecture", in that order
+    right after the title; the download is the learner notebook behind a first cell that installs
+    the library when it is missing."""
+    classes = ["overview-goals", "overview-prerequisites", "overview-time", "overview-run"]
+    for notebook in lectures:
+        page = built_site / build_module.page_path(notebook.stem)
+        soup = BeautifulSoup(page.read_text(encoding="utf-8"), "html.parser")
+        boxes = soup.select("div.admonition")
+        found = [c for box in boxes[:4] for c in box.get("class", []) if c.startswith("overview-")]
+        assert found == classes, f"{notebook.stem}: the first boxes are {found}"
+        nb = nbformat.read(notebook, as_version=4)
+        rows = boxes[2].select("tbody tr")
+        assert len(rows) == len(build_module.exercises(nb)) + 1, f"{notebook.stem}: one row per exercise and a total"
+        link = boxes[3].select_one("a[download]")
+        assert link is not None and link.get_text() == "Download the notebook"
+        download = (page.parent / link["href"]).resolve()
+        assert download == (built_site / build_module.download_path(notebook.stem)).resolve() and download.is_file()
+        copy = nbformat.read(download, as_version=4)
+        assert copy.cells[0].metadata["tags"] == ["install-if-missing"]
+        assert [c.source for c in copy.cells[1:]] == [c.source for c in nb.cells], notebook.stem

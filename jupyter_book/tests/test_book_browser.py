@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -265,3 +266,23 @@ def test_navigation_works_on_a_phone_and_the_sidebar_collapses_on_a_desktop(serv
         assert not sidebar.is_visible(), "the desktop's sidebar button did not collapse the sidebar"
     finally:
         context.close()
+
+
+def test_search_results_show_no_raw_tex(server, browser, built_site, build_module, lectures):
+    """Sphinx builds a result's snippet from the page's text, where math is still TeX: search-fix.js
+    turns "\\(W^Q\\)" into "W^Q" in snippets and titles."""
+    first = (built_site / build_module.page_path(lectures[0].stem)).read_text(encoding="utf-8")
+    assert "\\(" in first, "no inline math on the first lecture page: pick another page for this test"
+    context, page = _narrow_page(browser, f"{server}/search.html?q=queries", 1280)
+    try:
+        assert page.evaluate("window.transformerLabTexToPlain('\\\\(W^Q\\\\) and $\\\\text{d}_\\\\alpha$')") == "W^Q and d_α"
+        page.wait_for_function("document.querySelectorAll('#search-results li p.context').length > 0")
+        page.wait_for_timeout(1500)  # the remaining snippets are fetched page by page
+        texts = page.locator("#search-results li").all_inner_texts()
+        (built_site.parent / "screenshots").mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(built_site.parent / "screenshots" / "search.png"))
+    finally:
+        context.close()
+    assert texts, "the search for 'queries' found nothing"
+    tex = [t for t in texts if re.search(r"\\[(\[)\]]|\\[A-Za-z]+\{|\$", t)]
+    assert not tex, f"search results with raw TeX: {tex[:3]}"

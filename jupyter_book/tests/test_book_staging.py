@@ -3,6 +3,8 @@ notebooks are prepared, the generated table of contents, the CDN and thebe filte
 
 from __future__ import annotations
 
+import re
+
 import nbformat
 import pytest
 from bs4 import BeautifulSoup
@@ -124,3 +126,103 @@ def test_notebooks_run_in_normal_mode(build_module):
     assert "TRANSFORMER_LAB_GRADING" not in env
     assert env["PATH"] == "/usr/bin"
     assert env["PYTHONPATH"].split(":")[0].endswith("lib")
+
+
+# --------------------------------------------------------------------------- lecture overview
+
+
+def test_every_lecture_has_goals_prerequisites_and_exercise_headings(build_module):
+    """The overview boxes are built from every released lecture: its title cell's **Learning
+    goals.** and **Prerequisites.** paragraphs, and one "### Exercise N (P points): title" heading
+    per exercise whose points are the test cells' nbgrader points."""
+    for path in build_module.find_lectures(build_module.ROOT / "course"):
+        nb = nbformat.read(path, as_version=4)
+        head, tail, goals = build_module.split_title_cell(nb.cells[0].source, path.stem)
+        assert head.startswith("# ") and "**Why it matters.**" in head, path.stem
+        assert "**Notation" in tail and "**How the exercises work.**" in tail, path.stem
+        assert "**Learning goals" not in head + tail and "**Prerequisites" not in head + tail
+        assert goals["Learning goals"].count("\n1. ") == 1, f"{path.stem}: the goals are a numbered list"
+        assert len(goals["Prerequisites"]) > 20
+        found = build_module.exercises(nb)
+        assert len(found) >= 3 and [e["number"] for e in found] == list(range(1, len(found) + 1)), path.stem
+        headings = [line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines()
+                    if build_module.EXERCISE_HEADING.match(line)]
+        for e, heading in zip(found, headings, strict=True):
+            stated = re.search(r"\((\d+) points?\)", heading)
+            assert stated and int(stated[1]) == e["points"], f"{path.stem}: {heading!r} vs {e['points']} points"
+        est = build_module.time_estimate(nb)
+        assert est["total_min"] % 5 == 0 and 30 <= est["total_min"] <= 240, (path.stem, est)
+
+
+def test_title_cell_split_and_a_missing_paragraph(build_module):
+    source = ("# Lecture 99 — X\n\n**Why it matters.** Because.\n\n**Learning goals.** After this you can\n\n"
+              "1. a;\n2. b.\n\n**Prerequisites.** Lecture 01.\nPyTorch.\n\n**Notation.** $L$ length.\n\n"
+              "## A heading\n\ntext")
+    head, tail, goals = build_module.split_title_cell(source, "99_x")
+    assert goals == {"Learning goals": "After this you can\n\n1. a;\n2. b.", "Prerequisites": "Lecture 01.\nPyTorch."}
+    assert head == "# Lecture 99 — X\n\n**Why it matters.** Because."
+    assert tail == "**Notation.** $L$ length.\n\n## A heading\n\ntext"
+    with pytest.raises(SystemExit, match=r"99_x: the title cell has no \*\*Prerequisites\.\*\*"):
+        build_module.split_title_cell("# T\n\n**Learning goals.** a", "99_x")
+
+
+def test_overview_boxes_and_launch_links(build_module):
+    nb = _notebook()
+    nb.cells[0].source = "# Lecture 07: X\n\n**Learning goals.** You can\n\n1. a.\n\n**Prerequisites.** None."
+    nb.cells.insert(1, nbformat.v4.new_markdown_cell("### Exercise 1 (1 point): the thing"))
+    links = {"repository_url": "https://github.com/org/tlab", "branch": "main", "site_branch": "gh-pages",
+             "binderhub_url": "https://mybinder.org", "jupyterhub_url": "https://hub.example.edu", "library_pip": ""}
+    staged = build_module.add_overview(nb, "07_x", links)
+    assert staged.cells[0].source == "# Lecture 07: X"  # nothing after the boxes: no empty cell
+    box = staged.cells[1].source
+    assert staged.cells[2].source.startswith("### Exercise 1")
+    for cls in ("overview-goals", "overview-prerequisites", "overview-time", "overview-run"):
+        assert f"{cls}\n" in box
+    assert "| 1 · the thing | 1 |" in box and "| **total** | **1** |" in box
+    assert dict(build_module.launch_links("07_x", links)) == {
+        "Download the notebook": "../../notebooks/07_x.ipynb",
+        "Binder": "https://mybinder.org/v2/gh/org/tlab/main?urlpath=lab%2Ftree%2Fcourse%2F07_x%2F07_x.ipynb",
+        "Colab": "https://colab.research.google.com/github/org/tlab/blob/gh-pages/notebooks/07_x.ipynb",
+        "JupyterHub": "https://hub.example.edu/hub/user-redirect/git-pull?repo=https%3A%2F%2Fgithub.com%2Forg%2Ftlab"
+                      "&branch=main&urlpath=lab%2Ftree%2Ftlab%2Fcourse%2F07_x%2F07_x.ipynb",
+        "Repository": "https://github.com/org/tlab",
+    }
+    assert build_module.library_requirement(links) == "transformer-lab @ git+https://github.com/org/tlab@main"
+    # nothing configured: the download only; a non-GitHub repository: Binder's git provider, no Colab
+    bare = dict(links, repository_url="")
+    assert [label for label, _ in build_module.launch_links("07_x", bare)] == ["Download the notebook"]
+    gitlab = dict(links, repository_url="https://gitlab.com/org/tlab")
+    labels = dict(build_module.launch_links("07_x", gitlab))
+    assert "Colab" not in labels and labels["Binder"].startswith("https://mybinder.org/v2/git/https%3A%2F%2Fgitlab.com")
+
+
+def test_course_links_file_is_checked(tmp_path, build_module):
+    assert build_module.load_links()["branch"]  # the repository's own file loads
+    bad = tmp_path / "course.yml"
+    for text, message in (("repository: x\n", "unknown key"), ("branch: 3\n", "must be a string"),
+                          ("jupyterhub_url: hub.example.edu\n", "must be an http")):
+        bad.write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            build_module.load_links(bad)
+
+
+def test_downloaded_notebook_installs_the_library_only_when_missing(tmp_path, build_module, monkeypatch):
+    folder = tmp_path / "07_x"
+    folder.mkdir()
+    (folder / "data.json").write_text('{"a": 1}')
+    nb = build_module.downloadable_notebook(_notebook(), folder, "transformer-lab @ git+https://x/y@main")
+    cell = nb.cells[0]
+    assert cell.metadata["tags"] == ["install-if-missing"] and len(nb.cells) == len(_notebook().cells) + 1
+    import importlib.util
+    import subprocess
+    calls = []
+    monkeypatch.setattr(subprocess, "check_call", lambda cmd: calls.append(cmd))
+    monkeypatch.chdir(tmp_path)
+    exec(cell.source, {})  # the library is importable here: nothing is installed
+    assert calls == [] and (tmp_path / "data.json").read_text() == '{"a": 1}'
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as on Colab
+    exec(cell.source, {})
+    assert calls and calls[0][-1] == "transformer-lab @ git+https://x/y@main" and calls[0][1:4] == ["-m", "pip", "install"]
+    nowhere = build_module.downloadable_notebook(_notebook(), folder, "")
+    with pytest.raises(RuntimeError, match="pip install -e"):
+        exec(nowhere.cells[0].source, {})
