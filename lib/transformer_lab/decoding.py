@@ -19,7 +19,8 @@ Papers
 * Chen, Borgeaud, Irving, Lespiau, Sifre, Jumper 2023, "Accelerating Large Language Model
   Decoding with Speculative Sampling", arXiv:2302.01318: Algorithm 2 (the same rule, found
   independently), Theorem 1 (the output has the target's distribution).
-* Nair, Bhojanapalli, et al. 2024, "Tandem Transformers for Inference Efficient LLMs",
+* Aishwarya P S, Nair, Samaga, Boyd, Kumar, Jain, Netrapalli 2024, "Tandem Transformers for
+  Inference Efficient LLMs",
   arXiv:2402.08644: sec. 3 (a small model generating blocks while attending to the large
   model's representations of earlier blocks), sec. 4 (Tandem as the drafter of speculative
   decoding, "SPEED"). Built here in miniature (:class:`TandemLM`).
@@ -39,10 +40,10 @@ The papers' letters collide with the course's (``q`` is a query, ``alpha`` LoRA'
   n_beam              the beam width                                  (the papers' B or k)
   lp                  the length-normalisation exponent ``length_penalty`` (GNMT's alpha)
   n_draft             tokens the draft proposes per round             (Leviathan's gamma, Chen's K)
-  L_blk               a Tandem block's length                         (Nair et al.'s gamma)
+  L_blk               a Tandem block's length                         (the Tandem paper's gamma)
   cA                  the acceptance rate E[sum_x min(p, p~)], calligraphic A, $\mathcal A$
                       (Leviathan's alpha; alpha is LoRA's scale and a an index in this course)
-  E_tok               expected tokens per target call                 (Leviathan's eq. 1)
+  n_tok (n-bar)       expected tokens per target call, $\bar n_\text{tok}$ (Leviathan's eq. 1)
   N, d_model, H, D    layers, width, heads, head dimension (as everywhere)
 
 Equations
@@ -105,9 +106,9 @@ exactly the target's distribution: ``P(emit x) = p~(x) min(1, p(x)/p~(x)) + (1 -
 the probability of acceptance (Leviathan Thm 3.5, Chen Thm 1). With acceptances i.i.d. at rate cA,
 the expected number of tokens per target call is (:func:`expected_tokens_per_call`)::
 
-    E_tok = (1 - cA^(n+1)) / (1 - cA)          (= n + 1 when cA = 1, 1 when cA = 0)
+    n_tok = (1 - cA^(n+1)) / (1 - cA)          (= n + 1 when cA = 1, 1 when cA = 0)
 
-so the target is called ``1 / E_tok`` times per token. :func:`speculative_distribution` computes
+so the target is called ``1 / n_tok`` times per token. :func:`speculative_distribution` computes
 the exact output distribution of the whole procedure by enumeration (a small vocabulary), and
 :func:`chi_square_test` tests sampled outputs against the target's distribution.
 
@@ -1079,7 +1080,7 @@ class NGramLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# Tandem transformers in miniature (Nair et al. 2024)
+# Tandem transformers in miniature (Aishwarya P S et al. 2024)
 # ----------------------------------------------------------------------------
 
 def tandem_mask(L: int, block: int, device=None) -> Tensor:
@@ -1124,7 +1125,7 @@ class TandemBlock(nn.Module):
 
 
 class TandemLM(nn.Module):
-    """Tandem transformers in miniature (Nair et al. 2024, arXiv:2402.08644).
+    """Tandem transformers in miniature (Aishwarya P S et al. 2024, arXiv:2402.08644).
 
     A frozen large :class:`models.TransformerLM` (``large``) and a small model (embedding,
     sinusoidal positions, ``n_layers`` :class:`TandemBlock`, head) of width ``d_model``. The
@@ -1372,7 +1373,7 @@ def calls_per_token_sweep(target, draft, prompts: Tensor, n_new: int = 64,
 
     For each ``n_draft``: :func:`speculative_generate` of ``n_new`` tokens from ``prompts`` (B, L);
     returns one dict per ``n_draft`` with ``"n_draft"``, ``"calls_per_token"`` (measured),
-    ``"alpha"`` (measured acceptance rate cA), ``"predicted"`` (``1 / E_tok`` at that cA,
+    ``"alpha"`` (measured acceptance rate cA), ``"predicted"`` (``1 / n_tok`` at that cA,
     Leviathan eq. 1) and ``"draft_calls_per_token"``.
 
     Measured (:func:`train_lm_pair` defaults, seeds 0-4, the 8 prompts of

@@ -9,7 +9,7 @@ what the acceptance rate and the draft length do to speculative decoding.
   the entropy.
 * :func:`speculative_explorer`: sliders for the acceptance rate ``cA`` and the draft length
   ``n_draft``: the distribution of the number of tokens one round emits (1 .. n_draft + 1, i.i.d.
-  acceptances) and the expected tokens per target call ``E_tok`` against ``n_draft`` for that cA
+  acceptances) and the expected tokens per target call ``n_tok`` (the lecture's n-bar_tok) against ``n_draft`` for that cA
   (:func:`decoding.expected_tokens_per_call`).
 """
 
@@ -92,7 +92,7 @@ def sampling_explorer(logits: Optional[torch.Tensor] = None, temperature: float 
 def speculative_state(alpha: float = 0.7, n_draft: int = 4, max_draft: int = 10) -> dict:
     """Tokens per round when each draft token is accepted with probability cA = ``alpha``
     independently: P(emit j tokens) = cA^(j-1) (1 - cA) for j <= n_draft, cA^n_draft for
-    j = n_draft + 1; E_tok for n_draft = 1 .. max_draft."""
+    j = n_draft + 1; n_tok for n_draft = 1 .. max_draft."""
     a, n = float(alpha), int(n_draft)
     probs = [a ** (j - 1) * (1 - a) for j in range(1, n + 1)] + [a ** n]  # j = 1 .. n + 1
     mean = sum(j * p for j, p in zip(range(1, n + 2), probs, strict=True))
@@ -103,7 +103,7 @@ def speculative_state(alpha: float = 0.7, n_draft: int = 4, max_draft: int = 10)
 
 
 def speculative_figure(state: dict):
-    """Left: tokens per round; right: E_tok against n_draft (and its limit 1 / (1 - cA))."""
+    """Left: tokens per round; right: n_tok against n_draft (and its limit 1 / (1 - cA))."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
@@ -111,13 +111,13 @@ def speculative_figure(state: dict):
     ax.bar(state["tokens"], state["probs"], color="tab:blue")
     ax.set_xlabel("tokens emitted by one target call")
     ax.set_ylabel("probability")
-    ax.set_title(f"cA = {state['alpha']:.2f}, n_draft = {state['n_draft']}: "
-                 f"E_tok = {state['e_tok']:.2f} tokens per call", fontsize=10)
+    ax.set_title(f"A = {state['alpha']:.2f}, n_draft = {state['n_draft']}: "
+                 f"n_tok = {state['e_tok']:.2f} tokens per call", fontsize=10)
     ax = axes[1]
     ns = list(range(1, len(state["curve"]) + 1))
-    ax.plot(ns, state["curve"], "o-", color="tab:orange", label="(1 - cA^(n+1)) / (1 - cA)")
+    ax.plot(ns, state["curve"], "o-", color="tab:orange", label="(1 - A^(n+1)) / (1 - A)")
     if math.isfinite(state["limit"]):
-        ax.axhline(state["limit"], color="grey", linestyle=":", label="limit 1 / (1 - cA)")
+        ax.axhline(state["limit"], color="grey", linestyle=":", label="limit 1 / (1 - A)")
         ax.set_ylim(0.9, 1.08 * state["limit"])
     ax.axvline(state["n_draft"], color="black", linestyle="--", linewidth=0.8)
     ax.set_xlabel("draft length n_draft")
@@ -132,7 +132,7 @@ def speculative_explorer(alpha: float = 0.7, n_draft: int = 4):
     if grading_mode():
         return WidgetsOff()
     controls = {
-        "alpha": widgets.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description="cA"),
+        "alpha": widgets.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description="A (accept)"),
         "n_draft": widgets.IntSlider(value=n_draft, min=1, max=10, description="n_draft"),
     }
 
