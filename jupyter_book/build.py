@@ -40,6 +40,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 import zlib
 from html import escape as html_escape
@@ -162,15 +163,81 @@ def make_toc(lectures: list[tuple[str, str]]) -> dict:
     }
 
 
-def lecture_table(lectures: list[tuple[str, str]]) -> str:
-    """Markdown table of (folder name, title) pairs, linking each lecture page."""
-    rows = ["| # | lecture | notebook |", "|---|---|---|"]
+def lecture_table(lectures: list[tuple[str, str]], needs: dict[str, list[str]] | None = None) -> str:
+    """Markdown table of (folder name, title) pairs, linking each lecture page, with the lectures
+    each one builds on (``needs``: folder name -> numbers, from its prerequisites)."""
+    needs = needs or {}
+    by_number = {name.split("_", 1)[0]: name for name, _ in lectures}
+    rows = ["| # | lecture | builds on |", "|---|---|---|"]
     for name, title in lectures:
         number = name.split("_", 1)[0]
+        before = ", ".join(f"[{n}]({page_source(by_number[n])}.ipynb)" if n in by_number else n
+                           for n in needs.get(name, [])) or "—"
         rows.append(
-            f"| {number} | [{short_title(title)}]({page_source(name)}.ipynb) | `course/{name}/{name}.ipynb` |"
+            f"| {number} | [{short_title(title)}]({page_source(name)}.ipynb) | {before} |"
         )
     return "\n".join(rows)
+
+
+#: "Lecture 01", "lectures 05 and 06", "Lectures 01-02" in a lecture's prerequisites.
+LECTURE_MENTION = re.compile(r"[Ll]ectures?\s+(\d{2}(?:\s*(?:,|and|-|–|to)\s*\d{2})*)")
+
+
+def prerequisite_numbers(text: str, own: str) -> list[str]:
+    """The earlier lectures a prerequisites paragraph names ("01-03" is 01, 02, 03), sorted."""
+    found: set[int] = set()
+    for group in LECTURE_MENTION.findall(text):
+        for part in re.split(r"\s*(?:,|and)\s*", group):
+            ends = [int(x) for x in re.split(r"\s*(?:-|–|to)\s*", part) if x]
+            found.update(range(ends[0], ends[-1] + 1))
+    return [f"{n:02d}" for n in sorted(found) if n < int(own)]
+
+
+def course_map_svg(lectures: list[tuple[str, str]], needs: dict[str, list[str]], path: Path) -> str:
+    """Draw which lecture builds on which (an arc from each prerequisite to the lecture that needs
+    it, earlier lectures on the left) into ``path`` (SVG); return its alt text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Arc
+
+    numbers = [name.split("_", 1)[0] for name, _ in lectures]
+    x = {n: i for i, n in enumerate(numbers)}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.62 * len(numbers)), 3.0))
+    tallest = 0.0
+    for name, _ in lectures:
+        to = name.split("_", 1)[0]
+        for frm in needs.get(name, []):
+            if frm in x:
+                width = x[to] - x[frm]
+                tallest = max(tallest, width / 2)
+                # one colour for all arcs: the map reads by position, not by colour
+                ax.add_patch(Arc(((x[frm] + x[to]) / 2, 0), width, width, theta1=0, theta2=180,
+                                 color="#0072B2", lw=1.1, alpha=0.75))
+    for name, title in lectures:
+        n = name.split("_", 1)[0]
+        ax.plot(x[n], 0, "o", ms=17, color="white", mec="#333333", mew=1.2, zorder=3)
+        ax.text(x[n], 0, n, ha="center", va="center", fontsize=8, zorder=4)
+        label = textwrap.shorten(short_title(title).split(":")[0], 36, placeholder="…")
+        ax.text(x[n], -0.45, "\n".join(textwrap.wrap(label, 20)), rotation=40, ha="right", va="top", fontsize=7)
+    ax.set_xlim(-1.0, len(numbers))
+    ax.set_ylim(-3.2, tallest + 0.5)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, format="svg")
+    plt.close(fig)
+    parts = [f"{name.split('_', 1)[0]} builds on {', '.join(needs[name])}" for name, _ in lectures if needs.get(name)]
+    return "Course map, an arc from each lecture to a later one that builds on it: " + "; ".join(parts) + "."
+
+
+def course_map_markdown(lectures: list[tuple[str, str]], needs: dict[str, list[str]], work: Path) -> str:
+    """The landing page's lecture table followed by the course map figure (written into ``work``)."""
+    alt = course_map_svg(lectures, needs, work / "course-map.svg")
+    return (lecture_table(lectures, needs) + "\n\n```{figure} course-map.svg\n:alt: " + alt
+            + "\n:width: 100%\n\nThe course map: an arc joins a lecture (left) to a later one that builds on it "
+            "(its prerequisites).\n```")
 
 
 # --------------------------------------------------------------------------- lecture overview
@@ -496,6 +563,7 @@ def stage(course: Path, execute: str, work: Path = WORK) -> list[tuple[str, str]
         shutil.rmtree(WORK)
     (WORK / "lectures").mkdir(parents=True)
     lectures = []
+    needs: dict[str, list[str]] = {}
     links = load_links()
     downloads = WORK / "_site_extra" / "notebooks"
     downloads.mkdir(parents=True)
@@ -510,13 +578,15 @@ def stage(course: Path, execute: str, work: Path = WORK) -> list[tuple[str, str]
         nbformat.write(downloadable_notebook(nb, path.parent, library_requirement(links)),
                        WORK / "_site_extra" / download_path(path.stem))
         lectures.append((path.stem, notebook_title(nb, path.stem)))
+        needs[path.stem] = prerequisite_numbers(split_title_cell(nb.cells[0].source, path.stem)[2]["Prerequisites"],
+                                                path.stem.split("_", 1)[0])
 
     config = yaml.safe_load((BOOK / "_config.yml").read_text())
     config["execute"]["execute_notebooks"] = execute
     (WORK / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     (WORK / "_toc.yml").write_text(yaml.safe_dump(make_toc(lectures), sort_keys=False))
     intro = (BOOK / "intro.md").read_text()
-    intro = LECTURE_LIST_MARKER.sub(lambda _: lecture_table(lectures), intro)
+    intro = LECTURE_LIST_MARKER.sub(lambda _: course_map_markdown(lectures, needs, WORK), intro)
     (WORK / "intro.md").write_text(intro)
     shutil.copy2(BOOK / "logo.svg", WORK / "logo.svg")
     stage_assets(WORK / "_site_extra")

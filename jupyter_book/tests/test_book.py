@@ -249,3 +249,15 @@ def test_every_lecture_opens_with_the_same_four_boxes_and_a_working_download(bui
         copy = nbformat.read(download, as_version=4)
         assert copy.cells[0].metadata["tags"] == ["install-if-missing"]
         assert [c.source for c in copy.cells[1:]] == [c.source for c in nb.cells], notebook.stem
+
+
+def test_landing_page_has_the_course_map(built_site, lectures):
+    """The lecture table says which lecture builds on which, and the course map draws it with alt text."""
+    soup = BeautifulSoup((built_site / "intro.html").read_text(encoding="utf-8"), "html.parser")
+    img = soup.select_one("figure img[src*='course-map']")
+    assert img is not None and img["alt"].startswith("Course map"), "no course map figure on the landing page"
+    assert (built_site / "intro.html").parent.joinpath(img["src"]).is_file()
+    headers = [th.get_text(strip=True) for th in soup.select("table thead th")][:3]
+    assert headers == ["#", "lecture", "builds on"]
+    if len(lectures) > 1:
+        assert " builds on " in img["alt"]

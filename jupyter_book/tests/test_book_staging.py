@@ -64,7 +64,9 @@ def test_title_and_lecture_table(build_module):
                   "Lecture 7: Low-rank attention", "Low-rank attention"):
         assert build_module.short_title(title) == "Low-rank attention"
     table = build_module.lecture_table([("07_low_rank", "Lecture 07 — Low-rank attention")])
-    assert "| 07 | [Low-rank attention](lectures/07_low_rank/07_low_rank.ipynb) |" in table
+    assert "| 07 | [Low-rank attention](lectures/07_low_rank/07_low_rank.ipynb) | — |" in table.splitlines()
+    table = build_module.lecture_table([("01_a", "A"), ("07_low_rank", "B")], {"07_low_rank": ["01", "05"]})
+    assert "| 07 | [B](lectures/07_low_rank/07_low_rank.ipynb) | [01](lectures/01_a/01_a.ipynb), 05 |" in table.splitlines()
     assert build_module.page_path("07_low_rank") == "lectures/07_low_rank/07_low_rank.html"
 
 
@@ -226,3 +228,25 @@ def test_downloaded_notebook_installs_the_library_only_when_missing(tmp_path, bu
     nowhere = build_module.downloadable_notebook(_notebook(), folder, "")
     with pytest.raises(RuntimeError, match="pip install -e"):
         exec(nowhere.cells[0].source, {})
+
+
+def test_prerequisites_become_the_course_map(tmp_path, build_module):
+    text = "Lecture 01 (masks), lectures 05\nand 06, Lectures 02-03; lecture 09 (a later one) and lecture 14"
+    assert build_module.prerequisite_numbers(text, "10") == ["01", "02", "03", "05", "06", "09"]
+    assert build_module.prerequisite_numbers("No earlier lecture.", "01") == []
+    lectures = [("01_a", "Lecture 01 — A"), ("02_b", "Lecture 02 — B: more"), ("03_c", "Lecture 03 — C")]
+    needs = {"01_a": [], "02_b": ["01"], "03_c": ["01", "02"]}
+    md = build_module.course_map_markdown(lectures, needs, tmp_path)
+    svg = (tmp_path / "course-map.svg").read_text()
+    (tmp_path / "none").mkdir()
+    build_module.course_map_markdown(lectures, {}, tmp_path / "none")
+    unlinked = (tmp_path / "none" / "course-map.svg").read_text()
+    assert svg.count("<path") - unlinked.count("<path") == 3  # three arcs: 01-02, 01-03, 02-03
+    assert ":alt: Course map, an arc from each lecture to a later one that builds on it: 02 builds on 01; 03 builds on 01, 02." in md
+    # every released lecture's prerequisites name only earlier lectures that exist
+    names = {p.stem[:2] for p in build_module.find_lectures(build_module.ROOT / "course")}
+    for path in build_module.find_lectures(build_module.ROOT / "course"):
+        nb = nbformat.read(path, as_version=4)
+        found = build_module.prerequisite_numbers(build_module.split_title_cell(nb.cells[0].source, path.stem)[2]["Prerequisites"], path.stem[:2])
+        assert set(found) <= names, (path.stem, found)
+        assert found or path.stem.startswith("01"), f"{path.stem} names no earlier lecture in its prerequisites"
