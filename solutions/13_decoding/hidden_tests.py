@@ -90,14 +90,6 @@ def _tp_probabilities(logits, top_p):
     return _tp_with(logits, top_p, lambda p, t: (p.cumsum(-1) - p) >= t, probs_out=True)
 
 
-def _tp_prob_threshold(logits, top_p):  # keep tokens whose own probability is at least 1 - top_p
-    p = torch.softmax(logits.double(), -1)
-    return logits.masked_fill(p < 1 - top_p, float("-inf")) if top_p < 1 else logits.clone()
-
-
-def _tp_on_logits(logits, top_p):  # the cumulative sum of the raw logits instead of probabilities
-    return _tp_with(logits, top_p, lambda p, t: (p.log().cumsum(-1) - p.log()) >= t)
-
 
 # --------------------------------------------------------------------------- ex2: cached_attention
 
@@ -304,9 +296,6 @@ def _acc_bonus_last_draft_row(p, q, x, u):
     return _acc_from(p, q, x, u, _ok, _normres, bonus_row=lambda n: n - 1)
 
 
-def _acc_u_greater(p, q, x, u):  # accepted when u > p/q: the comparison turned around
-    return _acc_from(p, q, x, u, lambda pp, qq, uu: uu * qq > pp, _normres)
-
 
 TESTS = [
     HiddenTest(
@@ -328,11 +317,6 @@ TESTS = [
                 _tp_zero_fill,
             "returned probabilities: return the logits with -inf outside the nucleus":
                 _tp_probabilities,
-            "kept the tokens whose own probability is large: the nucleus is the smallest set of top tokens whose "
-            "SUM reaches top_p":
-                _tp_prob_threshold,
-            "the cumulative sum was taken over logits: take it over the probabilities softmax(z)":
-                _tp_on_logits,
         },
         hint="sort softmax(z) descending, drop a token when (cumsum - probs) >= top_p, scatter the mask back to "
              "the vocabulary order, masked_fill with -inf; top_p = 1 returns the logits; ValueError outside (0, 1]",
@@ -394,8 +378,6 @@ TESTS = [
                 _acc_inverted,
             "accepted when p(x) >= p~(x), ignoring u: accept with probability p/p~, i.e. when u < p(x) / p~(x)":
                 _acc_deterministic,
-            "the comparison is turned around: accept when u < p(x) / p~(x), not u > p(x) / p~(x)":
-                _acc_u_greater,
             "counted the accepted tokens after the first rejection too: stop at the first rejection":
                 _acc_count_all,
             "the bonus token comes from p[n], the row after ALL n draft tokens, not p[n - 1]":
