@@ -1220,6 +1220,13 @@ def train_tandem(pair: Dict, steps: int = 200, block: int = 4, d_model: int = 32
     the mechanism (the mask, what each position sees, the information flow tested in
     ``test_decoding``) but should not claim a gain from this miniature. 10-15 s for both small
     models on the loaded 2-core CPU.
+
+    As the draft of :func:`speculative_generate` (8 corpus prompts of 16 characters, 32 new
+    tokens, n_draft 4; seeds 0-2, this function's defaults): acceptance Tandem 0.77-0.80 vs alone
+    0.74-0.77, target calls per token 0.31-0.34 vs 0.33-0.35: a small, consistent edge on three
+    seeds (reading the target's states pulls the small model towards the target's predictions
+    even where its loss is no better), not a speed-up (the teacher-forced TandemLM runs the large
+    model in every draft call). 3-4 s for both small models on a quiet 2-core CPU.
     """
     from . import data
     from .device import seed_everything
