@@ -1406,7 +1406,7 @@ def train_lm_pair(seed: int = 0, target_steps: int = 150, draft_steps: int = 100
     """A target LM and a smaller draft LM on the same corpus and vocabulary (lecture 13's claims).
 
     Target: ``train_tiny_lm(seed, target_steps, **target_kwargs)`` (default d_model 64, 2
-    layers, 4 heads, sinusoidal positions, 106k parameters); draft: ``train_tiny_lm(seed + 1,
+    layers, 4 heads, sinusoidal positions, 112k parameters); draft: ``train_tiny_lm(seed + 1,
     draft_steps, d_model=32, n_layers=1, n_heads=2, **draft_kwargs)`` (19k parameters). Both:
     windows of 32 characters, batch 32, lr 3e-3 with cosine decay, the first 100k characters of
     the corpus (vocabulary of about 95 characters). Returns ``{"target": ..., "draft": ...,
