@@ -100,7 +100,9 @@ def _move_every_explorer(page, screenshot: Path) -> list[dict]:
             before = img.get_attribute("src")
             ex.screenshot(path=str(screenshot.with_name(f"{screenshot.stem}_explorer{e}_before.png")))
             field = live.first
-            if field.evaluate("f => f.tagName") == "SELECT":
+            if field.get_attribute("type") == "checkbox":
+                field.click()
+            elif field.evaluate("f => f.tagName") == "SELECT":
                 n = field.locator("option").count()
                 current = int(field.input_value())
                 field.select_option(str((current + 1) % n))
@@ -286,3 +288,40 @@ def test_search_results_show_no_raw_tex(server, browser, built_site, build_modul
     assert texts, "the search for 'queries' found nothing"
     tex = [t for t in texts if re.search(r"\\[(\[)\]]|\\[A-Za-z]+\{|\$", t)]
     assert not tex, f"search results with raw TeX: {tex[:3]}"
+
+
+def test_static_explorer_controls_switch_figures_in_the_browser(browser):
+    """Every kind of control of a static explorer (slider, menu, checkbox) switches the figure in a
+    real browser, and moving one control puts the others back at their starting values."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    from transformer_lab import viz
+
+    controls = {"n": widgets.IntSlider(value=1, min=1, max=3, description="n"),
+                "kind": widgets.Dropdown(options=["a", "b"], value="a", description="kind"),
+                "flip": widgets.Checkbox(value=False, description="flip")}
+
+    def draw(state):
+        fig, ax = plt.subplots(figsize=(1, 1))
+        ax.set_title(f"{state['n']}{state['kind']}{state['flip']}")
+        return fig
+
+    ex = viz.Explorer(controls, lambda v: dict(v), draw, title="t")
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        page.set_content(f"<html><body>{ex.static_html(steps=3, dpi=20)}</body></html>")
+        img = page.locator(".tlx-figure")
+        seen = [img.get_attribute("src")]
+        page.locator('input[type="checkbox"]').click()
+        seen.append(img.get_attribute("src"))
+        page.locator("select").select_option("1")
+        seen.append(img.get_attribute("src"))
+        assert not page.locator('input[type="checkbox"]').is_checked()  # back at its start
+        page.locator('input[type="range"]').focus()
+        page.keyboard.press("End")
+        seen.append(img.get_attribute("src"))
+    finally:
+        context.close()
+    assert len(set(seen)) == 4, "a control did not switch the figure"

@@ -491,7 +491,10 @@ def test_static_explorer_has_every_figure_of_its_grid(monkeypatch):
     assert starts == {0}  # every control's start shows the same first figure
     # distinct states: n (4 more), kind (1 more), flip (1 more), unused (none)
     assert len(data["images"]) == 1 + 4 + 1 + 1
-    assert text.count("<select") == 1 and text.count('type="range"') == 2 + 1 - 0  # n, unused, flip
+    assert text.count("<select") == 1 and text.count('type="range"') == 2  # n, unused
+    assert text.count('type="checkbox"') == 1  # flip stays a checkbox, not a two-value slider
+    assert by_name["flip"]["check"] == [by_name["flip"]["values"].index("False"), by_name["flip"]["values"].index("True")]
+    assert by_name["n"]["check"] is None
     assert "tiny &amp; &lt;test&gt;" in text and "<test>" not in text
     assert text.count(" disabled") == 1  # "unused"
     monkeypatch.setenv(viz.core.STATIC_ENV, "1")

@@ -239,6 +239,10 @@ def _is_menu(control) -> bool:
     return hasattr(control, "options")
 
 
+def _is_boolean(control) -> bool:
+    return isinstance(control, (widgets.Checkbox, widgets.ToggleButton))
+
+
 def _same(a, b) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
@@ -250,7 +254,7 @@ def _control_values(control, steps: int) -> list:
     value = control.value
     if _is_menu(control):
         return list(control._options_values) if hasattr(control, "_options_values") else list(control.options)
-    if isinstance(control, (widgets.Checkbox, widgets.ToggleButton)):
+    if _is_boolean(control):
         return [False, True]
     if isinstance(control, widgets.FloatLogSlider):
         exps = np.linspace(control.min, control.max, steps)
@@ -342,14 +346,17 @@ _STATIC_JS = """(function () {
   function show(i, j) {
     fields.forEach(function (f) {
       var k = +f.dataset.i, c = data.controls[k], v = (k === i) ? j : c.start;
-      f.value = String(v);
+      if (c.check) { f.checked = (v === c.check[1]); } else { f.value = String(v); }
       var out = f.parentNode.querySelector(".tlx-value");
       if (out) { out.textContent = c.values[v]; }
     });
     img.src = "data:image/png;base64," + data.images[data.controls[i].figures[j]];
   }
   fields.forEach(function (f) {
-    f.addEventListener("input", function () { show(+f.dataset.i, +f.value); });
+    var c = data.controls[+f.dataset.i];
+    f.addEventListener(c.check ? "change" : "input", function () {
+      show(+f.dataset.i, c.check ? c.check[f.checked ? 1 : 0] : +f.value);
+    });
   });
 })();"""
 
@@ -466,7 +473,11 @@ class Explorer(widgets.VBox):
             controls.append({"name": name, "label": _control_label(c, name),
                              "values": [_value_label(c, values[i]) for i in order], "figures": index,
                              "start": next(j for j, i in enumerate(order) if _same(values[i], start[name])),
-                             "menu": _is_menu(c), "live": len(set(index)) > 1})
+                             "menu": _is_menu(c), "live": len(set(index)) > 1,
+                             # a checkbox stays a checkbox: the positions of False and True
+                             "check": ([order.index(j) for j in (values.index(False), values.index(True))]
+                                       if _is_boolean(c) and {False, True} <= set(values[i] for i in order)
+                                       else None)})
         uid = "tlx-" + hashlib.sha1(json.dumps([self._title, [c["values"] for c in controls]]).encode()
                                      + str(id(self)).encode()).hexdigest()[:10]
         parts = [f'<div class="tl-static-explorer" id="{uid}">']
@@ -476,7 +487,10 @@ class Explorer(widgets.VBox):
         for i, c in enumerate(controls):
             disabled = "" if c["live"] else " disabled"
             label = html.escape(c["label"])
-            if c["menu"]:
+            if c["check"]:
+                checked = " checked" if c["start"] == c["check"][1] else ""
+                field = f'<input type="checkbox" data-i="{i}" aria-label="{label}"{checked}{disabled}>'
+            elif c["menu"]:
                 options = "".join(f'<option value="{j}"{" selected" if j == c["start"] else ""}>'
                                   f"{html.escape(v)}</option>" for j, v in enumerate(c["values"]))
                 field = f'<select data-i="{i}" aria-label="{label}"{disabled}>{options}</select>'
@@ -490,7 +504,8 @@ class Explorer(widgets.VBox):
         parts.append(f'<img class="tlx-figure" alt="{alt}" style="max-width:100%" '
                      f'src="data:image/png;base64,{images[first]}">')
         parts.append(f'<div class="tlx-note" style="font-size:85%;color:#555">{html.escape(STATIC_NOTE)}</div>')
-        data = {"images": images, "controls": [{k: c[k] for k in ("values", "figures", "start")} for c in controls]}
+        data = {"images": images,
+                "controls": [{k: c[k] for k in ("values", "figures", "start", "check")} for c in controls]}
         payload = json.dumps(data).replace("</", "<\\/")  # a label holding "</script>" cannot end the block
         parts.append(f'<script type="application/json" class="tlx-data">{payload}</script>')
         parts.append("<script>" + _STATIC_JS.replace("UID", uid) + "</script></div>")
