@@ -150,8 +150,13 @@ def drive_rollout(fn, target, n_ctx, return_scale, seed, t_max, weights, env_id)
     import gymnasium as gym
 
     env = gym.make(env_id, max_episode_steps=t_max)
+    calls = []
 
     def policy(rtg, states, actions, timesteps):
+        calls.append(1)
+        if len(calls) > t_max:
+            raise RuntimeError(f"policy: called more than t_max = {t_max} times in one episode; the episode ends "
+                               "when terminated or truncated (the environment's time limit truncates it)")
         for name, t in (("rtg", rtg), ("states", states), ("actions", actions), ("timesteps", timesteps)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != 1:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
