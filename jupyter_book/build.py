@@ -538,6 +538,44 @@ def strip_thebe(html_dir: Path) -> int:
     return changed
 
 
+#: An output figure's ``<img>`` as myst-nb writes it: the alt text is the file's path.
+FIGURE_IMG = re.compile(r'<img alt="([^"]*?_images/([0-9a-f]{64})\.[a-z]+)"')
+FIGURE_ALT_FALLBACK = "A figure drawn by the code cell above"
+
+
+def figure_alt_texts(executed: Path) -> dict[str, str]:
+    """{sha256 of an output image: its alt text} from the executed notebooks (myst-nb names each
+    image file by that digest); the text is ``viz.core.describe_figure``'s, put in the output's
+    metadata while the book runs the notebooks."""
+    alts = {}
+    for path in sorted(executed.rglob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            for output in cell.get("outputs", []):
+                png = output.get("data", {}).get("image/png")
+                alt = output.get("metadata", {}).get("alt")
+                if png and alt:
+                    alts[hashlib.sha256(base64.b64decode(png)).hexdigest()] = alt
+    return alts
+
+
+def set_figure_alt_texts(html_dir: Path, alts: dict[str, str]) -> dict[str, int]:
+    """Replace the file-path alt text of every output figure by its description (or a plain
+    fallback); count both."""
+    counts = {"described": 0, "fallback": 0}
+
+    def replace(match) -> str:
+        alt = alts.get(match[2])
+        counts["described" if alt else "fallback"] += 1
+        return f'<img alt="{html_escape(alt or FIGURE_ALT_FALLBACK)}"'
+
+    for page in html_dir.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        new = FIGURE_IMG.sub(replace, text)
+        if new != text:
+            page.write_text(new, encoding="utf-8")
+    return counts
+
+
 def cdn_references(html_dir: Path) -> list[str]:
     """Every ``<script src>``/``<link href>`` in the site that points at a CDN."""
     hits = []
@@ -643,6 +681,7 @@ def build(course: Path = ROOT / "course", execute: str = "force", out: Path = BU
     if missing:
         raise SystemExit(f"error: no page was built for {missing}")
     strip_thebe(html)
+    alt_counts = set_figure_alt_texts(html, figure_alt_texts(out / "jupyter_execute"))
     hits = cdn_references(html)
     if hits:
         raise SystemExit("error: the site still loads from a CDN:\n  " + "\n  ".join(hits))
@@ -652,6 +691,7 @@ def build(course: Path = ROOT / "course", execute: str = "force", out: Path = BU
         "lectures": [{"name": n, "title": t} for n, t in lectures],
         "execute": execute,
         "inputs_digest": inputs_digest(course),
+        "figure_alt_texts": alt_counts,
         "seconds": {"npm": round(t_npm, 1), "jupyter_book": round(t_build, 1),
                     "total": round(time.perf_counter() - t0, 1)},
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

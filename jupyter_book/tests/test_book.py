@@ -261,3 +261,18 @@ def test_landing_page_has_the_course_map(built_site, lectures):
     assert headers == ["#", "lecture", "builds on"]
     if len(lectures) > 1:
         assert " builds on " in img["alt"]
+
+
+def test_every_figure_has_alt_text(built_site, lectures, build_module):
+    """Output figures carry a description of themselves (title, kind, axes, legend:
+    viz.core.describe_figure) instead of myst-nb's file path."""
+    described = 0
+    for notebook in lectures:
+        soup = BeautifulSoup((built_site / build_module.page_path(notebook.stem)).read_text(encoding="utf-8"),
+                             "html.parser")
+        for img in soup.select("img"):
+            alt = img.get("alt", "")
+            assert alt and "_images/" not in alt, f"{notebook.stem}: an image without alt text: {img.get('src', '')[:80]}"
+            described += alt.startswith("Figure")
+    counts = __import__("json").loads((built_site / "build-info.json").read_text())["figure_alt_texts"]
+    assert described == counts["described"] > 0 and counts["fallback"] <= counts["described"] // 10, counts

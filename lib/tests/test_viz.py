@@ -521,3 +521,34 @@ def test_static_explorer_data_cannot_end_its_script_block():
     text = ex.static_html(dpi=10)
     assert text.count("</script>") == 2  # the data block's end and the code block's end
     assert _static_data(text)["controls"][0]["values"] == ["a", "</script><b>x"]
+
+
+def test_describe_figure_gives_alt_text_from_the_figure_itself(monkeypatch):
+    fig, (a, b) = plt.subplots(1, 2)
+    a.plot([0, 1], [1, 2], label=r"$\sqrt{d_k}$ scale")
+    a.plot([0, 1], [2, 1], label="_hidden")
+    a.legend()
+    a.set_title("softmax")
+    a.set_xlabel("$d_k$")
+    a.set_ylabel(r"max weight $\alpha$")
+    b.imshow(np.eye(3))
+    fig.colorbar(b.images[0], ax=b)
+    fig.suptitle(r"Attention $\mathcal{A}$")
+    text = viz.core.describe_figure(fig)
+    plt.close(fig)
+    assert text == ("Figure: Attention A. 2 panels: softmax: plot of max weight α against d_k (√d_k scale); "
+                    "heat map.")
+    fig, ax = plt.subplots()
+    ax.bar([0, 1], [1, 2])
+    assert viz.core.describe_figure(fig) == "Figure. Bar chart."
+    # only while the website is built: the inline backend's figure metadata gains the alt text
+    from matplotlib_inline import backend_inline
+
+    original = backend_inline._fetch_figure_metadata
+    monkeypatch.delenv(viz.core.STATIC_ENV, raising=False)
+    assert viz.core.install_alt_text() is False and backend_inline._fetch_figure_metadata is original
+    monkeypatch.setenv(viz.core.STATIC_ENV, "1")
+    monkeypatch.setattr(backend_inline, "_fetch_figure_metadata", original)
+    assert viz.core.install_alt_text() is True
+    assert backend_inline._fetch_figure_metadata(fig)["alt"] == "Figure. Bar chart."
+    plt.close(fig)

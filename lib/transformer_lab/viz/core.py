@@ -511,3 +511,83 @@ class Explorer(widgets.VBox):
         parts.append("<script>" + _STATIC_JS.replace("UID", uid) + "</script></div>")
         return "".join(parts)
 
+
+
+# --------------------------------------------------------------------------- alt text for the website
+
+_TEX_SYMBOLS = {"alpha": "α", "beta": "β", "gamma": "γ", "delta": "δ", "epsilon": "ε", "eta": "η",
+                "theta": "θ", "kappa": "κ", "lambda": "λ", "mu": "μ", "nu": "ν", "pi": "π", "rho": "ρ",
+                "sigma": "σ", "tau": "τ", "phi": "φ", "psi": "ψ", "omega": "ω", "Delta": "Δ", "Gamma": "Γ",
+                "Lambda": "Λ", "top": "ᵀ", "times": "×", "cdot": "·", "le": "≤", "ge": "≥", "leq": "≤",
+                "geq": "≥", "to": "→", "infty": "∞", "approx": "≈", "sqrt": "√", "sim": "~", "ell": "ℓ"}
+
+
+def tex_to_plain(text: str) -> str:
+    """"$\\sqrt{d_k}$ scale" -> "√d_k scale": math delimiters and wrappers dropped, Greek letters and
+    common symbols as characters (the website's search-fix.js does the same in the browser)."""
+    import re
+
+    text = re.sub(r"\\[()[\]]|\$\$?", "", text)
+    text = re.sub(r"\\(?:text|mathrm|mathsf|mathcal|mathbf|mathbb|boldsymbol|operatorname|bar|hat|tilde)\s*"
+                  r"\{([^{}]*)\}", r"\1", text)
+    text = re.sub(r"\\(?:text|mathrm|mathsf|mathcal|mathbf|mathbb|boldsymbol|operatorname|bar|hat|tilde|left|right)"
+                  r"(?![A-Za-z])\s*", "", text)
+    text = re.sub(r"\\([A-Za-z]+)", lambda m: _TEX_SYMBOLS.get(m[1], m[1]), text)
+    return re.sub(r"[{}]", "", re.sub(r"\\[,;:! ]", " ", text)).strip()
+
+
+def describe_figure(fig, max_panels: int = 6, max_chars: int = 400) -> str:
+    """Alt text for a matplotlib figure, from what the figure says about itself: its title, and for
+    each panel its title, kind (plot, bars, image or heat map), axis labels and legend entries.
+    The website sets it on every figure of a lecture (``TRANSFORMER_LAB_STATIC_WIDGETS``)."""
+    panels = []
+    axes = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
+    for ax in axes[:max_panels]:
+        title = ax.get_title() or ax.get_title(loc="left") or ax.get_title(loc="right")
+        kind = ("heat map" if ax.images or ax.collections and any(type(c).__name__ == "QuadMesh" for c in ax.collections)
+                else "bar chart" if ax.patches and not ax.lines else "plot" if ax.has_data() else "panel")
+        text = f"{title}: {kind}" if title else kind
+        x, y = ax.get_xlabel(), ax.get_ylabel()
+        if x or y:
+            text += f" of {y or 'values'} against {x or 'position'}"
+        labels = [lab for lab in ax.get_legend_handles_labels()[1] if lab and not lab.startswith("_")]
+        if labels:
+            text += " (" + ", ".join(labels[:6]) + (", ..." if len(labels) > 6 else "") + ")"
+        panels.append(tex_to_plain(text))
+    if len(axes) > max_panels:
+        panels.append(f"{len(axes) - max_panels} more panels")
+    suptitle = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) is not None else ""
+    head = "Figure" + (f": {tex_to_plain(suptitle)}" if suptitle else "")
+    body = "; ".join(panels) if panels else "no panels"
+    text = f"{head}. {len(axes)} panel{'s' if len(axes) != 1 else ''}: {body}." if len(axes) > 1 else f"{head}. {body[0].upper() + body[1:]}."
+    return text if len(text) <= max_chars else text[:max_chars - 1] + "…"
+
+
+def install_alt_text() -> bool:
+    """Give every inline matplotlib figure an ``alt`` entry in its output's metadata
+    (:func:`describe_figure`); the book's build copies it onto the page's ``<img>``. Only while the
+    website is built (``TRANSFORMER_LAB_STATIC_WIDGETS``); returns whether it was installed."""
+    if not os.environ.get(STATIC_ENV):
+        return False
+    try:
+        from matplotlib_inline import backend_inline
+    except ImportError:
+        return False
+    fetch = backend_inline._fetch_figure_metadata
+    if getattr(fetch, "_adds_alt", False):
+        return True
+
+    def fetch_with_alt(fig):
+        metadata = dict(fetch(fig) or {})
+        try:
+            metadata["alt"] = describe_figure(fig)
+        except Exception:  # noqa: BLE001 - alt text must never break a lecture's figure
+            pass
+        return metadata
+
+    fetch_with_alt._adds_alt = True
+    backend_inline._fetch_figure_metadata = fetch_with_alt
+    return True
+
+
+install_alt_text()
