@@ -615,3 +615,19 @@ def test_kv_cache_and_speculative_on_cuda():
         torch.testing.assert_close(inc, model(idx), atol=1e-5, rtol=1e-5)
     out, st = Dc.speculative_generate(model, model, idx[:, :3], 8, 3, generator=_gen(1))
     assert out.device.type == "cuda" and st["acceptance_rate"] == 1.0
+
+
+def test_train_tiny_lm_with_zero_steps_builds_no_optimiser(monkeypatch):
+    from transformer_lab import train as train_module
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("steps=0 must not call train.train (its AdamW imports torch._dynamo)")
+
+    monkeypatch.setattr(train_module, "train", no_training)
+    out = Dc.train_tiny_lm(seed=3, steps=0, d_model=16, n_layers=1, n_heads=2, max_chars=2000)
+    assert math.isnan(out["final_loss"]) and out["history"]["loss"] == [] and not out["model"].training
+    again = Dc.train_tiny_lm(seed=3, steps=0, d_model=16, n_layers=1, n_heads=2, max_chars=2000)
+    for a, b in zip(out["model"].parameters(), again["model"].parameters(), strict=True):
+        assert torch.equal(a, b)  # seeded: the same untrained model
+    with pytest.raises(ValueError, match="steps"):
+        Dc.train_tiny_lm(steps=-1, max_chars=2000)

@@ -1278,7 +1278,9 @@ def train_tiny_lm(seed: int = 0, steps: int = 200, d_model: int = 64, n_layers: 
     is built after ``seed_everything(seed)``. ``tokenizer`` (a ``CharTokenizer``) lets a second
     model share the first one's vocabulary (the draft and the target must). Returns a dict:
     ``model`` (eval mode), ``tokenizer``, ``text``, ``history``, ``final_loss`` (mean training
-    loss of the last 10% of steps), ``seconds`` (wall time).
+    loss of the last 10% of steps; NaN for ``steps=0``), ``seconds`` (wall time). ``steps=0`` returns
+    the untrained model without building an optimiser (lecture 13's grading mode: AdamW's first
+    construction imports ``torch._dynamo``, 1-3 s).
     """
     from . import data
     from .device import seed_everything
@@ -1293,12 +1295,17 @@ def train_tiny_lm(seed: int = 0, steps: int = 200, d_model: int = 64, n_layers: 
     model = TransformerLM(ModelConfig(vocab_size=tok.vocab_size, d_model=d_model, n_heads=n_heads,
                                       n_layers=n_layers, max_len=max(256, block_size),
                                       positions=positions))
-    hist = train(model, get_batch, steps=steps, lr=lr, warmup=max(1, steps // 10), seed=seed,
-                 schedule="cosine", progress=progress, desc=f"LM d={d_model} N={n_layers}")
+    _check_count("steps", steps, 0)
+    if steps == 0:  # an untrained model (no optimiser: its first construction imports torch._dynamo)
+        hist = {"loss": []}
+    else:
+        hist = train(model, get_batch, steps=steps, lr=lr, warmup=max(1, steps // 10), seed=seed,
+                     schedule="cosine", progress=progress, desc=f"LM d={d_model} N={n_layers}")
     model.eval()
     tail = hist["loss"][-max(1, steps // 10):]
     return {"model": model, "tokenizer": tok, "text": text, "history": hist,
-            "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
+            "final_loss": sum(tail) / len(tail) if tail else float("nan"),
+            "seconds": time.perf_counter() - start}
 
 
 def _corpus_prompts(tokenizer, text: str, n_prompts: int, prompt_len: int, n_after: int,
