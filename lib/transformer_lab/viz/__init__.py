@@ -43,6 +43,7 @@ builder                                lecture   shows
 ``ternary.quant_explorer``             12        ternary weights and n-bit activations
 ``decoding.sampling_explorer``         13        temperature, top-k and top-p on one distribution
 ``decoding.speculative_explorer``      13        acceptance rate and draft length: tokens per call
+``objectives.distill_explorer``        14        distillation's soft targets and loss vs temperature
 ``rl.target_explorer``                 15        a Decision Transformer's episodes for a target return
 =====================================  ========  ===================================================
 
