@@ -552,3 +552,15 @@ def test_describe_figure_gives_alt_text_from_the_figure_itself(monkeypatch):
     assert viz.core.install_alt_text() is True
     assert backend_inline._fetch_figure_metadata(fig)["alt"] == "Figure. Bar chart."
     plt.close(fig)
+
+
+def test_default_colours_are_colour_blind_safe():
+    """Importing the library's viz sets Okabe-Ito's palette as matplotlib's colour cycle."""
+    import matplotlib
+
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    assert [c.upper() for c in colours] == [c.upper() for c in viz.core.COLORBLIND_CYCLE]
+    fig, ax = plt.subplots()
+    line, = ax.plot([0, 1])
+    assert line.get_color().upper() == "#0072B2"
+    plt.close(fig)

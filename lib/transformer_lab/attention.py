@@ -147,7 +147,8 @@ def _check_mask(name: str, mask: Tensor, target: Sequence[int]) -> None:
     # broadcasting to target, written out: torch.broadcast_shapes would import sympy on its first
     # call (about 1 s, once per process: every notebook and every grading process paid it)
     shape = tuple(mask.shape)
-    ok = len(shape) <= len(target) and all(m in (1, t) for m, t in zip(reversed(shape), reversed(target)))
+    ok = len(shape) <= len(target) and all(
+        m in (1, t) for m, t in zip(reversed(shape), reversed(target), strict=False))
     if not ok:
         raise ValueError(f"{name} must broadcast to {target}; got {_shape(mask)}")
 

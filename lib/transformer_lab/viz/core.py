@@ -31,6 +31,21 @@ STATIC_NOTE = ("On this page each control moves alone, the others at their start
                "figures were drawn in advance. In JupyterLab every combination is drawn live.")
 
 
+#: Okabe and Ito's colour-blind-safe palette, ordered like matplotlib's default (blue, orange,
+#: green, red-ish first), so a figure that says "the orange line" keeps meaning the same line.
+COLORBLIND_CYCLE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
+
+
+def use_colorblind_palette() -> None:
+    """Make the colour-blind-safe palette matplotlib's default colour cycle (every lecture's setup
+    cell imports matplotlib already, so this costs nothing there). Colours a figure names
+    explicitly are not changed; sequential colour maps stay viridis-like (safe)."""
+    import matplotlib
+    from cycler import cycler
+
+    matplotlib.rcParams["axes.prop_cycle"] = cycler(color=list(COLORBLIND_CYCLE))
+
+
 def static_widgets() -> bool:
     """True while the website is built: widgets are drawn in advance, for a page with no kernel."""
     return os.environ.get(STATIC_ENV) == "1"
@@ -591,3 +606,4 @@ def install_alt_text() -> bool:
 
 
 install_alt_text()
+use_colorblind_palette()
