@@ -20,7 +20,7 @@ import torch
 from autograder.hidden import Case, HiddenTest
 from torch import nn
 
-from transformer_lab import rl
+from transformer_lab import rl, ssm
 from transformer_lab.viz import rl as vz
 
 # --------------------------------------------------------------------------- ex1: gru_gate
@@ -54,12 +54,21 @@ def gate_cases(rng):
     yield Case("4-D x, y (2, 2, 3, 7) float32", *draw((2, 2, 3), 7, torch.float32), 1.5)
 
 
-def _gate_variant(bias_sign=-1, swap=False, reset_after=False, transpose=True, cand=torch.tanh, residual=False):
+def _gate_variant(bias_sign=-1, swap=False, reset_after=False, transpose=True, cand=torch.tanh, residual=False,
+                  wu_swap=False, rz_swap=False, no_reset=False, xy_swap=False):
     def wrong(x, y, w, u, gate_bias):
         if residual:
             return x + y
+        if xy_swap:  # x and y trade places inside the gates; the output still mixes x and c
+            r = torch.sigmoid(x @ w[0].T + y @ u[0].T)
+            z = torch.sigmoid(x @ w[1].T + y @ u[1].T - gate_bias)
+            return (1 - z) * x + z * torch.tanh(x @ w[2].T + (r * y) @ u[2].T)
+        if wu_swap:
+            w, u = u, w
+        if rz_swap:
+            w, u = w[[1, 0, 2]], u[[1, 0, 2]]
         mm = (lambda a, m: a @ m.T) if transpose else (lambda a, m: a @ m)
-        r = torch.sigmoid(mm(y, w[0]) + mm(x, u[0]))
+        r = torch.ones_like(x) if no_reset else torch.sigmoid(mm(y, w[0]) + mm(x, u[0]))
         z = torch.sigmoid(mm(y, w[1]) + mm(x, u[1]) + bias_sign * gate_bias)
         c = cand(mm(y, w[2]) + (r * mm(x, u[2]) if reset_after else mm(r * x, u[2])))
         return z * x + (1 - z) * c if swap else (1 - z) * x + z * c
@@ -105,6 +114,10 @@ def _rtg_absolute_powers(rewards, discount=1.0):
     return torch.stack([(rewards[..., t:] * powers[t:]).sum(-1) for t in range(n)], -1)
 
 
+def _rtg_discount_now(rewards, discount=1.0):
+    return discount * rl.returns_to_go(rewards, discount)
+
+
 def _rtg_first_axis(rewards, discount=1.0):
     return rl.returns_to_go(rewards.movedim(0, -1), discount).movedim(-1, 0)
 
@@ -135,6 +148,8 @@ def _tok(order=(0, 1, 2), time_on=(True, True, True), how="stack", positions="st
             tokens = torch.cat(streams, dim=1)
         elif how == "features":
             tokens = torch.cat(streams, dim=-1)
+        elif how == "last":
+            tokens = torch.stack(streams, dim=-1).reshape(B, 3 * n, d)
         else:
             tokens = torch.stack(streams, dim=2).reshape(B, 3 * n, d)
         first = {"state": 1, "action": 2, "return": 0}[positions]
@@ -170,6 +185,8 @@ def drive_rollout(fn, target, n_ctx, return_scale, seed, t_max, weights, env_id)
         if not rtg.is_floating_point() or states.is_floating_point() or actions.is_floating_point() \
                 or timesteps.is_floating_point():
             raise TypeError("policy: rtg must be float, states, actions and timesteps integer (long)")
+        if rtg.dtype != torch.float32:
+            raise TypeError(f"policy: rtg must be float32, as the model's weights are; got {rtg.dtype}")
         feats = torch.tensor([float(rtg[0, -1]), float(rtg[0, 0]), float(states[0, -1]) / 47,
                               float(timesteps[0, -1]) / t_max, float(timesteps[0, 0]) / t_max, n / n_ctx,
                               float(actions[0, :-1].sum()) / (4 * n_ctx), float(actions[0, -1])], dtype=torch.float64)
@@ -270,6 +287,13 @@ TESTS = [
             "the matrices were not transposed: y W^T is y @ w[k].T, as nn.Linear computes": _gate_variant(transpose=False),
             "the candidate uses sigmoid: it is tanh": _gate_variant(cand=torch.sigmoid),
             "that is the residual sum x + y; the gate replaces it": _gate_variant(residual=True),
+            "W and U were swapped: the W's multiply the branch's output y, the U's the stream x":
+                _gate_variant(wu_swap=True),
+            "x and y were swapped inside the gates: the W's multiply the branch's output y, the U's the stream x, "
+            "and the reset gate multiplies x": _gate_variant(xy_swap=True),
+            "the reset and update gates' matrices were swapped: w[0], u[0] make g^reset, w[1], u[1] g^upd":
+                _gate_variant(rz_swap=True),
+            "the reset gate is missing: the candidate is tanh(y W_h^T + (g^reset * x) U_h^T)": _gate_variant(no_reset=True),
         },
         hint="g^reset = sigmoid(y W_r^T + x U_r^T), g^upd = sigmoid(y W_z^T + x U_z^T - gate_bias), "
              "c = tanh(y W_h^T + (g^reset x) U_h^T), out = (1 - g^upd) x + g^upd c, in x's dtype",
@@ -279,7 +303,8 @@ TESTS = [
         function="returns_to_go",
         cases=rtg_cases,
         reference=rl.returns_to_go,
-        blocked=[rl.returns_to_go, rl.OfflineData, rl.window_batches, rl.return_conditioning],
+        blocked=[rl.returns_to_go, rl.OfflineData, rl.window_batches, rl.return_conditioning,
+                 ssm.sequential_scan, ssm.parallel_scan, ssm.scan_cumprod, ssm.scan_logcumsumexp],
         unchanged=True,
         mistakes={
             "computed forward: that is the return so far; the return-to-go sums from t to the END": _rtg_forward,
@@ -288,6 +313,7 @@ TESTS = [
             "the powers of gamma count from the episode's start (gamma^t'); they count from t (gamma^(t' - t))":
                 _rtg_absolute_powers,
             "summed along the first axis: time is the LAST axis, each row its own trajectory": _rtg_first_axis,
+            "the discount multiplies r_t too: R_t = r_t + gamma R_{t+1}, only the FUTURE is discounted": _rtg_discount_now,
         },
         hint="R_t = r_t + discount * R_{t+1} from the last step backwards, along the last axis, in the rewards' dtype",
     ),
@@ -308,6 +334,8 @@ TESTS = [
             "the timestep embedding was added to the state token only: add it to all three":
                 _tok(time_on=(False, True, False)),
             "stacked along the feature axis: stack on a new axis 2 and reshape to (B, 3n, d)": _tok(how="features"),
+            "stacked on the LAST axis: (B, n, d, 3) reshaped mixes the features of the three tokens; stack on axis 2, "
+            "(B, n, 3, d)": _tok(how="last"),
             "positions are the action tokens (3 t + 2): the action is predicted from the STATE token, or it sees "
             "itself": _tok(positions="action"),
             "positions are the return-to-go tokens (3 t): the state token comes one later, 3 t + 1":
