@@ -165,9 +165,9 @@ seed    DT achieved at -400 -200 -100 -60 -40 -30 -20 -13 -5    BC      bands lo
 (bands: the mean achieved return over the targets <= -200, in (-200, -60] and in [-40, -13];
 Spearman: the rank correlation of target and achieved over the 8 targets <= the data's best.)
 Margins over the five seeds: mid - low >= 187, high - mid >= 23, high - BC >= 101 (BC gets
--136 to -215, about the data's mean: it imitates the mixture), Spearman >= 0.83; the best
-achieved is -17 to -27, below the data's best -13 (sampled actions next to the cliff
-sometimes fall), and asking for -5, above anything in the data, gives no more than asking for
+-136 to -215, at or above the data's mean: it imitates the mixture), Spearman >= 0.83; the best
+achieved (over the targets) is -17 to -27 (-17 to -32 at target -13), below the data's best
+-13 (sampled actions next to the cliff sometimes fall), and asking for -5, above anything in the data, gives no more than asking for
 -13. Asked for -100 or -200 the model walks into the cliff on purpose (what the data did with
 that much still to come). With greedy actions instead (``greedy=True``; measured at 400 steps,
 lr 3e-3, seeds 0-2) every target from -100 or -60 up gave exactly -13, and so did BC: the argmax
