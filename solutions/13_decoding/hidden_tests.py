@@ -9,6 +9,7 @@ peaked and a flat row, an empty cache, one new token and several, the draft equa
 a target that gives a drafted token probability 0, all tokens accepted and the first rejected.
 """
 
+import importlib.util
 import math
 
 import torch
@@ -19,6 +20,12 @@ from transformer_lab import attention as A
 from transformer_lab import decoding as Dc
 
 # --------------------------------------------------------------------------- ex1: top_p_filter
+
+# Hugging Face's nucleus filter does the exercise in one call: blocked where transformers is
+# installed (it is not a course dependency; find_spec does not import it)
+HF_TOP_P = (["transformers.generation.logits_process:TopPLogitsWarper.__call__"]
+            if importlib.util.find_spec("transformers") is not None else [])
+
 
 
 def top_p_reference(logits, top_p):
@@ -88,6 +95,35 @@ def _tp_zero_fill(logits, top_p):
 
 def _tp_probabilities(logits, top_p):
     return _tp_with(logits, top_p, lambda p, t: (p.cumsum(-1) - p) >= t, probs_out=True)
+
+
+def _tp_unscattered(logits, top_p):  # the mask of the sorted row applied to the row in vocabulary order
+    if top_p >= 1:
+        return logits.clone()
+    probs = torch.softmax(logits.double().sort(dim=-1, descending=True).values, dim=-1)
+    return logits.masked_fill((probs.cumsum(-1) - probs) >= top_p, float("-inf"))
+
+
+def _tp_sorted_logits(logits, top_p):  # returned the sorted logits themselves
+    if top_p >= 1:
+        return logits.clone()
+    sorted_z = logits.sort(dim=-1, descending=True).values
+    probs = torch.softmax(sorted_z.double(), dim=-1)
+    return sorted_z.masked_fill((probs.cumsum(-1) - probs) >= top_p, float("-inf"))
+
+
+def _tp_large_negative(logits, top_p):
+    return _tp_with(logits, top_p, lambda p, t: (p.cumsum(-1) - p) >= t, fill=-1e9)
+
+
+def _tp_softmax_first_axis(logits, top_p):  # softmax(dim=0): the rows mixed (a batch of rows)
+    if top_p >= 1:
+        return logits.clone()
+    sorted_z, order = logits.double().sort(dim=-1, descending=True)
+    probs = torch.softmax(sorted_z, dim=0)  # one row: the same as dim=-1
+    drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 
@@ -164,6 +200,13 @@ def _ca_strict(q, k_new, v_new, k_cache, v_cache):  # a query cannot see its own
     return out.nan_to_num(0.0), k_all, v_all
 
 
+def _ca_softmax_keys_axis(q, k_new, v_new, k_cache, v_cache):  # softmax over the queries (dim=-2)
+    k_all, v_all = torch.cat([k_cache, k_new], 2), torch.cat([v_cache, v_new], 2)
+    s = (q.double() @ k_all.double().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~A.causal_mask(q.shape[2], k_all.shape[2]), float("-inf"))
+    return (torch.softmax(s, -2).nan_to_num(0.0) @ v_all.double()).to(q.dtype), k_all, v_all
+
+
 def _ca_ignores_cache(q, k_new, v_new, k_cache, v_cache):
     out, _, _ = _ca_from(q, k_new, v_new, k_cache, v_cache, A.causal_mask, use_cache=False)
     return out, torch.cat([k_cache, k_new], 2), torch.cat([v_cache, v_new], 2)
@@ -228,7 +271,8 @@ def accept_cases(rng):
     yield Case("V = 12, n = 6, closer distributions (a better draft), u uniform", p, q, x, u)
 
 
-def _acc_from(p, q, draft_tokens, u, accept, resid, count_all=False, bonus_row=None):
+def _acc_from(p, q, draft_tokens, u, accept, resid, count_all=False, bonus_row=None, plus_one=False,
+              resid_row=0):
     n = q.shape[0]
     n_acc = 0
     first = None
@@ -244,7 +288,8 @@ def _acc_from(p, q, draft_tokens, u, accept, resid, count_all=False, bonus_row=N
     if first is None:
         row = n if bonus_row is None else bonus_row(n)
         return torch.tensor(n), p[row].clone()
-    return torch.tensor(n_acc if count_all else first), resid(p[first], q[first])
+    n_out = n_acc if count_all else first + int(plus_one)
+    return torch.tensor(n_out), resid(p[min(first + resid_row, n)], q[first])
 
 
 def _ok(pp, qq, uu):
@@ -292,6 +337,18 @@ def _acc_count_all(p, q, x, u):
     return _acc_from(p, q, x, u, _ok, _normres, count_all=True)
 
 
+def _acc_counts_rejected(p, q, x, u):  # n_accepted = i + 1 at a rejection at i
+    return _acc_from(p, q, x, u, _ok, _normres, plus_one=True)
+
+
+def _acc_next_row_residual(p, q, x, u):  # the residual of row i + 1 of p
+    return _acc_from(p, q, x, u, _ok, _normres, resid_row=1)
+
+
+def _acc_softmax_residual(p, q, x, u):
+    return _acc_from(p, q, x, u, _ok, lambda pr, qr: torch.softmax((pr - qr).clamp(min=0), -1))
+
+
 def _acc_bonus_last_draft_row(p, q, x, u):
     return _acc_from(p, q, x, u, _ok, _normres, bonus_row=lambda n: n - 1)
 
@@ -303,7 +360,7 @@ TESTS = [
         function="top_p_filter",
         cases=top_p_cases,
         reference=top_p_reference,
-        blocked=[Dc.top_p_filter, Dc.sampling_probs, Dc.sample_next, Dc.top_k_filter],
+        blocked=[Dc.top_p_filter, Dc.sampling_probs, Dc.sample_next, Dc.top_k_filter, *HF_TOP_P],
         unchanged=True,
         mistakes={
             "the token that crosses top_p was dropped (cumsum > top_p counts the token itself): keep a token while "
@@ -311,12 +368,23 @@ TESTS = [
                 _tp_crossing_dropped,
             "the cumulative sum ran in vocabulary order: sort the probabilities (descending) first":
                 _tp_unsorted,
+            "the softmax ran over the first axis (the rows of the batch mixed): softmax(sorted, dim=-1), "
+            "each row on its own":
+                _tp_softmax_first_axis,
             "sorted in ascending order: the nucleus is made of the MOST likely tokens (descending=True)":
                 _tp_ascending,
             "the dropped tokens got 0, a perfectly likely logit: set them to float('-inf')":
                 _tp_zero_fill,
             "returned probabilities: return the logits with -inf outside the nucleus":
                 _tp_probabilities,
+            "the mask was made in sorted order and applied to the logits in vocabulary order: scatter it back "
+            "(torch.zeros_like(drop).scatter(-1, order, drop))":
+                _tp_unscattered,
+            "returned the logits in sorted order: the output keeps the vocabulary order (scatter the mask back "
+            "and fill the input logits)":
+                _tp_sorted_logits,
+            "the dropped tokens got a large negative number (-1e9), not -inf: masked_fill(drop, float('-inf'))":
+                _tp_large_negative,
         },
         hint="sort softmax(z) descending, drop a token when (cumsum - probs) >= top_p, scatter the mask back to "
              "the vocabulary order, masked_fill with -inf; top_p = 1 returns the logits; ValueError outside (0, 1]",
@@ -348,6 +416,8 @@ TESTS = [
                 _ca_strict,
             "the new queries attended to the new keys only: attend over the cache and the new keys":
                 _ca_ignores_cache,
+            "the softmax ran over the queries (dim=-2): each query's weights over the keys sum to 1, softmax(dim=-1)":
+                _ca_softmax_keys_axis,
         },
         hint="k_all = cat([k_cache, k_new], 2) (same for v); scores q k_all^T / sqrt(D) masked where "
              "j > L_past + i; softmax; @ v_all",
@@ -374,12 +444,21 @@ TESTS = [
                 _acc_q_minus_p,
             "the residual is max(0, p - p~), not |p - p~|":
                 _acc_abs_diff,
-            "the ratio is upside down: accept when u < p(x) / p~(x)":
+            "the residual was normalised with a softmax (which exponentiates): divide max(0, p - p~) by its sum":
+                _acc_softmax_residual,
+            "the residual came from row i + 1 of p: use the rejected row i, max(0, p[i] - p~[i])":
+                _acc_next_row_residual,
+            "the acceptance test is the wrong way round (the ratio upside down, p~(x)/p(x), or the comparison "
+            "reversed, u > p/p~): accept when u < p(x) / p~(x)":
                 _acc_inverted,
             "accepted when p(x) >= p~(x), ignoring u: accept with probability p/p~, i.e. when u < p(x) / p~(x)":
                 _acc_deterministic,
-            "counted the accepted tokens after the first rejection too: stop at the first rejection":
+            "counted tokens after the first rejection, or the rejected token itself: n_accepted is the number "
+            "of tokens accepted BEFORE the first rejection (a rejection at draft token i gives n_accepted = i)":
                 _acc_count_all,
+            "n_accepted is the number of tokens accepted BEFORE the first rejection: a rejection at draft token i "
+            "gives n_accepted = i (not i + 1; and nothing after it counts)":
+                _acc_counts_rejected,
             "the bonus token comes from p[n], the row after ALL n draft tokens, not p[n - 1]":
                 _acc_bonus_last_draft_row,
         },
