@@ -922,7 +922,7 @@ def speculative_distribution(target_fn: ProbsFn, draft_fn: ProbsFn, prefix: Sequ
     """Exact law of the first ``n_new`` tokens speculative sampling emits, by enumerating every
     draft proposal and every accept/reject outcome (``target_fn``, ``draft_fn``: context tuple
     -> (V,) probabilities, float64 advised). Equals :func:`sequence_distribution` of the target
-    (Leviathan Thm 3.5): the lecture's exact check. Cost about V^(n_draft) per round."""
+    (Leviathan et al. appendix A.1, Chen et al. Thm 1): the lecture's exact check. Cost about V^(n_draft) per round."""
     n_new = _check_count("n_new", n_new, 1)
     n = _check_count("n_draft", n_draft, 1)
     out: Dict[tuple, float] = {}
