@@ -19,10 +19,13 @@ from transformer_lab import objectives as O
 
 
 def _mask(ids, u_select, u_action, random_ids, mask_id, special_ids, p_mask=0.15, *, select_le=False,
-          specials=True, order="mask-random-keep", label="original"):
+          specials=True, order="mask-random-keep", label="original", fixed_p=None):
     special = torch.tensor(list(special_ids), dtype=ids.dtype)
+    p_mask = p_mask if fixed_p is None else fixed_p
     sel = (u_select <= p_mask) if select_le else (u_select < p_mask)
-    if specials:
+    if specials == "above-max":
+        sel = sel & (ids > max(special_ids))
+    elif specials:
         sel = sel & ~torch.isin(ids, special)
     if order == "mask-random-keep":
         masked, randomised = sel & (u_action < 0.8), sel & (u_action >= 0.8) & (u_action < 0.9)
@@ -42,6 +45,8 @@ def _mask(ids, u_select, u_action, random_ids, mask_id, special_ids, p_mask=0.15
         labels = ids.clone()
     elif label == "changed-only":
         labels = torch.where(masked | randomised, ids, torch.full_like(ids, -100))
+    elif label == "in-place":  # ids[masked] = mask_id wrote into ids, then the labels read the changed ids
+        labels = torch.where(sel, torch.where(masked, torch.full_like(ids, mask_id), ids), torch.full_like(ids, -100))
     return inputs, labels
 
 
@@ -89,7 +94,7 @@ def _runs(noise_mask):
 
 
 def _spans_generic(ids, noise_mask, sentinel_ids, per_token=False, closing=True, same=False, drop=False,
-                   prefix=True):
+                   prefix=True, last=False):
     inputs, targets, k = [], [], 0
     m = noise_mask.tolist()
     for i, t in enumerate(ids.tolist()):
@@ -106,7 +111,24 @@ def _spans_generic(ids, noise_mask, sentinel_ids, per_token=False, closing=True,
         else:
             inputs.append(t)
     if closing and prefix:
-        targets.append(sentinel_ids[0] if same else sentinel_ids[k])
+        targets.append(sentinel_ids[0] if same else (sentinel_ids[-1] if last else sentinel_ids[k]))
+    return torch.tensor(inputs, dtype=ids.dtype), torch.tensor(targets, dtype=ids.dtype)
+
+
+def _spans_after(ids, noise_mask, sentinel_ids):
+    """A mistake: each span's sentinel written AFTER its tokens in the target (and no extra closing one)."""
+    inputs, targets, k = [], [], 0
+    m, t = noise_mask.tolist(), ids.tolist()
+    for i in range(len(t)):
+        if m[i]:
+            if i == 0 or not m[i - 1]:
+                inputs.append(sentinel_ids[k])
+            targets.append(t[i])
+            if i == len(t) - 1 or not m[i + 1]:
+                targets.append(sentinel_ids[k])
+                k += 1
+        else:
+            inputs.append(t[i])
     return torch.tensor(inputs, dtype=ids.dtype), torch.tensor(targets, dtype=ids.dtype)
 
 
@@ -126,6 +148,9 @@ def spans_cases(rng):
     yield Case("alternating T F T ..., spans at both ends (5 spans of one token)", ids, mask, [99, 98, 97, 96, 95, 94])
     ids = torch.randint(0, 50, (6,), generator=rng)
     yield Case("everything is noise: one span", ids, torch.ones(6, dtype=torch.bool), [70, 71])
+    ids = torch.randint(0, 50, (10,), generator=rng).to(torch.int32)
+    mask = torch.tensor([False, False, True, True, False, False, False, True, False, False])
+    yield Case("int32 ids (the outputs keep the dtype of ids), two spans", ids, mask, [60, 61, 62])
     ids = torch.randint(0, 50, (5,), generator=rng)
     yield Case("no noise at all", ids, torch.zeros(5, dtype=torch.bool), [70])
     yield Case("a single token, noise", torch.tensor([7]), torch.tensor([True]), [70, 71])
@@ -157,24 +182,30 @@ def drive_distill(fn, s, t, y, hs, ht, T, w):
 
 
 def _distill(s, t, y, hs, ht, temperature=2.0, w_soft=5.0, w_hard=2.0, w_cos=1.0, *, t2=True, kl="kl",
-             student_T=True, rows="mean", hard_T=False, cos="one-minus", detach=True):
+             student_T=True, rows="mean", hard_T=False, cos="one-minus", detach=True, teacher_T=True, power=2,
+             default_w=False, hard_sum=False, cos_dim=-1, cut=False):
     T = temperature
     tt, htt = (t.detach(), ht.detach()) if detach else (t, ht)
-    log_ps = F.log_softmax(s / T if student_T else s, -1)
-    log_pt = F.log_softmax(tt / T, -1)
+    ss = s.detach() if cut else s
+    log_ps = F.log_softmax(ss / T if student_T else ss, -1)
+    log_pt = F.log_softmax(tt / T if teacher_T else tt, -1)
     pt = log_pt.exp()
     if kl == "kl":
         per_row = (pt * (log_pt - log_ps)).sum(-1)
+    elif kl == "probs-into-kl_div":  # F.kl_div(p_s, p_t): its input must be log-probabilities
+        per_row = (pt * (log_pt - log_ps.exp())).sum(-1)
     elif kl == "ce":
         per_row = -(pt * log_ps).sum(-1)
     else:  # reversed
         per_row = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
     soft = per_row.sum() if rows == "sum" else (per_row.mean() / s.shape[-1] if rows == "elements" else per_row.mean())
     if t2:
-        soft = soft * T ** 2
-    hard = F.cross_entropy(s / T if hard_T else s, y)
-    c = F.cosine_similarity(hs, htt, dim=-1)
+        soft = soft * T ** power
+    hard = F.cross_entropy(s / T if hard_T else s, y, reduction="sum" if hard_sum else "mean")
+    c = F.cosine_similarity(hs, htt, dim=cos_dim)
     cosl = (1 - c).mean() if cos == "one-minus" else c.mean()
+    if default_w:
+        w_soft, w_hard, w_cos = 5.0, 2.0, 1.0
     return {"soft": soft, "hard": hard, "cos": cosl, "total": w_soft * soft + w_hard * hard + w_cos * cosl}
 
 
@@ -256,6 +287,13 @@ TESTS = [
                 lambda *a, **k: _mask(*a, **k, order="no-keep"),
             "selected iff u_select < p_mask, strictly (u_select == p_mask is not selected)":
                 lambda *a, **k: _mask(*a, **k, select_le=True),
+            "ids were changed in place (ids[...] = mask_id), so the labels read [MASK] instead of the original token: "
+            "build new tensors with torch.where or work on ids.clone()":
+                lambda *a, **k: _mask(*a, **k, label="in-place"),
+            "p_mask is an argument: select where u_select < p_mask (0.15 is only its default)":
+                lambda *a, **k: _mask(*a, **k, fixed_p=0.15),
+            "special_ids need not be the smallest ids: test membership (torch.isin), not ids > max(special_ids)":
+                lambda *a, **k: _mask(*a, **k, specials="above-max"),
         },
         hint="selected = (u_select < p_mask) & ~isin(ids, special_ids); [MASK] if u_action < 0.8, random_ids if "
              "0.8 <= u_action < 0.9, else unchanged; labels = original ids where selected, -100 elsewhere",
@@ -279,6 +317,10 @@ TESTS = [
                 lambda ids, m, s: _spans_generic(ids, m, s, drop=True),
             "each span in the target is preceded by its sentinel, and a closing sentinel ends it":
                 lambda ids, m, s: _spans_generic(ids, m, s, prefix=False),
+            "each span's sentinel comes BEFORE its tokens in the target (<X0> span0 <X1> span1 ... closing sentinel)":
+                _spans_after,
+            "the closing sentinel is sentinel_ids[n_spans], not the last id of the list":
+                lambda ids, m, s: _spans_generic(ids, m, s, last=True),
         },
         hint="inputs: each run of True becomes sentinel_ids[k] (k counts the runs); targets: sentinel_ids[k] then "
              "the run's tokens, for every run, then sentinel_ids[n_spans]; the dtype of ids",
@@ -309,6 +351,18 @@ TESTS = [
             "the hard loss is at temperature 1: F.cross_entropy(student_logits, labels)": _distill_mistake(hard_T=True),
             "cos is 1 - cosine similarity, not the cosine itself": _distill_mistake(cos="cosine"),
             "the teacher received a gradient: detach its logits and hidden states": _distill_mistake(detach=False),
+            "the temperature divides the teacher's logits too: p_t = softmax(teacher_logits / T)":
+                _distill_mistake(teacher_T=False),
+            "the factor is T^2, not T": _distill_mistake(power=1),
+            "F.kl_div(input, target) takes log-probabilities as its input (the student's log_softmax)":
+                _distill_mistake(kl="probs-into-kl_div"),
+            "total uses the weights passed in (w_soft, w_hard, w_cos), not the defaults 5, 2, 1":
+                _distill_mistake(default_w=True),
+            "the hard loss is averaged over the rows (F.cross_entropy's default reduction), not summed":
+                _distill_mistake(hard_sum=True),
+            "one cosine per row: F.cosine_similarity(student_hidden, teacher_hidden, dim=-1)": _distill_mistake(cos_dim=0),
+            "the soft loss's gradient did not reach the student: keep it a tensor computed from student_logits "
+            "(no float(), .item(), .detach() or torch.tensor() on it)": _distill_mistake(cut=True),
         },
         hint="soft = T^2 * mean over rows of sum_v p_t (log p_t - log p_s) at temperature T; hard = CE at T = 1; "
              "cos = mean(1 - cosine); total = w_soft soft + w_hard hard + w_cos cos; detach the teacher",
@@ -326,7 +380,9 @@ TESTS = [
                 lambda c, w: backpack_reference(c, w.transpose(-1, -2)),
             "the weights were left out: o_i = sum_j sum_a W[a, i, j] C(y_j)_a":
                 lambda c, w: c.sum(dim=(1, 2))[:, None, :].expand(-1, c.shape[1], -1),
+            "the senses are those of the attended tokens j (senses[b, j]), not of the query token i":
+                lambda c, w: torch.einsum("baij,biad->bid", w, c),
         },
-        hint="o = torch.einsum('baij,bjad->bid', weights, senses)",
+        hint="o[b, i] = sum over j and a of weights[b, a, i, j] * senses[b, j, a], with the dtype of senses",
     ),
 ]
