@@ -421,6 +421,13 @@ CSV_FIELDS = ["impl", "level", "L", "causal", "time_ms", "time_min_ms", "peak_mi
               "time_vs_sdpa", "mem_vs_sdpa", "time_vs_torch_mha", "mem_vs_torch_mha"]
 
 
+def timed_row(section: str, name: str, samples: list[float], **extra) -> dict:
+    """One row of a benchmark's report: the median and minimum of the timing samples (seconds) in
+    ms, and every sample."""
+    return {"section": section, "name": name, "time_ms": statistics.median(samples) * 1e3,
+            "time_min_ms": min(samples) * 1e3, "times_ms": [round(x * 1e3, 3) for x in samples], **extra}
+
+
 def run_setup(device, args, t0: float, load_before, **extra) -> dict:
     """The "setup" block every benchmark script writes: machine, versions, date, duration, load."""
     return {

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "lib"))
 
-from attention import load_average, run_setup, sync, time_interleaved, write_report  # noqa: E402
+from attention import load_average, run_setup, sync, time_interleaved, timed_row, write_report  # noqa: E402
 
 import transformer_lab  # noqa: E402
 from transformer_lab import decoding  # noqa: E402
@@ -62,12 +61,6 @@ from transformer_lab.models import ModelConfig, TransformerLM  # noqa: E402
 CSV_FIELDS = ["section", "name", "L", "n_draft", "time_ms", "time_min_ms", "tokens_per_s", "ratio",
               "max_error", "bytes", "calls_per_token", "predicted", "alpha"]
 PROMPT = 16
-
-
-def timed_row(section: str, name: str, samples: list[float], **extra) -> dict:
-    """One row: median and minimum of the samples (seconds) in ms, and every sample."""
-    return {"section": section, "name": name, "time_ms": statistics.median(samples) * 1e3,
-            "time_min_ms": min(samples) * 1e3, "times_ms": [round(x * 1e3, 3) for x in samples], **extra}
 
 
 # --------------------------------------------------------------------------- kvcache

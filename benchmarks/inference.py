@@ -56,6 +56,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "lib"))
 
 from attention import load_average, run_setup, sync, time_interleaved, write_report  # noqa: E402
+from attention import timed_row as shared_timed_row  # noqa: E402
 
 import transformer_lab  # noqa: E402
 from transformer_lab import adaptive, memory, retrieval  # noqa: E402
@@ -66,11 +67,8 @@ CSV_FIELDS = ["section", "name", "time_ms", "time_min_ms", "per_second", "ratio"
 
 
 def timed_row(section: str, name: str, samples: list[float], items: int, **extra) -> dict:
-    """One CSV/JSON row: the median and minimum of the timing samples (seconds) in ms, every
-    sample, and ``items`` (tokens, queries) per second at the median."""
-    t = statistics.median(samples)
-    return {"section": section, "name": name, "time_ms": t * 1e3, "time_min_ms": min(samples) * 1e3,
-            "times_ms": [round(x * 1e3, 3) for x in samples], "per_second": items / t, **extra}
+    """``attention.timed_row`` and ``items`` (tokens, queries) per second at the median."""
+    return shared_timed_row(section, name, samples, per_second=items / statistics.median(samples), **extra)
 
 
 # --------------------------------------------------------------------------- xl

@@ -64,7 +64,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "lib"))
 
-from attention import load_average, run_setup, sync, time_interleaved, write_report  # noqa: E402
+from attention import load_average, run_setup, sync, time_interleaved, timed_row, write_report  # noqa: E402
 
 import transformer_lab  # noqa: E402
 from transformer_lab import ssm, ternary  # noqa: E402
@@ -73,12 +73,6 @@ from transformer_lab.models import ModelConfig, TransformerLM  # noqa: E402
 CSV_FIELDS = ["section", "name", "L", "width", "threads", "time_ms", "time_min_ms", "ratio",
               "max_error", "bytes", "multiplications"]
 SCAN_TARGET = {"L": 4096, "speedup": 5.0, "error": 1e-4}
-
-
-def timed_row(section: str, name: str, samples: list[float], **extra) -> dict:
-    """One row: median and minimum of the samples (seconds) in ms, and every sample."""
-    return {"section": section, "name": name, "time_ms": statistics.median(samples) * 1e3,
-            "time_min_ms": min(samples) * 1e3, "times_ms": [round(x * 1e3, 3) for x in samples], **extra}
 
 
 # --------------------------------------------------------------------------- scan
