@@ -504,3 +504,90 @@ def test_bad_prefixes_are_named(gen):
         A.prepend_kv_prefix(k, k, torch.zeros(2, 2, 4), torch.zeros(H, 2, 4))
     with pytest.raises(ValueError, match="the same length P"):
         A.prepend_kv_prefix(k, k, torch.zeros(H, 2, 4), torch.zeros(H, 3, 4))
+
+
+# ---------------------------------------------------------------- additive (Bahdanau) attention
+
+def additive_weights(gen, Dq, Dk, d_a, dtype=torch.float32):
+    return rand(Dq, d_a, gen=gen, dtype=dtype), rand(Dk, d_a, gen=gen, dtype=dtype), rand(d_a, gen=gen, dtype=dtype)
+
+
+def additive_loop(q, k, v, w_q, w_k, w_a, mask=None):
+    """score_ij = w_a . tanh(q_i W_a^q + k_j W_a^k), one (b, h, i, j) at a time; mask True = attend."""
+    Bq, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    scores = torch.empty(Bq, Hq, Lq, Lk, dtype=q.dtype)
+    for b in range(Bq):
+        for h in range(Hq):
+            for i in range(Lq):
+                for j in range(Lk):
+                    scores[b, h, i, j] = torch.dot(w_a, torch.tanh(q[b, h, i] @ w_q + k[b, h, j] @ w_k))
+    out = torch.zeros(Bq, Hq, Lq, v.shape[-1], dtype=q.dtype)
+    weights = torch.zeros_like(scores)
+    m = torch.ones(Lq, Lk, dtype=torch.bool) if mask is None else mask.expand(Bq, Hq, Lq, Lk)
+    for b in range(Bq):
+        for h in range(Hq):
+            for i in range(Lq):
+                row = m[b, h, i] if m.dim() == 4 else m[i]
+                if row.any():
+                    e = torch.exp(scores[b, h, i][row] - scores[b, h, i][row].max())
+                    weights[b, h, i, row] = e / e.sum()
+                out[b, h, i] = weights[b, h, i] @ v[b, h]
+    return out, weights
+
+
+@pytest.mark.parametrize("mask_kind", [None, "padding", "causal", "empty_row"])
+def test_additive_attention_matches_a_loop(gen, mask_kind):
+    Dq, Dk, Dv, d_a = 6, 4, 5, 7  # D_q != D_k: additive attention does not need them equal
+    q = rand(2, 2, 3, Dq, gen=gen, dtype=torch.float64)
+    k = rand(2, 2, 4, Dk, gen=gen, dtype=torch.float64)
+    v = rand(2, 2, 4, Dv, gen=gen, dtype=torch.float64)
+    w = additive_weights(gen, Dq, Dk, d_a, torch.float64)
+    mask = {None: None, "padding": A.padding_mask(torch.tensor([4, 2]), 4), "causal": A.causal_mask(3, 4),
+            "empty_row": torch.tensor([[True, False, True, True], [False] * 4, [True] * 4])}[mask_kind]
+    out, weights = A.additive_attention(q, k, v, *w, mask=mask, need_weights=True)
+    out_loop, weights_loop = additive_loop(q, k, v, *w, mask=mask)
+    assert out.shape == (2, 2, 3, Dv) and weights.shape == (2, 2, 3, 4) and out.dtype == torch.float64
+    torch.testing.assert_close(weights, weights_loop)
+    torch.testing.assert_close(out, out_loop)
+    if mask_kind == "empty_row":  # a query that sees no key: zeros, no NaN
+        assert (weights[..., 1, :] == 0).all() and (out[..., 1, :] == 0).all()
+    torch.testing.assert_close(A.additive_attention(q, k, v, *w, mask=mask), out)
+
+
+def test_additive_scores_are_bounded_and_mask_is_additive_too(gen):
+    q, k = rand(1, 1, 3, 64, gen=gen) * 100, rand(1, 1, 5, 64, gen=gen) * 100
+    w = additive_weights(gen, 64, 64, 8)
+    s = A.additive_scores(q, k, *w)
+    assert s.shape == (1, 1, 3, 5) and bool((s.abs() <= w[2].abs().sum() + 1e-5).all())  # |tanh| <= 1
+    v = rand(1, 1, 5, 2, gen=gen)
+    keep = torch.tensor([True, True, False, True, False])
+    additive = torch.zeros(5).masked_fill(~keep, float("-inf"))
+    torch.testing.assert_close(A.additive_attention(q, k, v, *w, mask=keep),
+                               A.additive_attention(q, k, v, *w, mask=additive))
+
+
+def test_gradcheck_additive_attention(gen):
+    q = rand(1, 2, 3, 4, gen=gen, dtype=torch.float64).requires_grad_(True)
+    k = rand(1, 2, 5, 3, gen=gen, dtype=torch.float64).requires_grad_(True)
+    v = rand(1, 2, 5, 2, gen=gen, dtype=torch.float64).requires_grad_(True)
+    w = [t.requires_grad_(True) for t in additive_weights(gen, 4, 3, 6, torch.float64)]
+    mask = A.causal_mask(3, 5)
+
+    def f(q, k, v, w_q, w_k, w_a):
+        return A.additive_attention(q, k, v, w_q, w_k, w_a, mask=mask)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, *w))
+
+
+def test_additive_attention_bad_input_is_named(gen):
+    q, k, v = rand(1, 1, 2, 4, gen=gen), rand(1, 1, 3, 6, gen=gen), rand(1, 1, 3, 2, gen=gen)
+    w_q, w_k, w_a = additive_weights(gen, 4, 6, 5)
+    with pytest.raises(ValueError, match=r"w_k must be \(k.shape\[-1\]=6, d_a=5\).*got \(4, 5\)"):
+        A.additive_attention(q, k, v, w_q, w_q, w_a)
+    with pytest.raises(ValueError, match=r"w_a must be a 1-D tensor"):
+        A.additive_scores(q, k, w_q, w_k, w_a[:, None])
+    with pytest.raises(ValueError, match="k and v must agree"):
+        A.additive_attention(q, k, rand(1, 1, 4, 2, gen=gen), w_q, w_k, w_a)
+    with pytest.raises(ValueError, match=r"mask must broadcast to \(1, 1, 2, 3\)"):
+        A.additive_attention(q, k, v, w_q, w_k, w_a, mask=torch.ones(2, 4, dtype=torch.bool))

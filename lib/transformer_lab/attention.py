@@ -66,6 +66,19 @@ so a prefix carries no position and a causal or padding mask still applies to th
 keys. Rotary positions rotate the real queries and keys before the prefix is put in
 front (a prefix key is used as it is, like a key at position 0).
 
+Additive (Bahdanau) attention
+-----------------------------
+Bahdanau, Cho & Bengio 2014, "Neural Machine Translation by Jointly Learning to Align and
+Translate", arXiv:1409.0473 (appendix A.1.2), scores a query against a key with a one-layer
+network instead of a dot product (vectors are rows, as everywhere here)::
+
+    score(q_i, k_j) = tanh(q_i W_a^q + k_j W_a^k) w_a        W_a^q: (D_q, d_a), W_a^k: (D_k, d_a), w_a: (d_a,)
+
+:func:`additive_scores` computes these ``(B, H, Lq, Lk)`` scores and
+:func:`additive_attention` puts them through the same :func:`masked_softmax` and
+weighted sum as dot-product attention. ``D_q`` may differ from ``D_k``; the price is a
+``(B, H, Lq, Lk, d_a)`` intermediate and a ``tanh`` per entry instead of one matrix product.
+
 Two implementations side by side
 --------------------------------
 :func:`scaled_dot_product_attention` is the readable version: every step is a
@@ -93,6 +106,8 @@ __all__ = [
     "split_heads",
     "merge_heads",
     "prepend_kv_prefix",
+    "additive_scores",
+    "additive_attention",
     "MultiHeadAttention",
 ]
 
@@ -268,6 +283,78 @@ def scaled_dot_product_attention(
     weights = masked_softmax(scores, mask)  # (B, H, Lq, Lk)
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     out = dropped @ v  # sum_j w_ij v_j: (B, H, Lq, Dv)
+    return (out, weights) if need_weights else out
+
+
+# ----------------------------------------------------------------------------
+# Additive (Bahdanau) attention
+# ----------------------------------------------------------------------------
+
+def _check_additive(q: Tensor, k: Tensor, w_q: Tensor, w_k: Tensor, w_a: Tensor) -> None:
+    layout = "(batch, heads, seq, dim)"
+    for name, t in (("q", q), ("k", k)):
+        _check_tensor(name, t, 4, layout)
+    if q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"q and k must agree in (batch, heads); got q {_shape(q)} and k {_shape(k)}")
+    _check_tensor("w_a", w_a, 1, "(d_a,)")
+    d_a = w_a.shape[0]
+    for name, w, t in (("w_q", w_q, q), ("w_k", w_k, k)):
+        _check_tensor(name, w, 2, "(in, d_a)")
+        if w.shape != (t.shape[-1], d_a):
+            raise ValueError(
+                f"{name} must be ({name[-1]}.shape[-1]={t.shape[-1]}, d_a={d_a}) (rows: x @ {name}); "
+                f"got {_shape(w)}")
+
+
+def additive_scores(q: Tensor, k: Tensor, w_q: Tensor, w_k: Tensor, w_a: Tensor) -> Tensor:
+    """Additive (Bahdanau) scores ``tanh(q_i W_a^q + k_j W_a^k) w_a``.
+
+    Args:
+        q: (B, H, Lq, D_q) queries. k: (B, H, Lk, D_k) keys; D_k may differ from D_q.
+        w_q: (D_q, d_a) = W_a^q. w_k: (D_k, d_a) = W_a^k. w_a: (d_a,) = w_a.
+            Row convention: ``q @ w_q``; an ``nn.Linear``'s weight is the transpose.
+
+    Returns:
+        scores (B, H, Lq, Lk). No 1/sqrt scale: tanh bounds every feature to [-1, 1],
+        so ``|score| <= ||w_a||_1`` whatever the widths.
+    """
+    _check_additive(q, k, w_q, w_k, w_a)
+    qa = q @ w_q.to(q.dtype)  # q_i W_a^q: (B, H, Lq, d_a)
+    ka = k @ w_k.to(k.dtype)  # k_j W_a^k: (B, H, Lk, d_a)
+    features = torch.tanh(qa.unsqueeze(-2) + ka.unsqueeze(-3))  # (B, H, Lq, Lk, d_a)
+    return features @ w_a.to(features.dtype)  # tanh(...) w_a: (B, H, Lq, Lk)
+
+
+def additive_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    w_a: Tensor,
+    mask: Optional[Tensor] = None,
+    need_weights: bool = False,
+):
+    """Additive attention: ``softmax(additive_scores(q, k), mask) @ v``.
+
+    Args:
+        q: (B, H, Lq, D_q), k: (B, H, Lk, D_k), v: (B, H, Lk, Dv).
+        w_q, w_k, w_a: as in :func:`additive_scores`.
+        mask: boolean (True = attend) or additive float, broadcastable to (B, H, Lq, Lk);
+            a row with no visible key gets zero weights and a zero output.
+        need_weights: also return the weights.
+
+    Returns:
+        out (B, H, Lq, Dv), or ``(out, weights (B, H, Lq, Lk))`` when ``need_weights``.
+    """
+    _check_tensor("v", v, 4, "(batch, heads, seq, dim)")
+    if k.dim() == 4 and k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k and v must agree in (batch, heads, seq); got k {_shape(k)} and v {_shape(v)}")
+    scores = additive_scores(q, k, w_q, w_k, w_a)  # (B, H, Lq, Lk)
+    if mask is not None:
+        _check_mask("mask", mask, scores.shape)
+    weights = masked_softmax(scores, mask)  # (B, H, Lq, Lk)
+    out = weights @ v  # sum_j w_ij v_j: (B, H, Lq, Dv)
     return (out, weights) if need_weights else out
 
 
