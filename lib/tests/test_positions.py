@@ -467,3 +467,69 @@ def test_bad_inputs_name_expected_and_got():
         make_positions("learned", 16, 2).embed(torch.zeros(1, 5, 12))
     with pytest.raises(ValueError, match="max_distance"):
         t5_bucket(torch.tensor([1]), num_buckets=32, max_distance=4)
+
+
+# ------------------------------------------------------------------ T5: the hook and an independent implementation
+
+def test_t5_bucket_fn_hook_is_used_and_checked():
+    t5 = T5Bias(2, num_buckets=8, max_distance=16, bidirectional=False)
+    with torch.no_grad():
+        t5.table.weight.copy_(torch.arange(16.0).view(8, 2))  # bucket b, head h -> 2b + h
+    q = torch.zeros(1, 2, 5, 4)
+    seen = []
+
+    def every_offset_in_bucket_3(rel, bidirectional, num_buckets, max_distance):
+        seen.append((bidirectional, num_buckets, max_distance))
+        return torch.full_like(rel, 3)
+
+    t5.bucket_fn = every_offset_in_bucket_3
+    b = t5.score_bias(q, q)
+    assert seen == [(False, 8, 16)]
+    assert torch.equal(b[0, 0], torch.full((5, 5), 6.0)) and torch.equal(b[0, 1], torch.full((5, 5), 7.0))
+    t5.bucket_fn = lambda rel, *a: rel.float()  # a float result is refused, not silently cast
+    with pytest.raises(TypeError, match="long tensor"):
+        t5.score_bias(q, q)
+    t5.bucket_fn = None
+    torch.testing.assert_close(t5.score_bias(q, q)[0, 1], 2 * t5_bucket(relative_positions(5), False, 8, 16) + 1.0)
+
+
+@pytest.mark.slow  # importing transformers takes about 5 s
+def test_t5_bucket_equals_hugging_face_t5():
+    T5Attention = pytest.importorskip("transformers.models.t5.modeling_t5").T5Attention
+    rel = torch.arange(-3000, 3001)  # relative_position = memory_position - query_position = j - i
+    for bidir in (True, False):
+        for nb, md in ((32, 128), (8, 16), (64, 256), (6, 20), (32, 32), (10, 7)):
+            if md <= (nb // 4 if bidir else nb // 2):
+                continue  # the library refuses a max_distance inside the exact range
+            hf = T5Attention._relative_position_bucket(rel, bidirectional=bidir, num_buckets=nb, max_distance=md)
+            assert torch.equal(t5_bucket(rel, bidir, nb, md), hf), (bidir, nb, md)
+
+
+# ------------------------------------------------------------------ DA-Transformer
+
+def test_da_scale_is_the_learnable_sigmoid_of_the_paper():
+    w = torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64)
+    f = P.da_scale(w, 4, v=1.0)  # (3, 4, 4)
+    assert f.shape == (3, 4, 4)
+    for h in range(3):
+        for i in range(4):
+            for j in range(4):
+                x = w[h].item() * abs(i - j)
+                assert math.isclose(f[h, i, j].item(), (1 + math.e) / (1 + math.exp(1.0 - x)), rel_tol=1e-12)
+    assert torch.all(f[:, range(4), range(4)] == 1)  # distance 0: factor 1 whatever w, v
+    assert torch.all(f[0, 0, 1:] > 1) and torch.all(f[0, 0, 1:].diff() > 0)   # w > 0: far keys weigh more
+    assert torch.all(f[1, 0, 1:] < 1) and torch.all(f[1, 0, 1:].diff() < 0)   # w < 0: far keys weigh less
+    assert torch.all(f[2] == 1)                                              # w = 0: no distance effect
+    assert P.da_scale(w, 2, 5).shape == (3, 2, 5)   # a query block at the end of 5 keys
+    assert torch.equal(P.da_scale(w, 2, 5), P.da_scale(w, 5)[:, 3:])
+
+
+def test_da_scores_multiply_rectified_scores():
+    s = randn(2, 3, 4, 4)
+    w = torch.tensor([0.3, -0.2, 1.0], dtype=torch.float64)
+    out = P.da_scores(s, w, v=torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+    f = P.da_scale(w, 4, v=torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(out, s.clamp(min=0) * f[None])
+    assert torch.all(out[s <= 0] == 0)  # a rectified score of 0 stays 0 at every distance
+    with pytest.raises(ValueError, match="one scale per head"):
+        P.da_scores(s, w[:2])

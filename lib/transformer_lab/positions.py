@@ -41,6 +41,12 @@ Papers and the equation each scheme implements
 
       softmax(q_i K^T + m_h * [-(i-1), ..., -2, -1, 0]),   m_h = 2^(-8h/n), h = 1..n
 
+* Wu, Wu & Huang 2021, "DA-Transformer: Distance-aware Transformer",
+  arXiv:2010.06925, eqs. (7)-(10): the distance *multiplies* rectified scores::
+
+      R^h_ij = w_h |i - j|,   f(x; v) = (1 + exp(v)) / (1 + exp(v - x))   (learnable sigmoid)
+      A^h = ReLU(Q K^T) * f(R^h; v_h) / sqrt(d),   then softmax
+
 Shapes and the protocol
 -----------------------
 Between blocks a sequence is ``(B, L, d_model)``; inside attention tensors are
@@ -96,7 +102,9 @@ Glossary (variable -> paper symbol)
 ``a_K``, ``a_V``    Shaw's w^K, w^V tables, shape (2k+1, D); a^K_ij = a_K[clip(j-i)+k]
 ``R``               Transformer-XL's sinusoid matrix R, row R_{i-j}
 ``W_R``             Transformer-XL's W_{k,R}
-``u``, ``v``        Transformer-XL's global content / position biases u, v (per head)
+``u``, ``v``        Transformer-XL's global content / position biases u, v (per head);
+                    lecture 03 writes them b^c, b^p (v is the values there)
+``w``, ``v`` (DA)   DA-Transformer's per-head distance scale w_h and sigmoid parameter v_h
 ``slopes``          ALiBi's head-specific slopes m
 ``bucket``          T5's relative_position_bucket output
 ==================  ==============================================================
@@ -119,6 +127,8 @@ __all__ = [
     "relative_positions",
     "shaw_clip",
     "t5_bucket",
+    "da_scale",
+    "da_scores",
     "PositionScheme",
     "NoPositions",
     "SinusoidalPositions",
@@ -379,6 +389,37 @@ def alibi_bias(n_heads, Lq, Lk=None, device=None, dtype=None) -> torch.Tensor:
     return -slopes[:, None, None] * dist[None, :, :]  # (H, Lq, Lk):  -m_h |i - j|
 
 
+def da_scale(w, Lq, Lk=None, v=1.0) -> torch.Tensor:
+    """DA-Transformer's distance factor ``f(w_h |i - j|; v_h)``, shape ``(H, Lq, Lk)``.
+
+    ``f(x; v) = (1 + exp(v)) / (1 + exp(v - x))`` (Wu et al. 2021, eq. 8): 1 at distance 0,
+    rising towards ``1 + exp(v)`` far away when ``w_h > 0`` (a head that prefers far keys),
+    falling towards 0 when ``w_h < 0`` (a head that prefers near keys). ``w``: ``(H,)``
+    float tensor of per-head scales; ``v``: a number or an ``(H,)`` tensor. Query row ``i``
+    sits at position ``i + (Lk - Lq)``, as everywhere in this module.
+    """
+    _check_float_tensor(w, "w", 1, "(n_heads,)")
+    dist = relative_positions(Lq, Lk, device=w.device).abs().to(w.dtype)  # (Lq, Lk): |i - j|
+    v = torch.as_tensor(v, dtype=w.dtype, device=w.device).reshape(-1)[:, None, None]  # (H or 1, 1, 1)
+    x = w[:, None, None] * dist  # (H, Lq, Lk): R^h = w_h |i - j|
+    return (1 + v.exp()) / (1 + (v - x).exp())  # f(R^h; v_h)
+
+
+def da_scores(scores, w, v=1.0) -> torch.Tensor:
+    """DA-Transformer's re-weighted scores ``ReLU(scores) * f(w_h |i - j|; v_h)``.
+
+    ``scores``: the scaled scores ``q k^T / sqrt(D)``, ``(B, H, Lq, Lk)``; the softmax comes
+    after, as for any score (a positive factor commutes with the 1/sqrt(D) scale). Unlike
+    ALiBi's ``-m_h |i - j|``, which is *added*, the distance here *multiplies*, so a
+    score of 0 stays 0 at every distance.
+    """
+    _check_float_tensor(scores, "scores", 4, "(batch, heads, Lq, Lk)")
+    if w.shape != (scores.shape[1],):
+        raise ValueError(f"w must have one scale per head, shape ({scores.shape[1]},); got {tuple(w.shape)}")
+    factor = da_scale(w.to(scores.dtype), scores.shape[-2], scores.shape[-1], v)  # (H, Lq, Lk)
+    return torch.relu(scores) * factor[None]  # (B, H, Lq, Lk)
+
+
 # --------------------------------------------------------------------------------------
 # the protocol and the schemes
 # --------------------------------------------------------------------------------------
@@ -577,6 +618,11 @@ class T5Bias(PositionScheme):
     """T5's learned scalar bias per (relative-position bucket, head).
 
     ``score_bias = table[t5_bucket(j - i)]`` arranged as ``(1, H, Lq, Lk)``.
+
+    ``bucket_fn``: the bucket function, called as ``bucket_fn(rel, bidirectional,
+    num_buckets, max_distance)``; ``None`` (the default) means :func:`t5_bucket`. Set it
+    on a built model (``model.positions.bucket_fn = my_bucket``) to train with your own
+    (lecture 03 does, with the learner's exercise).
     """
 
     name = "t5"
@@ -592,12 +638,18 @@ class T5Bias(PositionScheme):
                   self.max_distance)  # validate the combination now, not at first use
         self.table = nn.Embedding(self.num_buckets, self.n_heads)  # (num_buckets, H)
         nn.init.normal_(self.table.weight, std=0.02)
+        self.bucket_fn = None  # None: t5_bucket (looked up at call time, so a blocked view imports)
 
     def score_bias(self, q, k):
         _check_qk(q, k, n_heads=self.n_heads)
         Lq, Lk = q.shape[-2], k.shape[-2]
         rel = relative_positions(Lq, Lk, device=q.device)  # (Lq, Lk): j - i
-        bucket = t5_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)  # (Lq, Lk)
+        fn = t5_bucket if self.bucket_fn is None else self.bucket_fn
+        bucket = fn(rel, self.bidirectional, self.num_buckets, self.max_distance)  # (Lq, Lk)
+        if not isinstance(bucket, torch.Tensor) or bucket.shape != rel.shape or bucket.dtype != torch.long:
+            raise TypeError(f"the bucket function must return a long tensor of shape {tuple(rel.shape)}; "
+                            f"got {getattr(bucket, 'dtype', type(bucket).__name__)} "
+                            f"{tuple(getattr(bucket, 'shape', ()))}")
         bias = self.table.weight.to(q.dtype)[bucket]  # (Lq, Lk, H): b_h(bucket(j - i))
         return bias.permute(2, 0, 1)[None]  # (1, H, Lq, Lk)
 
