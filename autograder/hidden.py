@@ -642,7 +642,8 @@ def judge(t: HiddenTest, cases: list[Case], expected: list[Any], payload: Any) -
             msg = str(raised.get("message", ""))[:600]
             if ename == "ReferenceBlocked":
                 return fail(ename, f"{name}: {msg}")
-            extra = f"\n  hint: {t.hint}" if t.hint and ename not in ("NotImplementedError",) else ""
+            hint = _raising_mistake(t, case, ename, msg) or t.hint
+            extra = f"\n  hint: {hint}" if hint and ename not in ("NotImplementedError",) else ""
             if ename == "NameError":
                 extra = ("\n  hint: the grader runs only the setup cell and the answer cells: define "
                          "what your function uses in an answer cell")
@@ -661,15 +662,15 @@ def judge(t: HiddenTest, cases: list[Case], expected: list[Any], payload: Any) -
                 f"numbers (in tuples, lists or dicts)\n{block}"))
         if _plain(got) is not None:
             return fail("TypeError", f"{name}: returned {_plain(got)}; expected plain tensors and numbers")
+        if t.unchanged and not _same([list(case.args), dict(case.kwargs)], res.get("after")):
+            # before the values: an answer that writes into its input usually also returns wrong
+            # values, and "changed in place" is the mistake to name (not the nearest formula's)
+            return fail("AssertionError", (
+                f"{name}: your function changed its input in place\n{block}\n"
+                "  hint: build new tensors (x * c, torch.cat, ...) instead of writing into the "
+                "input (x[...] = ..., x.mul_(...), x += ...)"))
         hint = grading._missing_return_hint(got) if got is None and exp is not None else t.hint
-        for text, mistake in t.mistakes.items():
-            try:
-                wrong = mistake(*_clone(case.args), **_clone(case.kwargs))
-            except Exception:  # noqa: BLE001 - that mistake does not apply here
-                continue
-            if _close(got, wrong, t) and not _close(got, exp, t):
-                hint = text
-                break
+        hint = _matching_mistake(t, cases, expected, results, i) or hint
         try:
             if t.check is not None:
                 t.check(got, exp, case)
@@ -677,15 +678,51 @@ def judge(t: HiddenTest, cases: list[Case], expected: list[Any], payload: Any) -
                 compare(got, exp, t, name, inputs, hint)
         except AssertionError as err:
             return fail("AssertionError", str(err))
-        if t.unchanged:
-            after = res.get("after")
-            before = [list(case.args), dict(case.kwargs)]
-            if not _same(before, after):
-                return fail("AssertionError", (
-                    f"{name}: your function changed its input in place\n{block}\n"
-                    "  hint: build new tensors (x * c, torch.cat, ...) instead of writing into the "
-                    "input (x[...] = ..., x.mul_(...), x += ...)"))
     return Verdict(t.cell, True, cases=len(cases))
+
+
+def _matching_mistake(t: HiddenTest, cases: list[Case], expected: list[Any], results: list,
+                      i: int) -> str | None:
+    """The hint of the known mistake that case ``i``'s wrong result matches. Two mistakes can give the
+    same values on one case (an ascending sort and no sort at all, on a case where both keep every
+    token): then the one that also matches the answer's results on every other case is named."""
+    got, exp = results[i].get("ok"), expected[i]
+    candidates = []
+    for text, mistake in t.mistakes.items():
+        try:
+            wrong = mistake(*_clone(cases[i].args), **_clone(cases[i].kwargs))
+        except Exception:  # noqa: BLE001 - that mistake does not apply here
+            continue
+        if _close(got, wrong, t) and not _close(got, exp, t):
+            candidates.append((text, mistake))
+    if len(candidates) > 1:
+        for text, mistake in candidates:
+            if all(_agrees(t, mistake, cases[j], results[j]) for j in range(len(cases)) if j != i):
+                return text
+    return candidates[0][0] if candidates else None
+
+
+def _agrees(t: HiddenTest, mistake: Callable[..., Any], case: Case, res: Any) -> bool:
+    """Whether an answer's result on ``case`` is what ``mistake`` gives (True where it cannot tell)."""
+    if case.raises is not None or not isinstance(res, dict) or "ok" not in res:
+        return True
+    try:
+        wrong = mistake(*_clone(case.args), **_clone(case.kwargs))
+    except Exception:  # noqa: BLE001 - the mistake does not apply to this case
+        return True
+    return _close(res["ok"], wrong, t)
+
+
+def _raising_mistake(t: HiddenTest, case: Case, ename: str, message: str) -> str | None:
+    """The hint of the first known mistake that raises what the learner's answer raised (the same
+    exception class and message) on this case: ``k.T`` on a 4-D tensor is named, not guessed."""
+    for text, mistake in t.mistakes.items():
+        try:
+            mistake(*_clone(case.args), **_clone(case.kwargs))
+        except Exception as exc:  # noqa: BLE001 - the mistake's own error is what we compare
+            if type(exc).__name__ == ename and str(exc)[:600] == message:
+                return text
+    return None
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -289,6 +289,26 @@ def test_mistakes_expected_exceptions_outputs_and_inputs_changed_in_place():
     v = _judge(inplace, [{"ok": 2 * torch.ones(3), "after": [[2 * torch.ones(3)], {}]}])
     assert "changed its input in place" in v.message
     assert _judge(inplace, [{"ok": 2 * torch.ones(3), "after": [[torch.ones(3)], {}]}]).passed
+    # written into its input AND wrong: the in-place edit is the mistake named, not the values
+    v = _judge(_toy_test(unchanged=True, mistakes={"added instead of multiplying": lambda x: x + 2}),
+               [{"ok": 3 * torch.ones(3), "after": [[3 * torch.ones(3)], {}]}])
+    assert "changed its input in place" in v.message and "added instead" not in v.message
+
+
+def test_an_error_a_known_mistake_raises_gets_that_mistakes_hint():
+    def transposed_all(x):
+        return x.T @ x.new_ones(5)  # (3,) has no .T matmul with (5,): raises like the learner's k.T
+
+    t = _toy_test(mistakes={"added instead of multiplying": lambda x: x + 2,
+                            "reversed every axis with .T": transposed_all})
+    try:
+        transposed_all(torch.ones(3))
+    except RuntimeError as exc:
+        message = str(exc)
+    v = _judge(t, [{"raised": {"type": "RuntimeError", "mro": ["RuntimeError"], "message": message}}])
+    assert v.ename == "RuntimeError" and "hint: reversed every axis with .T" in v.message
+    v = _judge(t, [{"raised": {"type": "RuntimeError", "mro": ["RuntimeError"], "message": "another error"}}])
+    assert "hint: multiply by 2" in v.message  # no mistake raises that: the general hint
 
 
 def test_hidden_tests_fail_closed_when_they_cannot_run(tmp_path):

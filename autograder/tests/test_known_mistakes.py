@@ -1,0 +1,65 @@
+"""Each known wrong answer is told its own mistake, by the visible tests and by the hidden ones.
+
+Two layers:
+
+- every lecture's hidden ``mistakes={hint: function}``: the function's output, sent back as if a
+  learner's answer had returned it, gets that hint and no other (a mistake listed after another
+  one that gives the same values on every case would never be named);
+- every lecture's corpus of learner-written wrong answers (``solutions/NN_topic/known_mistakes.py``,
+  see ``autograder/mistakes.py``): run against the visible test cell and the hidden tests, each
+  message holds the piece the corpus says it must.
+"""
+
+from __future__ import annotations
+
+import pytest
+from autograder import hidden, mistakes
+from autograder.course import SOLUTIONS
+
+LECTURES = sorted(p.name for p in SOLUTIONS.iterdir() if (p / hidden.TESTS_FILE).is_file())
+CORPUS = [(lec, a) for lec in LECTURES for a in mistakes.load(lec)]
+
+
+def _mistake_cases():
+    for lec in LECTURES:
+        for t in hidden.load_tests(SOLUTIONS / lec / hidden.TESTS_FILE):
+            if t.check is None and t.mistakes:
+                yield pytest.param(lec, t, id=f"{lec}-{t.cell}")
+
+
+@pytest.mark.parametrize(("lecture", "test"), list(_mistake_cases()))
+def test_each_hidden_mistake_is_named_by_its_own_hint(lecture, test):
+    [(t, cases, expected)] = hidden.prepare([test], lecture, mistakes.SECRET)
+    for text, mistake in t.mistakes.items():
+        results = []
+        for case in cases:
+            if case.raises is not None:
+                results.append({"raised": {"type": case.raises.__name__, "mro": [case.raises.__name__], "message": ""}})
+                continue
+            try:
+                results.append({"ok": hidden._clone(mistake(*hidden._clone(case.args), **hidden._clone(case.kwargs))),
+                                "after": [list(case.args), dict(case.kwargs)]})
+            except Exception:  # noqa: BLE001 - the mistake does not apply to this input: the right answer
+                results.append({"ok": hidden._clone(expected[cases.index(case)]),
+                                "after": [list(case.args), dict(case.kwargs)]})
+        verdict = hidden.judge(t, cases, expected, {"found": True, "cells": [], "results": results})
+        assert not verdict.passed, f"{lecture} {t.cell}: the mistake {text!r} passes the hidden tests"
+        assert f"hint: {text}" in verdict.message, (
+            f"{lecture} {t.cell}: the mistake {text!r} is told something else:\n{verdict.message}")
+
+
+def test_the_first_three_lectures_have_a_corpus_for_every_exercise():
+    for lec in ("01_attention", "02_transformer_block", "03_positions"):
+        nb = mistakes._notebook(lec, SOLUTIONS)
+        _, answers, _ = mistakes._cells(nb)
+        covered = {a.cell for a in mistakes.load(lec)}
+        missing = [gid for gid, _ in answers if gid not in covered]
+        assert not missing, f"{lec}: no known wrong answer for {missing} (solutions/{lec}/known_mistakes.py)"
+
+
+@pytest.mark.parametrize(("lecture", "answer"), CORPUS,
+                         ids=[f"{lec}-{a.cell}-{a.name[:40]}" for lec, a in CORPUS])
+def test_each_known_wrong_answer_is_told_its_mistake(lecture, answer):
+    outcome = mistakes.try_answer(lecture, answer)
+    found = mistakes.problems(outcome)
+    assert not found, f"{lecture} {answer.cell} ({answer.name}):\n" + "\n".join(found)
