@@ -186,6 +186,29 @@ def test_block_returns_attention_weights(gen):
     torch.testing.assert_close(w.sum(-1), torch.ones(2, N_HEADS, 5))
 
 
+def test_decoder_block_returns_cross_attention_weights(gen):
+    torch.manual_seed(0)
+    block = Bk.DecoderBlock(D_MODEL, N_HEADS, norm_first=False).eval()
+    x, memory = rand(2, 4, D_MODEL, gen=gen), rand(2, 6, D_MODEL, gen=gen)
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[1, 4:] = False  # the second source has two padded positions
+    causal = A.causal_mask(4)
+    y, w_self, w_cross = block(x, memory, mask=causal, memory_mask=keep[:, None, None, :],
+                               need_cross_weights=True)
+    torch.testing.assert_close(y, block(x, memory, mask=causal, memory_mask=keep[:, None, None, :]),
+                               atol=1e-5, rtol=1e-5)
+    assert w_self.shape == (2, N_HEADS, 4, 4) and w_cross.shape == (2, N_HEADS, 4, 6)
+    torch.testing.assert_close(w_cross.sum(-1), torch.ones(2, N_HEADS, 4))
+    assert torch.equal(w_cross[1, ..., 4:], torch.zeros(N_HEADS, 4, 2))  # padded keys get no weight
+    assert torch.equal(w_self.triu(1), torch.zeros_like(w_self))  # causal
+    # the cross weights are those of the cross-attention on its input (post-norm: LN_1(x + SA(x)))
+    h = block.res_attn(x, lambda t: block.attn(t, mask=causal))
+    _, expected = block.cross(h, context=memory, mask=keep[:, None, None, :], need_weights=True)
+    torch.testing.assert_close(w_cross, expected)
+    with pytest.raises(ValueError, match="no cross-attention"):
+        Bk.DecoderBlock(D_MODEL, N_HEADS, cross_attention=False)(x, need_cross_weights=True)
+
+
 # ---------------------------------------------------------------------------------------
 # Residual scaling: ReZero, LayerScale, DeepNorm
 # ---------------------------------------------------------------------------------------

@@ -165,6 +165,63 @@ def test_encoder_decoder(gen):
                                model(src, tgt, src_padding_mask=keep), atol=1e-5, rtol=1e-5)
 
 
+def test_encoder_decoder_shares_and_scales_embeddings(gen):
+    torch.manual_seed(0)
+    model = M.build_model("seq2seq", **TINY).eval()
+    assert model.head.weight is model.tok.weight  # logits = h E^T (Vaswani et al. 3.4)
+    src = ids(gen, B=2, L=5)
+    torch.testing.assert_close(model.embed(src), model.tok(src) * 16 ** 0.5)
+    assert 0.5 < model.embed(src).std().item() < 2.0  # E ~ N(0, 1/d_model): unit scale after sqrt(d)
+    n_shared = sum(p.numel() for p in model.parameters())
+    untied = M.EncoderDecoder(M.ModelConfig(**TINY), tie_embeddings=False, scale_embeddings=False)
+    assert sum(p.numel() for p in untied.parameters()) == n_shared + V * 16
+    torch.testing.assert_close(untied.embed(src), untied.tok(src))
+    # a tied model learns one matrix: its gradient gathers the embedding and the output uses
+    model.train()
+    model(src, ids(gen, B=2, L=3)).sum().backward()
+    assert model.tok.weight.grad is not None and model.head.weight.grad is model.tok.weight.grad
+
+
+def test_greedy_decode_matches_step_by_step_argmax(gen):
+    torch.manual_seed(0)
+    model = M.build_model("seq2seq", **TINY, dropout=0.1).train()
+    src = ids(gen, B=3, L=6)
+    out = model.greedy_decode(src, 4, bos=0)
+    assert out.shape == (3, 4) and out.dtype == torch.long and model.training  # mode restored
+    model.eval()
+    tgt = torch.zeros(3, 1, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(4):  # the slow way: the whole model on the prefix, argmax of the last step
+            tgt = torch.cat([tgt, model(src, tgt)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, tgt[:, 1:])
+    with pytest.raises(ValueError, match="n_steps must be a positive int"):
+        model.greedy_decode(src, 0, bos=0)
+    with pytest.raises(ValueError, match="bos must be a token id"):
+        model.greedy_decode(src, 2, bos=V)
+
+
+def test_encoder_decoder_attention_maps(gen):
+    torch.manual_seed(0)
+    model = M.build_model("seq2seq", **TINY).train()
+    src, tgt = ids(gen, B=2, L=7), ids(gen, B=2, L=5)
+    maps = model.attention_maps(src, tgt)
+    assert model.training  # mode restored
+    assert [w.shape for w in maps["encoder"]] == [(2, 2, 7, 7)] * 2
+    assert [w.shape for w in maps["decoder"]] == [(2, 2, 5, 5)] * 2
+    assert [w.shape for w in maps["cross"]] == [(2, 2, 5, 7)] * 2
+    for w in maps["decoder"]:
+        assert torch.equal(w.triu(1), torch.zeros_like(w))  # the decoder's self-attention is causal
+    for ws in maps.values():
+        for w in ws:
+            torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
+    model.eval()
+    with torch.no_grad():  # the maps come from the same pass that gives the logits
+        memory, enc_w = model.encode(src, need_weights=True)
+        logits, _, cross = model.decode(tgt, memory, need_weights=True)
+    torch.testing.assert_close(logits, model(src, tgt))
+    torch.testing.assert_close(cross[1], maps["cross"][1])
+
+
 def test_encoder_decoder_has_cross_attention():
     model = M.build_model("seq2seq", **TINY)
     assert all(block.cross_attention for block in model.decoder)

@@ -274,10 +274,12 @@ class DecoderBlock(nn.Module):
     The caller passes the causal mask (see ``attention.causal_mask``).
 
     ``forward(x, memory=None, mask=None, memory_mask=None, positions=None, need_weights=False,
-    kv_prefix=None)``: x (B, Lt, d_model); memory (B, Ls, d_model); mask broadcastable to
-    (B, H, Lt, Lt); memory_mask broadcastable to (B, H, Lt, Ls); kv_prefix: keys and values
-    put in front of the self-attention's own (prefix tuning). Returns x, or (x,
-    self-attention weights).
+    kv_prefix=None, need_cross_weights=False)``: x (B, Lt, d_model); memory (B, Ls, d_model);
+    mask broadcastable to (B, H, Lt, Lt); memory_mask broadcastable to (B, H, Lt, Ls);
+    kv_prefix: keys and values put in front of the self-attention's own (prefix tuning).
+    Returns x, or (x, self-attention weights (B, H, Lt, Lt)) with ``need_weights``, or
+    (x, self-attention weights, cross-attention weights (B, H, Lt, Ls)) with
+    ``need_cross_weights`` (a block with cross-attention only).
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: Optional[int] = None, dropout: float = 0.0,
@@ -301,18 +303,29 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: Tensor, memory: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                 memory_mask: Optional[Tensor] = None, positions=None, need_weights: bool = False,
-                kv_prefix=None):
+                kv_prefix=None, need_cross_weights: bool = False):
         _check_x(x, self.d_model)
         if self.cross_attention and memory is None:
             raise ValueError("this DecoderBlock has cross-attention: pass memory (B, Ls, d_model)")
         if not self.cross_attention and memory is not None:
             raise ValueError("this DecoderBlock has no cross-attention (cross_attention=False); "
                              "got a memory tensor")
+        if need_cross_weights and not self.cross_attention:
+            raise ValueError("need_cross_weights: this DecoderBlock has no cross-attention")
         kept = {}
-        self_attention = _keeping_weights(self.attn, kept, mask, positions, need_weights, kv_prefix)
+        need_self = need_weights or need_cross_weights
+        self_attention = _keeping_weights(self.attn, kept, mask, positions, need_self, kv_prefix)
+
+        def cross_attention(h: Tensor) -> Tensor:
+            out = self.cross(h, context=memory, mask=memory_mask, need_weights=need_cross_weights)
+            if need_cross_weights:
+                out, kept["cross"] = out  # (B, H, Lt, Ls)
+            return out
 
         x = self.res_attn(x, self_attention)  # (B, Lt, d_model)
         if self.cross_attention:
-            x = self.res_cross(x, lambda h: self.cross(h, context=memory, mask=memory_mask))
+            x = self.res_cross(x, cross_attention)  # (B, Lt, d_model)
         x = self.res_ffn(x, self.ffn)  # (B, Lt, d_model)
+        if need_cross_weights:
+            return x, kept["weights"], kept["cross"]
         return (x, kept["weights"]) if need_weights else x

@@ -270,14 +270,22 @@ class TransformerClassifier(nn.Module):
 class EncoderDecoder(nn.Module):
     """The original seq2seq Transformer: ``forward(src (B, Ls), tgt (B, Lt)) -> logits (B, Lt, V)``.
 
-    Source and target share one vocabulary and one embedding table (Vaswani et al. 3.4).
-    ``src_padding_mask`` / ``tgt_padding_mask`` (B, L) are True on real tokens.
+    As in Vaswani et al. section 3.4, source and target share one vocabulary and one embedding
+    table E, the output projection is E itself (``tie_embeddings``: logits = h E^T) and the
+    embeddings are multiplied by sqrt(d_model) (``scale_embeddings``; E is then initialised
+    with standard deviation d_model^-1/2, so the scaled embeddings have unit scale, like the
+    positional encodings they are added to). ``src_padding_mask`` / ``tgt_padding_mask``
+    (B, L) are True on real tokens. ``tgt`` is the decoder's input: the target shifted right
+    behind a start token (see :meth:`greedy_decode`).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tie_embeddings: bool = True, scale_embeddings: bool = True):
         super().__init__()
         self.config = c = config
-        self.tok = nn.Embedding(c.vocab_size, c.d_model)
+        self.tie_embeddings, self.scale_embeddings = tie_embeddings, scale_embeddings
+        self.tok = nn.Embedding(c.vocab_size, c.d_model)  # E, shared by source and target
+        if scale_embeddings:
+            nn.init.normal_(self.tok.weight, std=c.d_model ** -0.5)
         self.enc_positions = _make_positions(c, causal=False)
         self.dec_positions = _make_positions(c, causal=True)
         self.drop = nn.Dropout(c.dropout)
@@ -285,20 +293,34 @@ class EncoderDecoder(nn.Module):
         self.decoder = nn.ModuleList(DecoderBlock(**c.block_kwargs()) for _ in range(c.n_layers))
         self.enc_norm, self.dec_norm = _final_norm(c), _final_norm(c)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.tok.weight  # logits = h E^T: one matrix, three uses
 
-    def encode(self, src: Tensor, src_padding_mask: Optional[Tensor] = None) -> Tensor:
-        """src (B, Ls) -> memory (B, Ls, d_model)."""
+    def embed(self, ids: Tensor) -> Tensor:
+        """Token ids (B, L) -> E[ids] * sqrt(d_model) (or unscaled): (B, L, d_model)."""
+        x = self.tok(ids)  # (B, L, d_model)
+        return x * self.config.d_model ** 0.5 if self.scale_embeddings else x
+
+    def encode(self, src: Tensor, src_padding_mask: Optional[Tensor] = None,
+               need_weights: bool = False):
+        """src (B, Ls) -> memory M (B, Ls, d_model); with ``need_weights`` also the list of
+        every encoder layer's self-attention weights (B, H, Ls, Ls)."""
         _check_ids(src, self.config.vocab_size, "src")
         _check_padding_mask(src_padding_mask, src, "src_padding_mask")
-        x = self.drop(self.enc_positions.embed(self.tok(src)))
+        x = self.drop(self.enc_positions.embed(self.embed(src)))
         mask = _key_mask(src_padding_mask)  # (B, 1, 1, Ls)
+        weights = []
         for block in self.encoder:
-            x = block(x, mask=mask, positions=self.enc_positions)
-        return self.enc_norm(x)
+            x = block(x, mask=mask, positions=self.enc_positions, need_weights=need_weights)
+            if need_weights:
+                x, w = x
+                weights.append(w)
+        return (self.enc_norm(x), weights) if need_weights else self.enc_norm(x)
 
     def decode(self, tgt: Tensor, memory: Tensor, src_padding_mask: Optional[Tensor] = None,
-               tgt_padding_mask: Optional[Tensor] = None) -> Tensor:
-        """tgt (B, Lt), memory (B, Ls, d_model) -> logits (B, Lt, V)."""
+               tgt_padding_mask: Optional[Tensor] = None, need_weights: bool = False):
+        """tgt (B, Lt), memory (B, Ls, d_model) -> logits (B, Lt, V); with ``need_weights``
+        also the lists of every decoder layer's self- and cross-attention weights."""
         _check_ids(tgt, self.config.vocab_size, "tgt")
         _check_padding_mask(tgt_padding_mask, tgt, "tgt_padding_mask")
         Lt = tgt.shape[1]
@@ -306,19 +328,63 @@ class EncoderDecoder(nn.Module):
         if tgt_padding_mask is not None:
             mask = mask & _key_mask(tgt_padding_mask)  # (B, 1, Lt, Lt)
         memory_mask = _key_mask(src_padding_mask)  # (B, 1, 1, Ls)
-        x = self.drop(self.dec_positions.embed(self.tok(tgt)))
+        x = self.drop(self.dec_positions.embed(self.embed(tgt)))
+        self_w, cross_w = [], []
         for block in self.decoder:
-            x = block(x, memory, mask=mask, memory_mask=memory_mask, positions=self.dec_positions)
-        return self.head(self.dec_norm(x))  # (B, Lt, V)
+            x = block(x, memory, mask=mask, memory_mask=memory_mask, positions=self.dec_positions,
+                      need_cross_weights=need_weights)
+            if need_weights:
+                x, ws, wc = x
+                self_w.append(ws)
+                cross_w.append(wc)
+        logits = self.head(self.dec_norm(x))  # (B, Lt, V)
+        return (logits, self_w, cross_w) if need_weights else logits
 
     def forward(self, src: Tensor, tgt: Tensor, src_padding_mask: Optional[Tensor] = None,
                 tgt_padding_mask: Optional[Tensor] = None) -> Tensor:
-        memory = self.encode(src, src_padding_mask)  # (B, Ls, d_model)
-        if isinstance(tgt, Tensor) and tgt.dim() >= 1 and tgt.shape[0] != src.shape[0]:
+        if isinstance(tgt, Tensor) and tgt.dim() >= 1 and isinstance(src, Tensor) and src.dim() >= 1 \
+                and tgt.shape[0] != src.shape[0]:
             raise ValueError(
                 f"src and tgt must have the same batch size; got {src.shape[0]} and {tgt.shape[0]}"
             )
+        memory = self.encode(src, src_padding_mask)  # (B, Ls, d_model)
         return self.decode(tgt, memory, src_padding_mask, tgt_padding_mask)
+
+    @torch.no_grad()
+    def attention_maps(self, src: Tensor, tgt: Tensor) -> dict:
+        """Every layer's attention weights for one forward pass (eval mode, restored after):
+        ``{"encoder": [(B, H, Ls, Ls)], "decoder": [(B, H, Lt, Lt)], "cross": [(B, H, Lt, Ls)]}``,
+        one tensor per layer, layer 1 first."""
+        was_training = self.training
+        self.eval()
+        try:
+            memory, enc_w = self.encode(src, need_weights=True)
+            _, dec_w, cross_w = self.decode(tgt, memory, need_weights=True)
+        finally:
+            self.train(was_training)
+        return {"encoder": enc_w, "decoder": dec_w, "cross": cross_w}
+
+    @torch.no_grad()
+    def greedy_decode(self, src: Tensor, n_steps: int, bos: int,
+                      src_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Greedy decoding: encode ``src`` (B, Ls) once, start the target with ``bos``, and
+        append the most likely token ``n_steps`` times. Returns the (B, n_steps) generated ids
+        (without ``bos``). Runs in eval mode (no dropout) and restores the previous mode."""
+        if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
+            raise ValueError(f"n_steps must be a positive int; got {n_steps!r}")
+        if not 0 <= bos < self.config.vocab_size:
+            raise ValueError(f"bos must be a token id in [0, vocab_size={self.config.vocab_size}); got {bos}")
+        was_training = self.training
+        self.eval()
+        try:
+            memory = self.encode(src, src_padding_mask)  # (B, Ls, d_model), once
+            out = torch.full((src.shape[0], 1), bos, dtype=torch.long, device=src.device)
+            for _ in range(n_steps):
+                logits = self.decode(out, memory, src_padding_mask)[:, -1]  # (B, V) at the last step
+                out = torch.cat([out, logits.argmax(dim=-1, keepdim=True)], dim=1)
+        finally:
+            self.train(was_training)
+        return out[:, 1:]
 
 
 _KINDS = {"lm": TransformerLM, "classifier": TransformerClassifier, "seq2seq": EncoderDecoder}
