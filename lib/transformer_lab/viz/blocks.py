@@ -1,4 +1,5 @@
-"""Lecture 02's widget and helpers: gradient norms by layer, pre- vs post-norm (see :mod:`transformer_lab.viz`)."""
+"""Lecture 02's widgets and helpers: gradient norms by layer, pre- vs post-norm; the attention maps
+of an encoder-decoder before and after training (see :mod:`transformer_lab.viz`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from ..device import grading_mode
 from .core import Explorer, WidgetsOff
 
-__all__ = ["layer_grad_profile", "norm_gradient_explorer", "NORMS"]
+__all__ = ["layer_grad_profile", "norm_gradient_explorer", "NORMS", "seq2seq_attention_explorer",
+           "ATTENTION_KINDS"]
 
 
 def layer_grad_profile(depth: int, norm_first: bool, residual: str = "none", d_model: int = 32,
@@ -116,3 +118,82 @@ def norm_gradient_explorer(max_depth: int = 24, depth: int = 12, d_model: int = 
 
     return Explorer(controls, compute, draw,
                     title="Gradient norm per layer at initialisation: pre- vs post-norm")
+
+
+#: The three attention maps of an encoder-decoder: the menu's label -> the key of
+#: ``EncoderDecoder.attention_maps``.
+ATTENTION_KINDS = {"cross (decoder reads source)": "cross", "encoder self": "encoder",
+                   "decoder self (causal)": "decoder"}
+
+
+def seq2seq_attention_explorer(maps: dict, src_labels, tgt_labels):
+    """Lecture 02: an encoder-decoder's attention maps per head, untrained beside trained.
+
+    ``maps``: ``{"untrained": m0, "trained": m1}``, each what
+    :meth:`transformer_lab.models.EncoderDecoder.attention_maps` returns for the same batch
+    (``{"encoder": [(B, H, Ls, Ls)] per layer, "decoder": [(B, H, Lt, Lt)], "cross":
+    [(B, H, Lt, Ls)]}``); ``src_labels`` / ``tgt_labels``: per example, the tokens shown along
+    the source and the decoder's input (lists of B lists of strings).
+
+    Controls: ``attention`` (cross, encoder self, decoder self), ``layer``, ``example``.
+    State: ``untrained`` and ``trained`` (H, Lq, Lk) tensors (the maps drawn), ``kind``,
+    ``layer`` (1-based), ``example``, ``x_labels``, ``y_labels``. The figure has one row per
+    model and one column per head (a trained reverser's cross-attention is an anti-diagonal).
+    """
+    if grading_mode():
+        return WidgetsOff()
+    names = ("untrained", "trained")
+    if set(maps) != set(names):
+        raise ValueError(f"maps must have the keys {names}; got {sorted(maps)}")
+    first = maps["trained"]["cross"]
+    n_layers, B = len(first), first[0].shape[0]
+    for name in names:
+        for key in ATTENTION_KINDS.values():
+            got = maps[name][key]
+            if len(got) != n_layers or any(w.shape[0] != B for w in got):
+                raise ValueError(f"maps[{name!r}][{key!r}] must hold {n_layers} layers of batch {B}")
+    if len(src_labels) != B or len(tgt_labels) != B:
+        raise ValueError(f"src_labels and tgt_labels need one list of tokens per example ({B}); "
+                         f"got {len(src_labels)} and {len(tgt_labels)}")
+
+    style = {"description_width": "initial"}
+    controls = {
+        "attention": widgets.Dropdown(options=tuple(ATTENTION_KINDS), value=next(iter(ATTENTION_KINDS)),
+                                      description="attention", style=style),
+        "layer": widgets.IntSlider(value=n_layers, min=1, max=n_layers, description="layer", style=style),
+        "example": widgets.IntSlider(value=0, min=0, max=B - 1, description="held-out example",
+                                     style=style),
+    }
+
+    def compute(v):
+        key, layer, b = ATTENTION_KINDS[v["attention"]], v["layer"], v["example"]
+        state = {name: maps[name][key][layer - 1][b].detach().float().cpu() for name in names}
+        x_labels = list(tgt_labels[b] if key == "decoder" else src_labels[b])
+        y_labels = list(src_labels[b] if key == "encoder" else tgt_labels[b])
+        return {**state, "kind": key, "layer": layer, "example": b,
+                "x_labels": x_labels, "y_labels": y_labels}
+
+    def draw(s):
+        import matplotlib.pyplot as plt  # imported on first draw (see the module docstring)
+        H = s["trained"].shape[0]
+        fig, axes = plt.subplots(2, H, figsize=(2.6 * H + 0.8, 5.4), squeeze=False)
+        for row, name in enumerate(names):
+            for h in range(H):
+                ax = axes[row, h]
+                im = ax.imshow(s[name][h].numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
+                ax.set_xticks(range(len(s["x_labels"])), s["x_labels"], fontsize=7)
+                ax.set_yticks(range(len(s["y_labels"])), s["y_labels"], fontsize=7)
+                ax.set_title(f"{name}, head {h}", fontsize=9)
+                if h == 0:
+                    ax.set_ylabel("decoder input (query)" if s["kind"] != "encoder" else "source (query)",
+                                  fontsize=8)
+                if row == 1:
+                    ax.set_xlabel("source (key)" if s["kind"] != "decoder" else "decoder input (key)",
+                                  fontsize=8)
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
+        fig.suptitle(f"{s['kind']} attention, layer {s['layer']}, held-out example {s['example']}",
+                     fontsize=10)
+        return fig
+
+    return Explorer(controls, compute, draw,
+                    title="Encoder-decoder attention maps per head: untrained (top) and trained (bottom)")
