@@ -294,3 +294,16 @@ def test_grading_mode_reexported(monkeypatch):
     assert grading.grading_mode() is True
     monkeypatch.setenv("TRANSFORMER_LAB_GRADING", "0")
     assert grading.grading_mode() is False
+
+
+def test_check_close_names_the_mistake_whose_value_came_back():
+    expected = torch.tensor([1.0, 3.0])
+    mistakes = {"forgot the scale": torch.tensor([2.0, 6.0]), "wrong axis": torch.tensor([1.0, 2.0]),
+                "nan mistake": torch.tensor([float("nan"), 3.0])}
+    for got, hint in [(torch.tensor([1.0, 2.0]), "wrong axis"), (torch.tensor([2.0, 6.0]), "forgot the scale"),
+                      (torch.tensor([float("nan"), 3.0]), "nan mistake"), (torch.tensor([5.0, 5.0]), "generic"),
+                      (torch.tensor([1.0, 2.0, 0.0]), "generic")]:
+        with pytest.raises(AssertionError) as err:
+            grading.check_close(got, expected, "f", hint="generic", mistakes=mistakes)
+        assert str(err.value).endswith(f"hint: {hint}")
+    grading.check_close(expected.clone(), expected, "f", mistakes={"same as expected": expected})  # passes

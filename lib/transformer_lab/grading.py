@@ -190,6 +190,7 @@ def check_close(
     rtol: float = 1e-4,
     hint: str | None = None,
     check_dtype: bool = True,
+    mistakes: Mapping[str, Any] | None = None,
 ) -> None:
     """Fail unless ``actual`` matches ``expected`` in shape, dtype, device and values.
 
@@ -197,7 +198,12 @@ def check_close(
     a NaN passes only where ``expected`` has a NaN too. The message shows the
     input, both tensors' shapes, dtypes and first values, the largest error and
     its index, how many entries differ, and ``hint``.
+
+    ``mistakes``: hint -> what that mistake returns on the same input; when ``actual`` matches
+    one of them (shape and values, same tolerances), its hint is given instead of ``hint``, so
+    the message names the mistake the learner made.
     """
+    hint = _matching_mistake(actual, mistakes, atol, rtol) or hint
     expected_t = expected if isinstance(expected, torch.Tensor) else torch.as_tensor(expected)
     if actual is None or not isinstance(actual, (torch.Tensor, int, float, bool, list, tuple)):
         _fail(
@@ -262,6 +268,23 @@ def check_close(
         lines.append(f"  your result has {int(a_nan.sum())} NaN entries")
         hint = hint or "NaN usually comes from softmax over a row where everything is -inf (fully masked)"
     _fail(f"{name}: wrong values", lines, hint)
+
+
+def _matching_mistake(actual: Any, mistakes: Mapping[str, Any] | None, atol: float,
+                      rtol: float) -> str | None:
+    """The hint of the first mistake whose value ``actual`` equals (within the tolerances)."""
+    if not mistakes or not isinstance(actual, torch.Tensor):
+        return None
+    a = actual.detach().to("cpu", torch.float64)
+    for hint, value in mistakes.items():
+        v = torch.as_tensor(value).detach().to("cpu", torch.float64)
+        if tuple(v.shape) != tuple(a.shape):
+            continue
+        same_nan = (a != a) == (v != v)
+        close = ((a - v).abs() <= atol + rtol * v.abs().nan_to_num(0.0, 0.0, 0.0)) | ((a != a) & (v != v))
+        if bool(same_nan.all()) and bool(close.all()):
+            return hint
+    return None
 
 
 def _input_block(inputs: Mapping[str, Any] | Sequence[Any] | None) -> list[str]:
