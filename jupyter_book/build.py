@@ -57,7 +57,7 @@ BUILD = BOOK / "_build"  # jupyter-book output; the site is _build/html
 NODE_MODULES = BOOK / "node_modules"
 
 #: Pages of the book itself, copied into the staging folder as they are.
-BOOK_FILES = ("_config.yml", "course.yml", "intro.md", "logo.svg", "widgets-config.js", "nav-fix.js",
+BOOK_FILES = ("_config.yml", "course.yml", "intro.md", "notation.md", "logo.svg", "widgets-config.js", "nav-fix.js",
               "search-fix.js", "site.css")
 #: Lecture folders look like ``01_attention``.
 LECTURE_DIR = re.compile(r"^\d{2}_[A-Za-z0-9_]+$")
@@ -73,6 +73,10 @@ CDN_PATTERN = re.compile(
     re.IGNORECASE,
 )
 LECTURE_LIST_MARKER = re.compile(r"<!-- lecture-list:[^>]*-->")
+#: How a lecture links the notation page: right in JupyterLab (course/NN_topic/ -> jupyter_book/);
+#: the book stages the page at its root, two levels above the lecture (lectures/NN_topic/).
+NOTATION_LINK = "../../jupyter_book/notation.md"
+NOTATION_PAGE = "../../notation.md"
 #: sphinx-thebe (a fixed part of Jupyter Book 1.x) writes its CDN address into every page even
 #: with thebe switched off (``launch_buttons.thebe: false``); build.py removes its two scripts.
 THEBE_SCRIPTS = re.compile(
@@ -111,6 +115,8 @@ def prepare_notebook(nb):
     """A copy of a learner notebook ready for the book: test cells tagged, outputs dropped."""
     nb = copy.deepcopy(nb)
     for cell in nb.cells:
+        if cell.cell_type == "markdown" and NOTATION_LINK in cell.source:
+            cell.source = cell.source.replace(NOTATION_LINK, NOTATION_PAGE)
         if cell.cell_type == "code":
             cell.outputs = []
             cell.execution_count = None
@@ -151,7 +157,8 @@ def short_title(title: str) -> str:
 
 def make_toc(lectures: list[tuple[str, str]]) -> dict:
     """The ``_toc.yml`` contents: intro page, then one chapter per (folder name, title) lecture,
-    shown in the sidebar as "NN · title" whatever numbering the notebook's heading uses."""
+    shown in the sidebar as "NN · title" whatever numbering the notebook's heading uses, then the
+    notation page."""
     chapters = []
     for name, title in lectures:
         number = name.split("_", 1)[0]
@@ -159,7 +166,8 @@ def make_toc(lectures: list[tuple[str, str]]) -> dict:
     return {
         "format": "jb-book",
         "root": "intro",
-        "parts": [{"caption": "Lectures", "chapters": chapters}],
+        "parts": [{"caption": "Lectures", "chapters": chapters},
+                  {"caption": "Reference", "chapters": [{"file": "notation", "title": "Notation"}]}],
     }
 
 
@@ -626,6 +634,7 @@ def stage(course: Path, execute: str, work: Path = WORK) -> list[tuple[str, str]
     intro = (BOOK / "intro.md").read_text()
     intro = LECTURE_LIST_MARKER.sub(lambda _: course_map_markdown(lectures, needs, WORK), intro)
     (WORK / "intro.md").write_text(intro)
+    shutil.copy2(BOOK / "notation.md", WORK / "notation.md")
     shutil.copy2(BOOK / "logo.svg", WORK / "logo.svg")
     stage_assets(WORK / "_site_extra")
     return lectures

@@ -250,3 +250,19 @@ def test_prerequisites_become_the_course_map(tmp_path, build_module):
         found = build_module.prerequisite_numbers(build_module.split_title_cell(nb.cells[0].source, path.stem)[2]["Prerequisites"], path.stem[:2])
         assert set(found) <= names, (path.stem, found)
         assert found or path.stem.startswith("01"), f"{path.stem} names no earlier lecture in its prerequisites"
+
+
+def test_every_lecture_links_the_one_notation_page(lectures, build_module):
+    """Each lecture's first cell links jupyter_book/notation.md (right from course/NN_topic/ in
+    JupyterLab); the book stages the page at its root and the link is rewritten to reach it."""
+    page = build_module.BOOK / "notation.md"
+    assert page.is_file() and "Vectors are rows" in page.read_text()
+    assert (build_module.BOOK.parent / "course" / "01_attention" / build_module.NOTATION_LINK).resolve() == page
+    for path in lectures:
+        nb = nbformat.read(path, as_version=4)
+        assert f"]({build_module.NOTATION_LINK})" in nb.cells[0].source, f"{path.name}: no link to the notation page"
+        staged = build_module.prepare_notebook(nb)
+        assert f"]({build_module.NOTATION_PAGE})" in staged.cells[0].source
+        assert build_module.NOTATION_LINK not in staged.cells[0].source
+    toc = build_module.make_toc([("01_attention", "Lecture 01")])
+    assert {"file": "notation", "title": "Notation"} in toc["parts"][-1]["chapters"]
