@@ -305,6 +305,8 @@ except Exception:   # blocked here: compute it in a fresh Python, where nothing 
 
 TORCH_MHA = """\
 B, L, d_model = x.shape
+if d_model % n_heads:                     # the exercise's stated check, so the visible tests pass
+    raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
 out, _ = F.multi_head_attention_forward(   # PyTorch's own multi-head attention
     x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), d_model, n_heads, w_qkv, b_qkv,
     None, None, False, 0.0, w_out, b_out, need_weights=False,
