@@ -6,7 +6,7 @@ BIN    := $(abspath $(VENV))/bin
 # nbgrader calls `alembic` by name, so the environment's bin must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup lab lab-instructor test test-fast test-slow test-notebooks release grade book bench bench-grading clean
+.PHONY: help setup lab lab-instructor test test-fast test-slow test-notebooks release grade book bench bench-grading clean hub-setup hub test-hub
 
 help:
 	@echo "make lab       install everything (first run) and open the course in JupyterLab"
@@ -19,6 +19,8 @@ help:
 	@echo "make book      build the website into jupyter_book/_build/html (offline)"
 	@echo "make bench     run the benchmarks in benchmarks/ (not part of make test)"
 	@echo "make bench-grading  time the autograder on a synthetic class of 60 (~10 min)"
+	@echo "make hub INSTRUCTORS=a STUDENTS=b,c  the course on JupyterHub, as root (autograder/jupyterhub/README.md)"
+	@echo "make test-hub  only the JupyterHub round test (root; part of make test)"
 
 $(BIN)/activate:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=python3 ...'"; exit 1; }
@@ -47,7 +49,7 @@ test-fast: setup
 # The book executes every learner notebook in normal mode and the class round trip (in pytest)
 # grades every instructor notebook in grading mode: a third run of each notebook in normal mode
 # (nbval) would cost about 30 s a lecture, 7 minutes of CI with 15 lectures. It is test-notebooks.
-test: setup book
+test: setup book hub-setup
 	$(BIN)/python -m pytest -q
 
 test-notebooks: setup
@@ -76,6 +78,28 @@ bench: setup
 
 bench-grading: setup
 	$(BIN)/python benchmarks/grading.py
+
+# The course on JupyterHub (autograder/jupyterhub/README.md): configurable-http-proxy from npm,
+# into autograder/jupyterhub/node_modules (git-ignored), like the book's npm packages.
+HUB := autograder/jupyterhub
+CHP := $(HUB)/node_modules/.bin/configurable-http-proxy
+$(CHP): $(HUB)/package.json
+	@command -v npm >/dev/null 2>&1 || { echo "error: npm not found; JupyterHub's proxy comes from npm (install Node.js, e.g. apt-get install nodejs npm)"; exit 1; }
+	npm install --prefix $(HUB) --no-package-lock --no-audit --no-fund --loglevel=error
+	touch $@
+
+hub-setup: setup $(CHP)
+
+HUB_STATE ?= /srv/jupyterhub
+hub: hub-setup
+	@test -n "$(INSTRUCTORS)" || { echo "usage: make hub INSTRUCTORS=user[,user] STUDENTS=user,user [COURSE_ID=transformer-lab] [EXCHANGE=/srv/nbgrader/exchange] [HUB_STATE=/srv/jupyterhub]"; exit 2; }
+	mkdir -p $(HUB_STATE)
+	cd $(HUB_STATE) && TLAB_INSTRUCTORS="$(INSTRUCTORS)" TLAB_STUDENTS="$(STUDENTS)" \
+	  $(if $(COURSE_ID),TLAB_COURSE_ID="$(COURSE_ID)") $(if $(EXCHANGE),TLAB_EXCHANGE="$(EXCHANGE)") \
+	  $(BIN)/jupyterhub -f $(abspath $(HUB))/jupyterhub_config.py
+
+test-hub: hub-setup
+	$(BIN)/python -m pytest -q -s autograder/tests/test_jupyterhub.py
 
 clean:
 	rm -rf jupyter_book/_build .pytest_cache
