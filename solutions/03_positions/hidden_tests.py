@@ -71,7 +71,71 @@ def _sin_float64(length, d_model, base=10000.0):
     return positions.sinusoidal_encoding(length, d_model, base=base, dtype=torch.float64)
 
 
-# --------------------------------------------------------------------------- ex2: apply_rope
+# --------------------------------------------------------------------------- ex2: t5_bucket
+
+
+def t5_reference(rel, bidirectional=True, num_buckets=32, max_distance=128):
+    return positions.t5_bucket(rel, bidirectional, num_buckets, max_distance)
+
+
+def t5_cases(rng):
+    L = int(torch.randint(40, 150, (1,), generator=rng))
+    rel = torch.arange(L)[None, :] - torch.arange(L)[:, None]            # (L, L): j - i
+    far = torch.randint(-3000, 3001, (60,), generator=rng)              # offsets far in both directions
+    # every setting below gives the same buckets whether the log is taken in float32 or float64
+    yield Case(f"rel = j - i of a {L}-token sequence ({L}, {L}), bidirectional, 32 buckets, max_distance 128", rel)
+    yield Case(f"rel = j - i ({L}, {L}), bidirectional=False (causal), 32 buckets, max_distance 128", rel,
+               bidirectional=False)
+    yield Case("60 offsets in [-3000, 3000], bidirectional, num_buckets=16, max_distance=50", far,
+               bidirectional=True, num_buckets=16, max_distance=50)
+    yield Case("60 offsets in [-3000, 3000], causal, num_buckets=64, max_distance=256", far,
+               bidirectional=False, num_buckets=64, max_distance=256)
+    yield Case("offsets -60 .. 60, bidirectional, num_buckets=24, max_distance=100", torch.arange(-60, 61),
+               bidirectional=True, num_buckets=24, max_distance=100)
+
+
+def _t5_with(rel, bidirectional=True, num_buckets=32, max_distance=128, *, flip=False, halve=True,
+             future_offset=True, clamp=True, causal_abs=False, causal_no_clamp=False, exact_before_halving=False,
+             log_of_max_only=False, rounding="floor", integer_ratio=False, as_float=False):
+    """T5's bucket function with one step changed (what a learner's mistake computes)."""
+    n = (rel if flip else -rel).long()  # i - j (flip: j - i)
+    ret = torch.zeros_like(n)
+    n_b = num_buckets
+    if bidirectional:
+        if halve:
+            n_b //= 2
+        if future_offset:
+            ret = ret + (n < 0).long() * n_b
+        n = n.abs()
+    elif causal_abs:
+        n = n.abs()
+    elif not causal_no_clamp:
+        n = n.clamp(min=0)
+    n_e = num_buckets // 2 if exact_before_halving else n_b // 2
+    ratio = n.clamp(min=n_e).float() / n_e
+    if integer_ratio:
+        ratio = ratio.floor()
+    den = math.log(max_distance) if log_of_max_only else math.log(max_distance / n_e)
+    val = torch.log(ratio) / den * (n_b - n_e)
+    val = {"floor": val, "round": val.round(), "ceil": val.ceil()}[rounding]
+    large = n_e + val.long()
+    if clamp:
+        large = large.clamp(max=n_b - 1)
+    out = ret + torch.where(n < n_e, n, large)
+    return out.float() if as_float else out
+
+
+def _t5_mistake(**changed):
+    def wrong(rel, bidirectional=True, num_buckets=32, max_distance=128):
+        return _t5_with(rel, bidirectional, num_buckets, max_distance, **changed)
+    return wrong
+
+
+def _t5_defaults_only(rel, bidirectional=True, num_buckets=32, max_distance=128):
+    return positions.t5_bucket(rel, bidirectional, 32, 128)
+
+
+# --------------------------------------------------------------------------- ex3: apply_rope
 
 
 def rope_cases(rng):
@@ -134,7 +198,17 @@ def _rope_float32_angles(x, offset=0, base=10000.0):
     return _rope_pairs(x, offset, base, "neighbours", work=torch.float32)
 
 
-# --------------------------------------------------------------------------- ex3: alibi_slopes
+def _rope_sin_cos_swapped(x, offset=0, base=10000.0):
+    L, D = x.shape[-2], x.shape[-1]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    p = torch.arange(offset, offset + L, dtype=work)[:, None]
+    angle = p * base ** (-torch.arange(0, D, 2, dtype=work)[None, :] / D)
+    cos, sin = angle.sin().to(x.dtype), angle.cos().to(x.dtype)  # swapped
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+# --------------------------------------------------------------------------- ex4: alibi_slopes
 
 
 def alibi_slopes_reference(n_heads):
@@ -184,7 +258,7 @@ def _slopes_truncated(n_heads):
     return torch.tensor(_pow2(n1)[:n_heads], dtype=torch.float32)
 
 
-# --------------------------------------------------------------------------- ex4: alibi_bias
+# --------------------------------------------------------------------------- ex5: alibi_bias
 
 
 def alibi_bias_reference(n_heads, length, dtype=torch.float32):
@@ -260,7 +334,46 @@ TESTS = [
              "base argument, interleave sin (even columns) and cos (odd columns), return float32",
     ),
     HiddenTest(
-        cell="ex2_apply_rope_test",
+        cell="ex2_t5_bucket_test",
+        function="t5_bucket",
+        cases=t5_cases,
+        reference=t5_reference,
+        blocked=[positions.t5_bucket, positions.T5Bias],
+        mistakes={
+            "the direction is reversed: rel = j - i, so a NEGATIVE rel is a key in the past (distance -rel, "
+            "the lower half) and a positive one a key in the future":
+                _t5_mistake(flip=True),
+            "bidirectional: halve the buckets first (n_b = num_buckets // 2 per direction, n_e = n_b // 2)":
+                _t5_mistake(halve=False),
+            "bidirectional: a key in the future (rel > 0) gets n_b = num_buckets // 2 added to its bucket "
+            "(the upper half)":
+                _t5_mistake(future_offset=False),
+            "the log bucket is not clamped: every distance from max_distance on lands in the last bucket, "
+            "min(..., n_b - 1)":
+                _t5_mistake(clamp=False),
+            "causal: a key in the future counts as distance 0 (delta = max(-rel, 0)), not |rel|":
+                _t5_mistake(causal_abs=True),
+            "causal: clamp the distance at 0 (delta = max(-rel, 0)); a future key gave a negative bucket":
+                _t5_mistake(causal_no_clamp=True),
+            "n_e is half of n_b AFTER halving: n_e = (num_buckets // 2) // 2 when bidirectional":
+                _t5_mistake(exact_before_halving=True),
+            "the log's denominator is ln(max_distance / n_e), not ln(max_distance)":
+                _t5_mistake(log_of_max_only=True),
+            "the log bucket is rounded DOWN (.long() or floor), not to the nearest integer (round)":
+                _t5_mistake(rounding="round"),
+            "the log bucket is rounded DOWN (.long() or floor), not up (ceil)":
+                _t5_mistake(rounding="ceil"),
+            "divide in floating point: ln(delta / n_e) with delta.float() / n_e, not delta // n_e":
+                _t5_mistake(integer_ratio=True),
+            "use the num_buckets and max_distance arguments instead of 32 and 128":
+                _t5_defaults_only,
+        },
+        hint="direction (halves and + n_b for the future when bidirectional; delta = max(-rel, 0) when causal), "
+             "exact buckets for delta < n_e = n_b // 2, then n_e + floor(ln(delta / n_e) / ln(max_distance / n_e) "
+             "* (n_b - n_e)) at most n_b - 1; a long tensor",
+    ),
+    HiddenTest(
+        cell="ex3_apply_rope_test",
         function="apply_rope",
         cases=rope_cases,
         reference=positions.apply_rope,
@@ -281,13 +394,15 @@ TESTS = [
             "the angles were computed in float32: for a float64 x, build the positions and the "
             "frequencies in float64 (dtype=x.dtype) before cos and sin":
                 _rope_float32_angles,
+            "sin and cos are swapped: (x0, x1) -> (x0 cos a - x1 sin a, x0 sin a + x1 cos a)":
+                _rope_sin_cos_swapped,
         },
         hint="rotate the neighbour pairs (x[..., 2i], x[..., 2i+1]) counter-clockwise by the angle "
              "(offset + r) * base**(-2i/D) for row r; use the base argument, keep x's dtype (float64 "
              "angles for a float64 x), any leading axes",
     ),
     HiddenTest(
-        cell="ex3_alibi_slopes_test",
+        cell="ex4_alibi_slopes_test",
         function="alibi_slopes",
         cases=alibi_slopes_cases,
         reference=alibi_slopes_reference,
@@ -313,7 +428,7 @@ TESTS = [
              "of the 2*n0 sequence starting with its first ([0::2]), as many as are missing; float32",
     ),
     HiddenTest(
-        cell="ex4_alibi_bias_test",
+        cell="ex5_alibi_bias_test",
         function="alibi_bias",
         cases=alibi_bias_cases,
         reference=alibi_bias_reference,
@@ -329,13 +444,13 @@ TESTS = [
             "the sign: the bias is -m_h |i - j| (a penalty), zero on the diagonal and negative elsewhere":
                 _bias_positive,
             "the slopes for a head count that is not a power of two come from alibi_slopes "
-            "(exercise 3), not from 2**(-8h/n)":
+            "(exercise 4), not from 2**(-8h/n)":
                 _bias_pow2_slopes,
             "return the requested dtype: build the distances and the slopes in dtype (or .to(dtype) "
             "the result)":
                 _bias_float32,
         },
-        hint="bias[h, i, j] = -m_h |i - j| with m = alibi_slopes(n_heads) (exercise 3) along the first "
+        hint="bias[h, i, j] = -m_h |i - j| with m = alibi_slopes(n_heads) (exercise 4) along the first "
              "axis: slopes[:, None, None] * distance[None]; in the requested dtype",
     ),
 ]
