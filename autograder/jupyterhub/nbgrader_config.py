@@ -19,4 +19,3 @@ c.Exchange.root = os.environ.get("TLAB_EXCHANGE", "/srv/nbgrader/exchange")
 # and a fetched lecture lands in ~/<course>/<NN_topic>/ (several courses side by side).
 c.Authenticator.plugin_class = JupyterHubAuthPlugin
 c.Exchange.path_includes_course = True
-c.NbGrader.course_titles = {c.CourseDirectory.course_id: "Transformer Lab"}

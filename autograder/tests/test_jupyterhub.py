@@ -165,6 +165,51 @@ class Hub:
         assert r.ok, f"{method} /user/{name}{path}: {r.status_code} {r.text[:500]}\n{self.tail()}"
         return r
 
+    def run_code(self, name: str, code: str) -> str:
+        """Run ``code`` in a new Python kernel of ``name``'s server (the notebook's channels
+        websocket, as JupyterLab does) and return its stdout."""
+        import asyncio
+        import uuid
+
+        from tornado.httpclient import HTTPRequest
+        from tornado.websocket import websocket_connect
+
+        kernel = self.user(name, "POST", "/api/kernels", json={"name": "python3"}).json()["id"]
+        msg_id = uuid.uuid4().hex
+        request = {
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "session": uuid.uuid4().hex,
+                       "username": name, "version": "5.3", "date": ""},
+            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+            "content": {"code": code, "silent": False, "store_history": False,
+                        "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
+        }
+
+        async def talk() -> str:
+            ws = await websocket_connect(HTTPRequest(
+                f"{self.url.replace('http', 'ws', 1)}/user/{name}/api/kernels/{kernel}/channels",
+                headers={"Authorization": f"token {self.tokens[name]}"}, request_timeout=120))
+            await ws.write_message(json.dumps(request))
+            out, status = [], None
+            while status is None:
+                msg = json.loads(await asyncio.wait_for(ws.read_message(), 180))
+                if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                    continue
+                kind = msg["header"]["msg_type"]
+                if kind == "stream":
+                    out.append(msg["content"]["text"])
+                elif kind == "error":
+                    out.append("\n".join(msg["content"]["traceback"]))
+                elif kind == "execute_reply":
+                    status = msg["content"]["status"]
+            ws.close()
+            assert status == "ok", "".join(out)
+            return "".join(out)
+
+        try:
+            return asyncio.run(talk())
+        finally:
+            self.user(name, "DELETE", f"/api/kernels/{kernel}")
+
     # -- the hub's REST API
     def start_servers(self, names: list[str]):
         for name in names:
@@ -228,6 +273,20 @@ def course_users():
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture
+def closed_solutions():
+    """The hub's checkout (here this one) with solutions/ closed to other users, as README.md
+    says to deploy it: the environment and lib/ stay readable, the answers and hidden tests not.
+    The mode is put back afterwards (git does not track it)."""
+    solutions = REPO / "solutions"
+    mode = solutions.stat().st_mode & 0o7777
+    solutions.chmod(0o700)
+    try:
+        yield solutions
+    finally:
+        solutions.chmod(mode)
+
+
 def _instructor_clone(home: Path, uid: int, gid: int) -> Path:
     """The instructor's clone of the course in their home (what `git clone` would give, the
     parts nbgrader and the formgrader use) and their ~/.jupyter/nbgrader_config.py."""
@@ -259,7 +318,7 @@ def _solved(released: dict, solutions: Path) -> dict:
     return nb
 
 
-def test_a_round_of_lecture_01_on_jupyterhub(course_users):
+def test_a_round_of_lecture_01_on_jupyterhub(course_users, closed_solutions):
     base, names = course_users
     teacher, ann, bob = names["instructor"], names["solver"], names["idle"]
     homes = {n: base / "home" / n for n in names.values()}
@@ -280,6 +339,12 @@ def test_a_round_of_lecture_01_on_jupyterhub(course_users):
         t_up = time.monotonic()
         for name in names.values():  # each server runs as its user
             assert _server_uids(name) == {pwd.getpwnam(name).pw_uid}, name
+
+        # the course's environment works in a student's server: a kernel, as the student, with
+        # the library and PyTorch (the notebooks' setup cell imports them)
+        out = hub.run_code(ann, "import os, torch, transformer_lab; "
+                                "print(os.getuid(), os.getcwd(), transformer_lab.__name__)")
+        assert out.split() == [str(pwd.getpwnam(ann).pw_uid), str(homes[ann]), "transformer_lab"], out
 
         # 1. the instructor releases lecture 01 (formgrader's Release button)
         r = hub.user(teacher, "POST", f"/formgrader/api/assignment/{LECTURE}/release").json()
@@ -333,6 +398,7 @@ def test_a_round_of_lecture_01_on_jupyterhub(course_users):
             _refused(bob, "cat", str(clone / "solutions" / LECTURE / "hidden_tests.py")),
             _refused(bob, "cat", str(submitted / ann / LECTURE / f"{LECTURE}.ipynb")),
             _refused(bob, "touch", str(outbound.parent / "planted.ipynb")),     # nor release
+            _refused(bob, "cat", str(closed_solutions / LECTURE / "hidden_tests.py")),  # the hub's
         ]
         assert all("Permission denied" in r for r in refusals)
         # nbgrader's design: a submission in inbound/ is world-readable, but its name ends in 12
