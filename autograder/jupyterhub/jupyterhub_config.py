@@ -27,6 +27,7 @@ nbgrader_config.py as the global nbgrader configuration (``JUPYTER_CONFIG_PATH``
 """
 
 import ctypes
+import importlib.util
 import os
 import sys
 import tempfile
@@ -92,9 +93,16 @@ def _closed_ancestor(path: str) -> str | None:
     return None
 
 
-#: The environment's Python, where users cannot reach it: pyenv's under /root, as on this
-#: project's CI machines. Empty on an ordinary host (Python under /usr or /opt).
-HIDDEN_PYTHON = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)
+def _library() -> str:
+    """The folder the course's library is imported from (lib/ of an editable install)."""
+    spec = importlib.util.find_spec("transformer_lab")
+    return str(Path(spec.origin).parent.parent) if spec and spec.origin else sys.prefix
+
+
+#: The environment (its Python, the library) where users cannot reach it: pyenv's Python under
+#: /root, as on this project's CI machines, or a checkout in a closed folder. Empty on an
+#: ordinary host (Python under /usr or /opt, the checkout in /opt).
+HIDDEN_PYTHON = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, _library())
                         if _closed_ancestor(os.path.realpath(p))})
 
 

@@ -63,6 +63,14 @@ def _why_not() -> str | None:
         return "jupyterhub is not installed in the environment: pip install -e '.[hub]'"
     if not CHP.exists():
         return f"configurable-http-proxy is not installed ({CHP}): run `make hub-setup`"
+    from autograder import sandbox
+
+    closed = [p for p in (sys.prefix, sys.base_prefix)
+              if sandbox._closed_ancestor(os.path.realpath(p))]
+    ok, why = sandbox.available()
+    if closed and not ok:
+        return (f"the environment's Python ({', '.join(closed)}) is in a folder other users cannot "
+                f"enter and mount namespaces are refused here, so users' servers cannot run it ({why})")
     return None
 
 
