@@ -303,7 +303,7 @@ class EncoderDecoder(nn.Module):
 
     def encode(self, src: Tensor, src_padding_mask: Optional[Tensor] = None,
                need_weights: bool = False):
-        """src (B, Ls) -> memory M (B, Ls, d_model); with ``need_weights`` also the list of
+        """src (B, Ls) -> memory X_enc (B, Ls, d_model); with ``need_weights`` also the list of
         every encoder layer's self-attention weights (B, H, Ls, Ls)."""
         _check_ids(src, self.config.vocab_size, "src")
         _check_padding_mask(src_padding_mask, src, "src_padding_mask")

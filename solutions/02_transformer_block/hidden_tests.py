@@ -59,6 +59,23 @@ def _ln_no_affine(x, gamma, beta, eps=1e-5):
     return blocks.layer_norm(x, None, None, eps=eps)
 
 
+def _ln_over(dims):
+    def wrong(x, gamma, beta, eps=1e-5):
+        d = tuple(range(x.dim() - 1)) if dims == "leading" else dims
+        mu = x.mean(dim=d, keepdim=True)
+        return gamma * (x - mu) / torch.sqrt(x.var(dim=d, keepdim=True, unbiased=False) + eps) + beta
+    return wrong
+
+
+def _ln_swapped_affine(x, gamma, beta, eps=1e-5):
+    return blocks.layer_norm(x, None, None, eps=eps) * beta + gamma
+
+
+def _ln_std_eps_outside(x, gamma, beta, eps=1e-5):
+    mu = x.mean(dim=-1, keepdim=True)
+    return gamma * (x - mu) / (x.std(dim=-1, keepdim=True) + eps) + beta
+
+
 # --------------------------------------------------------------------------- ex2: swiglu_ffn
 
 
@@ -98,6 +115,18 @@ def _swiglu_no_t_on_w2(x, w1, w2, w3):
 
 def _swiglu_no_t(x, w1, w2, w3):
     return (F.silu(x @ w1) * (x @ w3)) @ w2
+
+
+def _swiglu_no_t_on_w1_w3(x, w1, w2, w3):
+    return (F.silu(x @ w1) * (x @ w3)) @ w2.T
+
+
+def _swiglu_relu(x, w1, w2, w3):
+    return (F.relu(x @ w1.T) * (x @ w3.T)) @ w2.T
+
+
+def _swiglu_no_gate(x, w1, w2, w3):
+    return F.silu(x @ w1.T) @ w2.T
 
 
 # --------------------------------------------------------------------------- ex3: mean_pool
@@ -141,6 +170,11 @@ def _pool_no_clamp(h, padding_mask):
 
 def _pool_sum(h, padding_mask):
     return (h * _pool_weights(h, padding_mask)).sum(dim=1)
+
+
+def _pool_batch_count(h, padding_mask):
+    w = _pool_weights(h, padding_mask)
+    return (h * w).sum(dim=1) / w.sum().clamp_min(1.0)
 
 
 def _pool_inverted(h, padding_mask):
@@ -253,9 +287,194 @@ def _sublayer_norm_on_branch(x, norm_first, norm_weight=None, norm_bias=None, ff
         return x + norm(sub(x)), 1
 
 
+def _sublayer_no_norm_in_pre(x, norm_first, norm_weight=None, norm_bias=None, ffn=None, a=None):
+    sub, norm = _build(x, norm_weight, norm_bias, ffn, a)
+    with torch.no_grad():
+        return (x + sub(x) if norm_first else norm(x + sub(x))), 1
+
+
+def _sublayer_norm_then_add(x, norm_first, norm_weight=None, norm_bias=None, ffn=None, a=None):
+    sub, norm = _build(x, norm_weight, norm_bias, ffn, a)
+    with torch.no_grad():
+        return (x + sub(norm(x)) if norm_first else norm(x) + sub(x)), 1
+
+
 def _sublayer_called_twice(x, norm_first, norm_weight=None, norm_bias=None, ffn=None, a=None):
     out, _ = sublayer_reference(x, norm_first, norm_weight, norm_bias, ffn, a)
     return out, 2
+
+
+# --------------------------------------------------------------------------- ex5: MyEncoderBlock
+
+#: The learner's parameter names -> the library EncoderBlock's.
+_LIBRARY_NAMES = {"w1.": "ffn.w1.", "w2.": "ffn.w2.", "norm1.": "res_attn.norm.", "norm2.": "res_ffn.norm."}
+
+
+def drive_block(fn, x, mask, norm_first, dropout, state, sizes):
+    """Runs in the learner's process: builds ``fn(d_model, n_heads, d_ff, dropout=..., norm_first=...)``
+    (the learner's class), loads ``state`` (plain tensors, the learner's parameter names), and returns
+    (its output in eval(), its output in train() with every nn.Dropout child replaced by "multiply
+    by 0.5" and the attention's own dropout off). The random generator is seeded before each call,
+    so a dropout that stays on in eval() gives a reproducible output."""
+    import torch
+    from torch import nn
+
+    d_model, n_heads, d_ff = sizes
+    block = fn(d_model, n_heads, d_ff, dropout=dropout, norm_first=norm_first).to(x.dtype)
+    block.load_state_dict(state)
+    block.eval()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        out_eval = block(x, mask=mask)
+
+    class Half(nn.Module):  # stands in for nn.Dropout: where it sits shows in the output
+        def __init__(self, p):
+            super().__init__()
+            self.p = p
+
+        def forward(self, t):
+            return 0.5 * t if self.training else t
+
+    for name, child in list(block.named_children()):
+        if isinstance(child, nn.Dropout):
+            setattr(block, name, Half(child.p))
+    if hasattr(block, "attn") and hasattr(block.attn, "dropout"):
+        block.attn.dropout = 0.0
+    block.train()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        out_train = block(x, mask=mask)
+    return out_eval, out_train
+
+
+def _library_block(norm_first, dropout, state, sizes, dtype):
+    d_model, n_heads, d_ff = sizes
+    ref = blocks.EncoderBlock(d_model, n_heads, d_ff, dropout=dropout, activation="relu",
+                              norm_first=norm_first).to(dtype)
+    renamed = {}
+    for k, v in state.items():
+        for mine, lib in _LIBRARY_NAMES.items():
+            if k.startswith(mine):
+                k = lib + k[len(mine):]
+        renamed[k] = v
+    ref.load_state_dict(renamed)
+    return ref
+
+
+def _block_by_hand(ref, x, mask, norm_first, c=1.0, wrong=None, drop=None):
+    """The block step by step from the library block's parts; ``c`` is dropout's stand-in factor,
+    ``drop`` (a function) replaces it when given; ``wrong`` names a known mistake."""
+    scale = drop or (lambda t: c * t)
+
+    def attn(h):
+        return ref.attn(h, mask=None if wrong == "mask ignored" else mask)
+
+    def ffn(h):
+        a = ref.ffn.w1(h)
+        a = a if wrong == "no activation" else (F.gelu(a) if wrong == "gelu" else F.relu(a))
+        return ref.ffn.w2(a)
+
+    n1, n2 = ref.res_attn.norm, ref.res_ffn.norm
+    parts = [(attn, n1), (ffn, n1 if wrong == "one norm" else n2)]
+    pre = norm_first != (wrong == "swapped")
+    for f, norm in parts:
+        if pre:
+            if wrong == "residual after norm":
+                h = norm(x)
+                x = h + scale(f(h))
+            elif wrong == "dropout on skip":
+                x = scale(x) + f(norm(x))
+            elif wrong == "dropout on sum":
+                x = scale(x + f(norm(x)))
+            else:
+                x = x + scale(f(norm(x)))
+        else:
+            if wrong == "norm on branch":
+                x = x + scale(norm(f(x)))
+            elif wrong == "dropout on skip":
+                x = norm(scale(x) + f(x))
+            elif wrong == "dropout on sum":
+                x = norm(scale(x + f(x)))
+            elif wrong == "dropout after norm":
+                x = scale(norm(x + f(x)))
+            elif wrong == "norm then add":
+                x = norm(x) + scale(f(x))
+            else:
+                x = norm(x + scale(f(x)))
+    return x
+
+
+def _block_outputs(x, mask, norm_first, dropout, state, sizes, wrong=None, train_c=0.5, eval_wrong=None,
+                   dropout_always=False):
+    ref = _library_block(norm_first, dropout, state, sizes, x.dtype)
+    ref.attn.dropout = 0.0
+    with torch.no_grad():
+        if dropout_always:  # F.dropout(t, p) in forward: on in eval() too (seeded as the driver does)
+            torch.manual_seed(0)
+            out_eval = _block_by_hand(ref, x, mask, norm_first, drop=lambda t: F.dropout(t, dropout, True))
+            torch.manual_seed(0)
+            out_train = _block_by_hand(ref, x, mask, norm_first, drop=lambda t: F.dropout(t, dropout, True))
+            return out_eval, out_train
+        out_eval = _block_by_hand(ref, x, mask, norm_first, wrong=eval_wrong or wrong)
+        out_train = _block_by_hand(ref, x, mask, norm_first, c=train_c, wrong=wrong)
+    return out_eval, out_train
+
+
+def block_reference(x, mask, norm_first, dropout, state, sizes):
+    """(eval output, train output with dropout as "x 0.5"): the library's EncoderBlock in eval(), and
+    the same parts step by step with the stand-in (checked equal to the library's at factor 1)."""
+    ref = _library_block(norm_first, dropout, state, sizes, x.dtype).eval()
+    with torch.no_grad():
+        out_eval = ref(x, mask=mask)
+    by_hand_eval, out_train = _block_outputs(x, mask, norm_first, dropout, state, sizes)
+    torch.testing.assert_close(by_hand_eval, out_eval)  # the step-by-step version is the library's block
+    return out_eval, out_train
+
+
+def block_cases(rng):
+    settings = [((2, 5), (12, 3, 20), torch.float64, False, "padding"),
+                ((2, 5), (12, 3, 20), torch.float64, True, "padding"),
+                ((3, 4), (8, 2, 16), torch.float32, False, "causal"),
+                ((3, 4), (8, 2, 16), torch.float32, True, "causal"),
+                ((1, 6), (8, 4, 8), torch.float64, True, "none")]
+    for (B, L), sizes, dtype, nf, mask_kind in settings:
+        d, _, d_ff = sizes
+        state = {
+            "attn.qkv.weight": torch.randn(3 * d, d, generator=rng, dtype=dtype) * d ** -0.5,
+            "attn.qkv.bias": torch.randn(3 * d, generator=rng, dtype=dtype) * 0.1,
+            "attn.out.weight": torch.randn(d, d, generator=rng, dtype=dtype) * d ** -0.5,
+            "attn.out.bias": torch.randn(d, generator=rng, dtype=dtype) * 0.1,
+            "w1.weight": torch.randn(d_ff, d, generator=rng, dtype=dtype) * d ** -0.5,
+            "w1.bias": torch.randn(d_ff, generator=rng, dtype=dtype) * 0.1,
+            "w2.weight": torch.randn(d, d_ff, generator=rng, dtype=dtype) * d_ff ** -0.5,
+            "w2.bias": torch.randn(d, generator=rng, dtype=dtype) * 0.1,
+            "norm1.weight": torch.rand(d, generator=rng, dtype=dtype) + 0.5,
+            "norm1.bias": torch.randn(d, generator=rng, dtype=dtype) * 0.5,
+            "norm2.weight": torch.rand(d, generator=rng, dtype=dtype) + 0.5,
+            "norm2.bias": torch.randn(d, generator=rng, dtype=dtype) * 0.5,
+        }
+        x = torch.randn(B, L, d, generator=rng, dtype=dtype) * 2 + 1
+        if mask_kind == "padding":
+            keep = torch.ones(B, L, dtype=torch.bool)
+            keep[1, L - 2:] = False
+            mask = keep[:, None, None, :]  # (B, 1, 1, L)
+        elif mask_kind == "causal":
+            mask = torch.ones(L, L, dtype=torch.bool).tril()  # (L, L)
+        else:
+            mask = None
+        p = round(float(torch.rand(1, generator=rng)) * 0.4 + 0.1, 3)
+        label = (f"MyEncoderBlock{sizes + (p,)} with norm_first={nf}, x {(B, L, d)}, {dtype}, "
+                 f"{mask_kind} mask")
+        show = {"x": x, "mask": mask, "block": f"MyEncoderBlock(d_model={d}, n_heads={sizes[1]}, d_ff={d_ff}, "
+                f"dropout={p}, norm_first={nf}), random weights", "train()":
+                "self.drop replaced by 'multiply by 0.5', attention dropout off"}
+        yield Case(label, x, mask, nf, p, state, sizes, show=show)
+
+
+def _block_mistake(**kw):
+    def wrong(x, mask, norm_first, dropout, state, sizes):
+        return _block_outputs(x, mask, norm_first, dropout, state, sizes, **kw)
+    return wrong
 
 
 TESTS = [
@@ -276,11 +495,22 @@ TESTS = [
             "eps is missing: divide by sqrt(var + eps) (a constant vector has var = 0: without eps, "
             "0/0 = nan)":
                 _ln_no_eps,
-            "the mean and variance are over the last axis only (dim=-1, keepdim=True), not over "
-            "the whole tensor":
+            "those are statistics over the whole tensor: the mean and variance are over the last "
+            "axis only (dim=-1, keepdim=True)":
                 _ln_all_axes,
             "gamma and beta are missing: return gamma * x_hat + beta":
                 _ln_no_affine,
+            "those are statistics over the batch axis (dim 0), BatchNorm's axis: LayerNorm takes them "
+            "over the LAST axis (dim=-1), one mean per token":
+                _ln_over((0,)),
+            "those are BatchNorm's statistics (over every axis but the last, one mean per feature): "
+            "LayerNorm takes them over the LAST axis (dim=-1), one mean per token":
+                _ln_over("leading"),
+            "gamma and beta are swapped: gamma multiplies, beta is added":
+                _ln_swapped_affine,
+            "x.std(-1) is the unbiased standard deviation (divide by d - 1) and eps is outside the root: "
+            "two mistakes (a popular tutorial's LayerNorm); use sqrt(var + eps) with the biased variance":
+                _ln_std_eps_outside,
         },
         hint="normalise over the last axis with the biased variance; eps goes inside the square "
              "root: sqrt(var + eps); a constant vector must give beta (no nan)",
@@ -301,9 +531,16 @@ TESTS = [
             "forgot the .T on w2: weights are in nn.Linear layout (d_model, d_ff), so W_2 h for "
             "a row vector h is h @ w2.T":
                 _swiglu_no_t_on_w2,
-            "forgot the .T: weights are in nn.Linear layout (out, in), so W x for a row vector x "
-            "is x @ w.T (for w1, w3 and w2)":
+            "forgot the .T on every weight: they are in nn.Linear's (out, in) layout, so X W is "
+            "x @ w.T (for w1, w3 and w2)":
                 _swiglu_no_t,
+            "forgot the .T on w1 and w3: the weights are in nn.Linear's (out, in) layout, so X W_1 is "
+            "x @ w1.T":
+                _swiglu_no_t_on_w1_w3,
+            "that is a ReLU gate (ReGLU): SwiGLU's gate is SiLU(z) = z * sigmoid(z)":
+                _swiglu_relu,
+            "the gate is missing: SwiGLU multiplies SiLU(x @ w1.T) by x @ w3.T before w2":
+                _swiglu_no_gate,
         },
         hint="W_2 (SiLU(W_1 x) * W_3 x), weights in nn.Linear layout (out, in): x @ w.T; "
              "any leading axes",
@@ -327,6 +564,9 @@ TESTS = [
                 _pool_sum,
             "the mask is inverted: True marks a REAL token (keep it), False marks padding":
                 _pool_inverted,
+            "divided by the number of real tokens in the whole batch: count each sequence's own, "
+            "mask.sum(dim=1)":
+                _pool_batch_count,
         },
         hint="average over the real tokens only (mask True); a sequence with no real token "
              "gives zeros",
@@ -350,7 +590,57 @@ TESTS = [
                 _sublayer_norm_on_branch,
             "the sub-layer was called more than once: compute f(...) once and reuse the result":
                 _sublayer_called_twice,
+            "the sub-layer got x, not norm(x): pre-norm normalises the sub-layer's INPUT, x + f(norm(x))":
+                _sublayer_no_norm_in_pre,
+            "the residual was added after the norm, norm(x) + f(x): post-norm normalises the SUM, "
+            "norm(x + f(x))":
+                _sublayer_norm_then_add,
         },
         hint="pre-norm: x + f(norm(x)); post-norm: norm(x + f(x)); call the sub-layer exactly once",
+    ),
+    HiddenTest(
+        cell="ex5_encoder_block_test",
+        function="MyEncoderBlock",
+        cases=block_cases,
+        reference=block_reference,
+        driver=drive_block,
+        outputs=("output in eval()", "output in train() (dropout as x 0.5)"),
+        blocked=[blocks.EncoderBlock, blocks.DecoderBlock, blocks.Residual, blocks.FeedForward,
+                 nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder],
+        mistakes={
+            "pre-norm and post-norm are swapped: norm_first=False is post-norm, LN(x + f(x)); "
+            "norm_first=True is pre-norm, x + f(LN(x))":
+                _block_mistake(wrong="swapped"),
+            "in pre-norm the residual adds the ORIGINAL x: x + f(LN(x)), not LN(x) + f(LN(x))":
+                _block_mistake(wrong="residual after norm"),
+            "post-norm normalises the SUM: LN(x + f(x)), not x + LN(f(x))":
+                _block_mistake(wrong="norm on branch"),
+            "post-norm adds after normalising the sum, not before: LN(x + f(x)), not LN(x) + f(x)":
+                _block_mistake(wrong="norm then add"),
+            "both sub-layers used norm1: the FFN sub-layer has its own LayerNorm, norm2":
+                _block_mistake(wrong="one norm"),
+            "the FFN has no activation: it is w2(relu(w1(h))), not w2(w1(h))":
+                _block_mistake(wrong="no activation"),
+            "the FFN uses GELU: this block's FFN is the paper's, w2(relu(w1(h)))":
+                _block_mistake(wrong="gelu"),
+            "the mask was not used: pass it to the attention, self.attn(h, mask=mask)":
+                _block_mistake(wrong="mask ignored"),
+            "dropout stays on in eval(): F.dropout(t, p) drops unless you pass training=self.training; "
+            "use self.drop, an nn.Dropout, which follows train()/eval()":
+                _block_mistake(dropout_always=True),
+            "in train() the output is that of a block without dropout on the sub-layers' outputs: apply "
+            "self.drop to each sub-layer's output, before the residual add":
+                _block_mistake(train_c=1.0),
+            "dropout was applied to the residual stream x itself (x -> drop(x)): it goes on the "
+            "sub-layer's output only, x + drop(f(...))":
+                _block_mistake(wrong="dropout on skip", eval_wrong="none"),
+            "dropout was applied to the whole sum, drop(x + f(...)): it goes on the sub-layer's output "
+            "only (in post-norm the LayerNorm then undoes it, so it does nothing)":
+                _block_mistake(wrong="dropout on sum", eval_wrong="none"),
+            "dropout was applied after the LayerNorm, drop(LN(x + f(x))): post-norm is LN(x + drop(f(x)))":
+                _block_mistake(wrong="dropout after norm", eval_wrong="none"),
+        },
+        hint="post-norm: x = LN_1(x + drop(MHA(x, mask))), then LN_2(x + drop(FFN(x))); pre-norm: "
+             "x = x + drop(MHA(LN_1(x), mask)), then x + drop(FFN(LN_2(x))); FFN = w2(relu(w1(h)))",
     ),
 ]
