@@ -3,7 +3,7 @@
     python -m autograder release [--lecture NN_topic] [--check]
     python -m autograder grade SUBMISSIONS [--lecture NN_topic|all] [--out DIR] [--workers N]
         [--timeout SECONDS] [--notebook-timeout SECONDS] [--memory GB] [--max-output MB]
-        [--secret-file PATH] [--extra-tests DIR] [--force] [--no-progress]
+        [--secret-file PATH] [--extra-tests DIR] [--scheduler ADDRESS] [--force] [--no-progress]
 
 SUBMISSIONS: a folder (per-student folders, nbgrader's submitted/, LMS downloads),
 a .zip of one, or a single notebook (a learner's self-check).
@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="memory a student's kernel may use, in GiB (default 4, or AUTOGRADER_MEMORY_BYTES)")
     g.add_argument("--max-output", type=float, default=None, metavar="MB",
                    help="output kept per cell, in MiB (default 1, or AUTOGRADER_OUTPUT_BYTES)")
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="grade on the workers of a dask.distributed cluster: its scheduler's address "
+                   "(tcp://host:port) or scheduler file (see the README, 'Grading on a Dask cluster')")
     g.add_argument("--force", action="store_true", help="grade every notebook again, changed or not")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument(
@@ -151,6 +154,7 @@ def _grade(args) -> int:
         force=args.force,
         limits=make_limits(args.timeout, args.notebook_timeout, args.memory, args.max_output),
         progress=False if args.no_progress else None,
+        scheduler=args.scheduler,
     )
     for line in report.warnings:
         print(f"warning: {line}", file=sys.stderr)

@@ -445,8 +445,10 @@ def _progress(roots: list[Path], stop: threading.Event, enabled: bool | None) ->
                 return
 
 
-def _run(tasks, *, wall_timeout, log_file, workers, secret, limits, progress):
-    """run_tasks with the course secret in the environment the workers inherit, and a progress bar."""
+def _run(tasks, *, wall_timeout, log_file, workers, secret, limits, progress, cluster=None, budgets=None):
+    """run_tasks with the course secret in the environment the workers inherit, and a progress bar;
+    with ``cluster`` (``--scheduler``: its client and code fingerprint), the tasks are graded on
+    that Dask cluster instead (``autograder/cluster.py``), the secret travelling in each task."""
     kwargs = {}
     if limits is not None and "limits" in inspect.signature(run_tasks).parameters:
         kwargs["limits"] = limits
@@ -459,6 +461,11 @@ def _run(tasks, *, wall_timeout, log_file, workers, secret, limits, progress):
     )
     bar.start()
     try:
+        if cluster is not None:
+            from .cluster import run_on_cluster
+
+            return run_on_cluster(cluster["client"], tasks, budgets=budgets, secret=secret, limits=limits,
+                                  log_file=log_file, fingerprint=cluster.get("fingerprint"))
         return run_tasks(
             tasks, grading=True, wall_timeout=wall_timeout, log_file=log_file, workers=workers, **kwargs
         )
@@ -504,12 +511,15 @@ def grade(
     force: bool = False,
     progress: bool | None = False,
     report: bool = True,
+    scheduler: str | None = None,
 ) -> Report:
     """Grade the class in ``submissions`` (folder, .zip or one notebook) into the workspace ``out``.
 
     Returns the report of the whole workspace (rows of earlier runs included);
     ``Report.graded`` lists what this run graded. Everything is checked before
-    the workspace is touched; bad input raises :class:`UsageError`.
+    the workspace is touched; bad input raises :class:`UsageError`. ``scheduler``: the
+    address (or scheduler file) of a ``dask.distributed`` cluster whose workers grade the
+    submissions (``autograder/cluster.py``); it is reached before anything is written.
     """
     if timeout is None or timeout <= 0:
         raise UsageError(f"--timeout must be a positive number of seconds; got {timeout}")
@@ -545,14 +555,25 @@ def grade(
             folder = submissions
         ids = lecture_cell_ids(solutions, lectures)
         subs = find_submissions(folder, lectures, warnings, ids)
-        return _grade(
-            subs, lecture, lectures, known, out, state, timeout, solutions, workers, secret,
-            extras, limits, force, progress, report, warnings,
-        )
+        cluster = None
+        if scheduler is not None:  # reached (with workers running this code) before any write
+            from .cluster import check_workers, connect
+
+            cluster = {"client": connect(scheduler)}
+        try:
+            if cluster is not None:
+                cluster["fingerprint"] = check_workers(cluster["client"])
+            return _grade(
+                subs, lecture, lectures, known, out, state, timeout, solutions, workers, secret,
+                extras, limits, force, progress, report, warnings, cluster,
+            )
+        finally:
+            if cluster is not None:
+                cluster["client"].close()
 
 
 def _grade(subs, lecture, lectures, known, out, state, timeout, solutions, workers, secret,
-           extras, limits, force, progress, report, warnings) -> Report:
+           extras, limits, force, progress, report, warnings, cluster=None) -> Report:
     if lecture in (None, "", "all"):  # only the lectures somebody handed in
         lectures = [lec for lec in lectures if any(s.lecture == lec for s in subs)]
     work = out / "work"
@@ -607,10 +628,10 @@ def _grade(subs, lecture, lectures, known, out, state, timeout, solutions, worke
     if tasks:
         n_cells = {lec: _n_code_cells(work / lec / "_release" / "course" / lec) for lec in lectures}
         # every cell, and as much again for the hidden tests (one per graded cell at most)
-        budget = sum(timeout * (2 * n_cells[s.lecture] + 2) + 120 for s in todo)
+        budgets = [timeout * (2 * n_cells[s.lecture] + 2) + 120 for s in todo]
         results = _run(
-            tasks, wall_timeout=budget, log_file=log_file, workers=workers, secret=secret,
-            limits=limits, progress=progress,
+            tasks, wall_timeout=sum(budgets), log_file=log_file, workers=workers, secret=secret,
+            limits=limits, progress=progress, cluster=cluster, budgets=budgets,
         )
 
     # 3. rows and feedback of what was graded; "missing" only where there is no grade yet
@@ -623,7 +644,10 @@ def _grade(subs, lecture, lectures, known, out, state, timeout, solutions, worke
         if row.feedback is not None:
             feedback_files[row.feedback] = Path(result["feedback"]).read_bytes()
         records[f"{sub.lecture}/{sub.student}"] = {
-            "hash": hashes[(sub.student, sub.lecture)], "key": keys[sub.lecture], "row": _row_to_json(row),
+            # a grade the grader itself could not give (a Dask cluster that lost it): no hash,
+            # so the next run grades it again
+            "hash": None if result.get("retry") else hashes[(sub.student, sub.lecture)],
+            "key": keys[sub.lecture], "row": _row_to_json(row),
         }
     students = sorted({s.student for s in subs})
     for student in students:

@@ -50,6 +50,7 @@ def run_tasks(
     log_file: Path | None = None,
     workers: int = 1,
     limits: Limits | None = None,
+    env: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``tasks`` in ``workers`` worker processes; return one result dict per task, in order.
 
@@ -60,7 +61,8 @@ def run_tasks(
     (with every process of its sandbox uid) and the task it was on becomes an
     error; a worker that dies is replaced for the rest. ``limits`` defaults to
     :meth:`Limits.from_env` (``AUTOGRADER_*`` variables); a grade task's own
-    ``timeout`` still sets its per-cell limit.
+    ``timeout`` still sets its per-cell limit. ``env``: variables added to the workers'
+    environment (the course secret of a task run on a Dask worker: ``cluster.py``).
     """
     limits = limits if limits is not None else Limits.from_env()
     tasks = [
@@ -68,7 +70,9 @@ def run_tasks(
         for t in tasks
     ]
     workers = max(1, min(int(workers), len(tasks) or 1))
+    extra_env = env or {}
     env = tool_env(grading=grading)
+    env.update(extra_env)
     # the worker imports this package from the checkout, wherever it is run from
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     queues = [tasks[i::workers] for i in range(workers)]

@@ -575,12 +575,41 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+#: Set by a task run on a Dask worker (``cluster.py``) to that worker's pid: the grader then
+#: dies with it (a Dask worker killed mid-grade leaves no grader running; the task is retried
+#: elsewhere), and writes its own pid to ``grader.pid`` so the next task there can clean up
+#: after it (its sandbox uid's processes).
+PARENT_ENV = "AUTOGRADER_DIE_WITH_PARENT"
+
+
+def _die_with_parent() -> None:
+    import os
+
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before the line above
+        os._exit(1)
+    try:
+        Path("grader.pid").write_text(str(os.getpid()))  # the cwd: the task's root
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m autograder.worker TASKS.json", file=sys.stderr)
         return 2
     tasks = json.loads(Path(argv[0]).read_text())
+    _die_with_parent()
     kernel_wakeup.install()  # nbclient's wait for a cell's reply cannot stall (see the module)
     for task in tasks:
         run_task(task)

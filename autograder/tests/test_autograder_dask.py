@@ -1,0 +1,226 @@
+"""Grading on a Dask cluster (``python -m autograder grade ... --scheduler ADDRESS``), on a
+``LocalCluster`` of two worker processes on this machine: the same CSV as the local path,
+resumable, a worker killed in the middle of a grade (the task is graded again elsewhere, every
+student once with the right score, nothing of the dead worker left running), and a scheduler
+that cannot be reached (one line, nothing written). The fixture lecture
+(``fixtures/solutions/00_fixture``) keeps it inside CI's budget (about a minute)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("distributed")
+
+from _nbedit import exercises, read, submission, write  # noqa: E402
+from autograder.cli import main  # noqa: E402
+from autograder.course import REPO, UsageError  # noqa: E402
+
+FIXTURE = Path(__file__).parent / "fixtures" / "solutions"
+LECTURE = "00_fixture"
+#: a cell that sleeps in the student's kernel only (not in the hidden tests' runner): a grade
+#: long enough to kill its worker in the middle of it
+SLEEPY = 'import sys as _s, time as _t\nif "ipykernel" in _s.modules:\n    _t.sleep({})\n'
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc:
+        with Client(lc, set_as_default=False) as client:
+            yield lc, client
+
+
+def _class(folder: Path, sleepy: dict[str, float] | None = None) -> dict[str, tuple[str, str]]:
+    """A small class of the fixture lecture; returns student -> (total, status) expected."""
+    nb = read(FIXTURE / LECTURE / f"{LECTURE}.ipynb")
+    ex1, ex2 = exercises(nb)
+    write(nb, folder / "alice" / f"{LECTURE}.ipynb")
+    write(submission(nb, {ex1.cell: "raise NotImplementedError()"}), folder / "bob" / f"{LECTURE}.ipynb")
+    write(submission(nb, {ex2.cell: "return F.layer_norm(x, x.shape[-1:], eps=eps)"}),
+          folder / "carol" / f"{LECTURE}.ipynb")
+    (folder / "erin").mkdir(parents=True)
+    (folder / "erin" / f"{LECTURE}.ipynb").write_text("{ this is not json")
+    expected = {"alice": ("3", "graded"), "bob": ("2", "graded"), "carol": ("1", "graded"),
+                "erin": ("0", "error")}
+    for student, seconds in (sleepy or {}).items():
+        slow = read(FIXTURE / LECTURE / f"{LECTURE}.ipynb")
+        slow.cells[ex1.cell].source = SLEEPY.format(seconds) + slow.cells[ex1.cell].source
+        write(slow, folder / student / f"{LECTURE}.ipynb")
+        expected[student] = ("3", "graded")
+    return expected
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "autograder", "--solutions", str(FIXTURE), "grade", *args,
+         "--lecture", LECTURE, "--timeout", "20", "--no-progress"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "scores.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _executing(client) -> dict[str, list[str]]:
+    def keys(dask_worker):
+        return [str(k) for k in dask_worker.state.executing]
+
+    return client.run(keys)
+
+
+def _kill_while_grading(client, student: str, proc: subprocess.Popen) -> dict:
+    """SIGKILL the worker process grading ``student`` once its notebook runs (its grader,
+    ``python -m autograder.worker``, has started the kernel); what was killed."""
+    import psutil
+
+    victim = grader = None
+    deadline = time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline and proc.poll() is None:
+        for addr, keys in _executing(client).items():
+            if any(f"-{student}-" in k for k in keys):
+                victim = addr
+        time.sleep(0.3)
+    assert victim is not None, f"the task of {student} never ran"
+    pid = client.run(os.getpid, workers=[victim])[victim]
+    while grader is None and time.monotonic() < deadline:
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                if "autograder.worker" in " ".join(child.cmdline()) and len(child.children(recursive=True)) >= 2:
+                    grader = child.pid
+            except psutil.Error:  # a short-lived process (alembic, ...) gone meanwhile
+                pass
+        time.sleep(0.3)
+    assert grader is not None, f"the grader of {student} never started its kernel"
+    time.sleep(1.0)
+    assert any(f"-{student}-" in k for k in _executing(client).get(victim, [])), "too late: the grade had ended"
+    os.kill(pid, signal.SIGKILL)
+    return {"worker": victim, "pid": pid, "grader": grader}
+
+
+@pytest.fixture(scope="module")
+def graded(cluster, tmp_path_factory):
+    """One class graded twice side by side: on this machine (--workers 2), and on the cluster
+    (--scheduler), where the worker grading 'slow' is killed in the middle of its grade."""
+    lc, client = cluster
+    tmp = tmp_path_factory.mktemp("dask")
+    subs = tmp / "subs"
+    expected = _class(subs, sleepy={"slow": 10})
+    local = _cli(str(subs), "--out", str(tmp / "local"), "--workers", "2")
+    remote = _cli(str(subs), "--out", str(tmp / "dask"), "--scheduler", lc.scheduler_address)
+    killed = _kill_while_grading(client, "slow", remote)
+    done = {}
+    for name, proc in (("local", local), ("dask", remote)):
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        done[name] = stdout
+    return {"tmp": tmp, "subs": subs, "expected": expected, "killed": killed, "stdout": done,
+            "address": lc.scheduler_address, "workers": set(lc.scheduler_info["workers"])}
+
+
+def test_a_class_on_the_cluster_is_graded_as_on_one_machine(graded):
+    tmp = graded["tmp"]
+    assert "graded 5 notebook(s)" in graded["stdout"]["dask"]
+    # the same CSV, byte for byte: every score, status and note (a worker died on the way)
+    assert (tmp / "dask" / "scores.csv").read_text() == (tmp / "local" / "scores.csv").read_text()
+    rows = _rows(tmp / "dask")
+    assert sorted(r["student"] for r in rows) == sorted(graded["expected"])  # each student once
+    assert {r["student"]: (r["total"], r["status"]) for r in rows} == graded["expected"]
+    assert "ReferenceBlocked" in next(r for r in rows if r["student"] == "carol")["notes"]  # hidden tests ran
+    # graded on the workers, written here: feedback pages, the autograded notebooks, the state
+    for student in ("alice", "bob", "carol", "slow"):
+        assert "ex2_layer_norm_test" in (tmp / "dask" / "feedback" / student / f"{LECTURE}.html").read_text()
+        root = tmp / "dask" / "work" / LECTURE / student
+        assert (root / "autograded" / student / LECTURE / f"{LECTURE}.ipynb").is_file()
+        assert json.loads((root / "result.json").read_text())["dask"]["worker"].startswith("tcp://")
+    state = json.loads((tmp / "dask" / "state.json").read_text())
+    assert len(state["graded"]) == 5 and all(rec["hash"] for rec in state["graded"].values())
+
+
+def test_a_worker_killed_in_the_middle_of_a_grade(graded):
+    """The worker grading 'slow' was killed (SIGKILL) while its notebook ran: the scheduler gave
+    the task to another worker, the student has one row with full marks, and the dead worker's
+    grader and kernel did not outlive it."""
+    import psutil
+    from autograder.sandbox import sandbox_uid
+
+    killed = graded["killed"]
+    slow = json.loads((graded["tmp"] / "dask" / "work" / LECTURE / "slow" / "result.json").read_text())
+    assert slow["status"] == "ok" and slow["dask"]["worker"] != killed["worker"]  # graded elsewhere
+    assert [r["total"] for r in _rows(graded["tmp"] / "dask") if r["student"] == "slow"] == ["3"]
+    # the grader died with its worker (PR_SET_PDEATHSIG); the next task killed its kernel
+    assert not psutil.pid_exists(killed["grader"]) or psutil.Process(killed["grader"]).ppid() != killed["pid"]
+    uid = sandbox_uid(killed["grader"])
+    assert not [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid]
+
+
+def test_resumable_on_the_cluster(graded):
+    """Run again: nothing changed, nothing graded again, the CSV byte-identical."""
+    out = graded["tmp"] / "dask"
+    before = (out / "scores.csv").read_bytes()
+    again = _cli(str(graded["subs"]), "--out", str(out), "--scheduler", graded["address"])
+    stdout, stderr = again.communicate(timeout=600)
+    assert again.returncode == 0, stderr[-3000:]
+    assert "graded 0 notebook(s), 5 unchanged" in stdout
+    assert (out / "scores.csv").read_bytes() == before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_scheduler_is_one_line_and_nothing_is_written(tmp_path, capsys):
+    subs = tmp_path / "subs"
+    _class(subs)
+    out = tmp_path / "out"
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    assert main(["--solutions", str(FIXTURE), "grade", str(subs), "--lecture", LECTURE,
+                 "--out", str(out), "--scheduler", address]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"autograder: error: cannot reach the Dask scheduler at {address}: connection refused", err
+    assert not out.exists()
+    # an existing workspace stays byte for byte as it was
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for bad, words in ((address, "cannot reach the Dask scheduler"),
+                       ("http://127.0.0.1:8786", "expected tcp://host:port"),
+                       (str(tmp_path / "nothing.json"), "no such scheduler file")):
+        assert main(["--solutions", str(FIXTURE), "grade", str(subs), "--lecture", LECTURE,
+                     "--out", str(tmp_path / "new"), "--scheduler", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+        assert not (tmp_path / "new").exists()
+
+
+def test_without_dask_the_error_says_how_to_install(monkeypatch):
+    from autograder.cluster import connect
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
+    with pytest.raises(UsageError, match=r"not installed: pip install 'dask\[distributed\]'"):
+        connect("tcp://127.0.0.1:8786")
+
+
+def test_a_worker_with_other_code_does_not_grade(tmp_path):
+    """A task carries the instructor's code fingerprint; a worker whose checkout differs
+    refuses it with a result that the next run grades again (no hash in the state)."""
+    from autograder.cluster import grade_remote
+
+    answer = grade_remote({"key": "k", "items": [{"task": {"lecture": LECTURE, "student": "ann"}}],
+                           "fingerprint": "0" * 64, "blobs": {}})
+    (item,) = answer["answers"]
+    assert item["result"]["status"] == "error" and item["result"]["retry"]
+    assert "other grader code" in item["result"]["message"]
