@@ -99,7 +99,7 @@ hub: hub-setup
 	  $(BIN)/jupyterhub -f $(abspath $(HUB))/jupyterhub_config.py
 
 test-hub: hub-setup
-	$(BIN)/python -m pytest -q -s autograder/tests/test_jupyterhub.py
+	$(BIN)/python -m pytest -q -s --runslow autograder/tests/test_jupyterhub.py
 
 clean:
 	rm -rf jupyter_book/_build .pytest_cache
