@@ -29,6 +29,7 @@ nbgrader_config.py as the global nbgrader configuration (``JUPYTER_CONFIG_PATH``
 import ctypes
 import importlib.util
 import os
+import pwd
 import sys
 import tempfile
 from pathlib import Path
@@ -51,6 +52,13 @@ INSTRUCTORS, STUDENTS = _names("TLAB_INSTRUCTORS"), _names("TLAB_STUDENTS")
 if not INSTRUCTORS:
     raise SystemExit("jupyterhub_config.py: TLAB_INSTRUCTORS is empty: expected the instructors' "
                      "Unix user names, comma-separated (and TLAB_STUDENTS the students')")
+for _name in INSTRUCTORS + STUDENTS:
+    try:
+        pwd.getpwnam(_name)
+    except KeyError:
+        raise SystemExit(f"jupyterhub_config.py: '{_name}' is not a user on this host: expected "
+                         "existing Unix accounts in TLAB_INSTRUCTORS and TLAB_STUDENTS "
+                         "(useradd -m -K HOME_MODE=0700 NAME)") from None
 both = sorted(set(INSTRUCTORS) & set(STUDENTS))
 if both:
     raise SystemExit(f"jupyterhub_config.py: {', '.join(both)} in both TLAB_INSTRUCTORS and "

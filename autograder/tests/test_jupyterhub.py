@@ -108,6 +108,56 @@ def _refused(name: str, *cmd: str) -> str:
     return r.stderr.strip()
 
 
+def _load_config(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """Load jupyterhub_config.py as JupyterHub does (traitlets), print what it set as JSON."""
+    code = (
+        "import json, sys\n"
+        "from traitlets.config.loader import PyFileConfigLoader\n"
+        f"c = PyFileConfigLoader('jupyterhub_config.py', path={str(HUB_DIR)!r}).load_config()\n"
+        "print(json.dumps({'groups': c.JupyterHub.load_groups, 'roles': c.JupyterHub.load_roles,\n"
+        "  'users': sorted(c.Authenticator.allowed_users), 'cmd': c.Spawner.cmd,\n"
+        "  'env': c.Spawner.environment, 'proxy': c.ConfigurableHTTPProxy.command}))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "TLAB_EXCHANGE": str(tmp_path / "exchange"), **env},
+                          timeout=120)
+
+
+def test_hub_config_sets_the_course_groups_roles_and_environment(tmp_path):
+    root = pwd.getpwuid(0).pw_name  # a user that exists everywhere
+    r = _load_config(tmp_path, TLAB_INSTRUCTORS=root, TLAB_STUDENTS="")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["groups"] == {f"formgrade-{COURSE}": {"users": [root]}, f"nbgrader-{COURSE}": {"users": []}}
+    roles = {role["name"]: role for role in got["roles"]}
+    assert roles["server"]["scopes"] == ["inherit"]
+    assert roles[f"nbgrader-{COURSE}"]["groups"] == [f"nbgrader-{COURSE}"]
+    assert got["users"] == [root]
+    assert got["cmd"] == [str(BIN / "jupyterhub-singleuser")] and (BIN / "jupyterhub-singleuser").exists()
+    assert got["env"]["JUPYTER_CONFIG_PATH"] == str(HUB_DIR)
+    assert (HUB_DIR / "nbgrader_config.py").is_file()
+    assert got["env"]["TLAB_EXCHANGE"] == str(tmp_path / "exchange")
+    assert (tmp_path / "exchange").stat().st_mode & 0o777 == 0o777
+    if CHP.exists():
+        assert got["proxy"] == [str(CHP)]
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"TLAB_INSTRUCTORS": ""}, "TLAB_INSTRUCTORS is empty: expected the instructors' Unix user names"),
+    ({"TLAB_INSTRUCTORS": "root", "TLAB_STUDENTS": "no-such-user-tlh"},
+     "'no-such-user-tlh' is not a user on this host: expected existing Unix accounts"),
+    ({"TLAB_INSTRUCTORS": "root", "TLAB_STUDENTS": "root"},
+     "root in both TLAB_INSTRUCTORS and TLAB_STUDENTS: expected each user in one of them"),
+])
+def test_hub_config_refuses_bad_input_in_one_line(tmp_path, env, expected):
+    env = {k: v.replace("root", pwd.getpwuid(0).pw_name) for k, v in env.items()}
+    r = _load_config(tmp_path, **env)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], r.stderr
+    assert not (tmp_path / "exchange").exists()  # nothing made
+
+
 class Hub:
     """A running JupyterHub, its admin token, and helpers to reach the hub and users' servers."""
 
