@@ -6,7 +6,7 @@ BIN    := $(abspath $(VENV))/bin
 # nbgrader calls `alembic` by name, so the environment's bin must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help setup lab lab-instructor test test-fast test-slow test-notebooks release grade book bench bench-grading clean hub-setup hub test-hub
+.PHONY: help setup lab lab-instructor test test-fast test-slow test-notebooks release grade book bench bench-grading bench-grading-dask clean hub-setup hub test-hub
 
 help:
 	@echo "make lab       install everything (first run) and open the course in JupyterLab"
@@ -19,6 +19,7 @@ help:
 	@echo "make book      build the website into jupyter_book/_build/html (offline)"
 	@echo "make bench     run the benchmarks in benchmarks/ (not part of make test)"
 	@echo "make bench-grading  time the autograder on a synthetic class of 60 (~10 min)"
+	@echo "make bench-grading-dask  a class of 60 on one machine vs a local Dask cluster (~10 min)"
 	@echo "make hub INSTRUCTORS=a STUDENTS=b,c  the course on JupyterHub, as root (autograder/jupyterhub/README.md)"
 	@echo "make test-hub  only the JupyterHub round test (root; part of make test)"
 
@@ -63,8 +64,8 @@ release: setup
 
 LECTURE ?= all
 grade: setup
-	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=folder|zip|notebook [LECTURE=01_attention] [OUT=dir] [WORKERS=n] [TIMEOUT=s]"; exit 2; }
-	$(BIN)/python -m autograder grade "$(SUBMISSIONS)" --lecture $(LECTURE) $(if $(OUT),--out "$(OUT)") $(if $(WORKERS),--workers $(WORKERS)) $(if $(TIMEOUT),--timeout $(TIMEOUT))
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=folder|zip|notebook [LECTURE=01_attention] [OUT=dir] [WORKERS=n] [TIMEOUT=s] [SCHEDULER=tcp://host:port]"; exit 2; }
+	$(BIN)/python -m autograder grade "$(SUBMISSIONS)" --lecture $(LECTURE) $(if $(OUT),--out "$(OUT)") $(if $(WORKERS),--workers $(WORKERS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) $(if $(SCHEDULER),--scheduler "$(SCHEDULER)")
 
 book: setup
 	$(BIN)/python jupyter_book/build.py
@@ -78,6 +79,9 @@ bench: setup
 
 bench-grading: setup
 	$(BIN)/python benchmarks/grading.py
+
+bench-grading-dask: setup
+	$(BIN)/python benchmarks/grading.py --cluster
 
 # The course on JupyterHub (autograder/jupyterhub/README.md): configurable-http-proxy from npm,
 # into autograder/jupyterhub/node_modules (git-ignored), like the book's npm packages.
