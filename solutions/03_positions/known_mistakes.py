@@ -281,3 +281,14 @@ WRONG_ANSWERS += [
                 code=_bias(slopes="alibi_slopes(n_heads).to(dtype)[None, None, :]", result="-m * dist[:, :, None]"),
                 visible="slopes[:, None, None] * distance[None]", hidden="along the first axis"),
 ]
+
+# ---------------------------------------------------------------------------------------------- cheats
+
+WRONG_ANSWERS += [
+    WrongAnswer(cell="ex2_t5_bucket", name="calls the library's t5_bucket",
+                code='''
+def t5_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128):
+    return positions.t5_bucket(rel, bidirectional, num_buckets, max_distance)
+''',
+                visible=None, hidden="ReferenceBlocked"),
+]
