@@ -7,6 +7,7 @@ where that reference (and PyTorch's shortcut for it) does not exist. See
 """
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,12 @@ def scores_cases(rng):
         q = torch.randn(*shape_q, generator=rng, dtype=dtype)
         k = torch.randn(*shape_k, generator=rng, dtype=dtype)
         yield Case(f"q {shape_q}, k {shape_k}, {dtype}", q, k)
+
+
+def _scores_k_T(q, k):  # k.T on a 4-D tensor reverses all four axes (PyTorch warns that it is deprecated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return q @ k.T / math.sqrt(q.shape[-1])
 
 
 # --------------------------------------------------------------------------- ex2: masked_softmax
@@ -245,7 +252,7 @@ TESTS = [
             "rows are queries, columns are keys: q @ k^T is (B, H, Lq, Lk); k @ q^T gives (B, H, Lk, Lq)":
                 lambda q, k: k @ q.transpose(-2, -1) / math.sqrt(q.shape[-1]),
             "k.T reverses all four axes of a 4-D tensor: transpose only the last two axes, k.transpose(-2, -1)":
-                lambda q, k: q @ k.T / math.sqrt(q.shape[-1]),
+                _scores_k_T,
             "k.transpose(1, 2) swaps the heads and the keys: transpose only the last two axes, k.transpose(-2, -1)":
                 lambda q, k: q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]),
             "float64 came back as float32: keep the input's dtype (no .float(), no new float32 tensors)":
