@@ -162,6 +162,7 @@ def _hidden(lecture: str, answer: WrongAnswer, ns: dict, solutions: Path) -> tup
     tests = [t for t in hidden.load_tests(path) if t.cell == f"{answer.cell}_test"]
     if not tests:
         return None, False
+    blocks = {t.cell: _blocked_objects(t.blocked) for t in tests}
     messages, passed = [], True
     for t, cases, expected in hidden.prepare(tests, lecture, SECRET):
         fn = ns.get(t.function)
@@ -175,7 +176,7 @@ def _hidden(lecture: str, answer: WrongAnswer, ns: dict, solutions: Path) -> tup
             for case in cases:
                 args, kwargs = hidden._clone(list(case.args)), hidden._clone(dict(case.kwargs))
                 try:
-                    with grading.blocked(*t.blocked), _quiet():
+                    with grading.blocked(*blocks[t.cell]), _quiet():
                         out = call(*args, **kwargs)
                     entry = {"ok": _data(out)}
                     if t.unchanged:
@@ -188,6 +189,23 @@ def _hidden(lecture: str, answer: WrongAnswer, ns: dict, solutions: Path) -> tup
         passed = passed and verdict.passed
         messages.append(verdict.output()["text"] if verdict.passed else f"{verdict.ename}: {verdict.message}")
     return "\n".join(messages), passed
+
+
+def _blocked_objects(blocked) -> list:
+    """What a hidden test blocks, as objects: ``"module:qualname"`` names (a shortcut outside the course's
+    dependencies, e.g. Hugging Face's) are imported and resolved, as the grader's runner does."""
+    from .hidden_runner import _blocked_objects as resolve
+
+    found = []
+    for ref in blocked:
+        if isinstance(ref, str):
+            try:
+                found.extend(resolve([ref]))
+            except (ImportError, AttributeError):  # not installed here: nothing a learner could call
+                continue
+        else:
+            found.append(ref)
+    return found
 
 
 def try_answer(lecture: str, answer: WrongAnswer, solutions: Path = SOLUTIONS, nb=None) -> Outcome:
