@@ -53,9 +53,12 @@ LECTURE_RE = re.compile(r"^\d\d_[a-z0-9][a-z0-9_]*$")
 #: A lecture's hidden tests, beside its notebook in solutions/ (``autograder/hidden.py``):
 #: read by the trusted grader only, never released.
 HIDDEN_TESTS_FILE = "hidden_tests.py"
+#: A lecture's corpus of known wrong answers and their hints (``autograder/mistakes.py``): for the
+#: course's own tests, never released (a learner reads their hints one at a time, from the tests).
+KNOWN_MISTAKES_FILE = "known_mistakes.py"
 #: Files nbgrader and the release never carry over.
 IGNORE = (".ipynb_checkpoints", "__pycache__", "*.pyc", ".DS_Store", "gradebook.db", ".nbgrader.log",
-          HIDDEN_TESTS_FILE)
+          HIDDEN_TESTS_FILE, KNOWN_MISTAKES_FILE)
 
 
 class UsageError(Exception):

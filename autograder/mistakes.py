@@ -43,10 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .course import KNOWN_MISTAKES_FILE as MISTAKES_FILE
 from .course import SOLUTIONS
 
-#: The corpus file of a lecture, beside its notebook in solutions/.
-MISTAKES_FILE = "known_mistakes.py"
 #: The secret the hidden cases are drawn with here (any fixed string: no grade depends on it).
 SECRET = "known-mistakes"
 

@@ -153,6 +153,7 @@ def test_no_solution_or_hidden_test_in_course(lecture, fresh):
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             text = path.read_text(errors="replace")
             assert path.name != "hidden_tests.py", f"{path}: the hidden tests were released"
+            assert path.name != "known_mistakes.py", f"{path}: the corpus of wrong answers was released"
             for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "HiddenTest("):
                 assert marker not in text, f"{path} contains {marker!r}"
             code = "\n".join(
