@@ -6,6 +6,7 @@ where that reference (and the library's helpers for it) does not exist. See
 ``autograder/hidden.py``.
 """
 
+import importlib.util
 import math
 
 import torch
@@ -73,9 +74,11 @@ def _sin_float64(length, d_model, base=10000.0):
 
 # --------------------------------------------------------------------------- ex2: t5_bucket
 
-# Not blocked yet: Hugging Face's T5Attention._relative_position_bucket (transformers is not a course
-# dependency, but a dev install has it). A "module:qualname" block as in lecture 13 works in grading but
-# autograder/mistakes.py passes such strings to grading.blocked unresolved (TypeError for every wrong answer).
+# Hugging Face's T5 has the exercise as one static method: blocked where transformers is installed
+# (it is not a course dependency; find_spec does not import it). Other HF models copy the function
+# (mT5, LongT5, ...): not blocked.
+HF_T5_BUCKET = (["transformers.models.t5.modeling_t5:T5Attention._relative_position_bucket"]
+                if importlib.util.find_spec("transformers") is not None else [])
 
 
 def t5_reference(rel, bidirectional=True, num_buckets=32, max_distance=128):
@@ -342,7 +345,7 @@ TESTS = [
         function="t5_bucket",
         cases=t5_cases,
         reference=t5_reference,
-        blocked=[positions.t5_bucket, positions.T5Bias],
+        blocked=[positions.t5_bucket, positions.T5Bias, *HF_T5_BUCKET],
         mistakes={
             "the direction is reversed: rel = j - i, so a NEGATIVE rel is a key in the past (distance -rel, "
             "the lower half) and a positive one a key in the future":

@@ -291,4 +291,11 @@ def t5_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128):
     return positions.t5_bucket(rel, bidirectional, num_buckets, max_distance)
 ''',
                 visible=None, hidden="ReferenceBlocked"),
+    WrongAnswer(cell="ex2_t5_bucket", name="calls Hugging Face T5's _relative_position_bucket",
+                code='''
+def t5_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128):
+    from transformers.models.t5.modeling_t5 import T5Attention
+    return T5Attention._relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
+''',
+                visible=None, hidden="blocked"),
 ]
