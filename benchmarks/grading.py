@@ -7,6 +7,8 @@
     .venv/bin/python benchmarks/grading.py --baseline 160ec5f --skip class breakdown notebooks
                                                             # before/after: another commit's grader, side by side
     .venv/bin/python benchmarks/grading.py --show benchmarks/results/grading.json
+    .venv/bin/python benchmarks/grading.py --cluster        # a class of 60: one machine vs a Dask cluster
+    .venv/bin/python benchmarks/grading.py --cluster --quick --class-size 12
 
 What it does
 ------------
@@ -41,6 +43,13 @@ What it does
    that ``generate_feedback`` does (nbconvert, warm); and every lecture run top to bottom in
    grading mode (``TRANSFORMER_LAB_GRADING=1``) with per-cell times, so the authors see their
    hot spots.
+5. **On a Dask cluster** (``--cluster``, alone): a class of ``--class-size`` (60; 12 with
+   ``--quick``) graded on this machine with ``--workers 2``, then on a ``LocalCluster`` of 2
+   worker processes of one thread each through ``--scheduler``: wall and CPU of each (the
+   cluster's CPU: its workers with every grader and kernel they ran, the scheduler, the
+   command), the scores checked and the two CSVs compared; the ratio is the scheduler's
+   overhead. From the cluster's CPU seconds per submission, the projected wall time of
+   500 learners x 15 lectures on N workers (one core each). Writes ``grading_dask.json``.
 
 Writes ``benchmarks/results/grading.json`` (``--out``; ``--quick`` writes
 ``benchmarks/_work/grading.json``) and prints the tables the README shows. The machine is
@@ -198,9 +207,9 @@ def grader_flags(grader_root: Path) -> str:
 
 
 def grade_class(grader_root: Path, subs: Path, lecture: str, out: Path, workers: int | None,
-                help_text: str, timeout: int) -> dict:
+                help_text: str, timeout: int, extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, "-m", "autograder", "grade", str(subs), "--lecture", lecture,
-           "--out", str(out)]
+           "--out", str(out), *extra]
     if "--workers" in help_text and workers:
         cmd += ["--workers", str(workers)]
     if "--no-progress" in help_text:
@@ -385,8 +394,127 @@ def time_feedback_export(notebook: Path, repeats: int) -> dict | None:
     return out
 
 
+# --------------------------------------------------------------------------- on a Dask cluster
+#: The projection: a course of 500 learners, 15 lectures each.
+PROJECT_LEARNERS, PROJECT_LECTURES = 500, 15
+PROJECT_WORKERS = (2, 8, 16, 32, 64, 128)
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and of every child it has waited for (its graders, their kernels)."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _self_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cluster_compare(grader_root: Path, lecture: str, n: int, scratch: Path, help_text: str,
+                    timeout: int, n_workers: int = 2) -> dict:
+    """A class of ``n`` graded on this machine (``--workers n_workers``), then on a LocalCluster of
+    ``n_workers`` worker processes of one thread each (``--scheduler``): the scheduler's overhead.
+    The cluster's CPU is its workers' (with every grader and kernel they ran) plus the command's
+    and this process's (scheduler and nannies), measured as deltas."""
+    from distributed import Client, LocalCluster
+
+    sols = grader_root / "solutions"
+    subs = scratch / "subs_dask"
+    who = build_class(sols, lecture, n, subs, "d")
+    expected = expected_scores(json.loads((sols / lecture / f"{lecture}.ipynb").read_text()))
+    print(f"grading a class of {n} x {lecture} on this machine, --workers {n_workers} ...", flush=True)
+    local = grade_class(grader_root, subs, lecture, scratch / "out_dask_local", n_workers, help_text, timeout)
+    local_c = collect(scratch / "out_dask_local", lecture, who, expected)
+    print(f"  wall {local['wall_s']} s, CPU {local['cpu_s']} s, scores right: {local_c['scores_as_expected']}",
+          flush=True)
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as lc, Client(lc, set_as_default=False) as client:
+        pids = client.run(os.getpid)
+        before = {a: _tree_cpu(pid) for a, pid in pids.items()}
+        self0 = _self_cpu()
+        print(f"grading it on a LocalCluster of {n_workers} worker processes ({lc.scheduler_address}) ...",
+              flush=True)
+        dask_run = grade_class(grader_root, subs, lecture, scratch / "out_dask_cluster", None, help_text,
+                               timeout, extra=("--scheduler", lc.scheduler_address))
+        after = {a: _tree_cpu(pid) for a, pid in client.run(os.getpid).items() if a in before}
+        workers_cpu = sum(after[a] - before[a] for a in after)
+        self_cpu = _self_cpu() - self0
+    dask_c = collect(scratch / "out_dask_cluster", lecture, who, expected)
+    dask_run["workers_cpu_s"] = round(workers_cpu, 2)
+    dask_run["scheduler_and_nannies_cpu_s"] = round(self_cpu, 2)
+    dask_run["cpu_s"] = round(dask_run["cpu_s"] + workers_cpu + self_cpu, 2)
+    same_csv = ((scratch / "out_dask_local" / "scores.csv").read_bytes()
+                == (scratch / "out_dask_cluster" / "scores.csv").read_bytes())
+    print(f"  wall {dask_run['wall_s']} s, CPU {dask_run['cpu_s']} s, scores right: "
+          f"{dask_c['scores_as_expected']}, CSV identical to the local one: {same_csv}", flush=True)
+    spans = []
+    for student in who:
+        try:
+            d = json.loads((scratch / "out_dask_cluster" / "work" / lecture / student / "result.json")
+                           .read_text()).get("dask") or {}
+        except (OSError, ValueError):
+            continue
+        if d.get("received") and d.get("finished"):
+            spans.append(d["finished"] - d["received"])
+    cpu_local = local["cpu_s"] / n
+    cpu_dask = dask_run["cpu_s"] / n
+    total = PROJECT_LEARNERS * PROJECT_LECTURES
+    projection = {
+        "submissions": total,
+        "cpu_s_per_submission_local": round(cpu_local, 2),
+        "cpu_s_per_submission_cluster": round(cpu_dask, 2),
+        "one_core_hours": round(total * cpu_dask / 3600, 1),
+        "wall_hours_on_n_workers": {str(w): round(total * cpu_dask / w / 3600, 2) for w in PROJECT_WORKERS},
+        "assumes": (f"every lecture costs what {lecture} costs (measured here, per submission, CPU of "
+                    "everything: grader, kernel, hidden tests, feedback, the cluster's share); one "
+                    "worker process of one thread per core, each core as fast as this machine's; "
+                    "the instructor's side (release, CSV, report) and stragglers not counted"),
+    }
+    return {
+        "lecture": lecture, "n": n, "workers": n_workers,
+        "local": {"grade": local, "collect": local_c},
+        "cluster": {"grade": dask_run, "collect": dask_c,
+                    "task_span_median_s": median(spans), "task_span_p90_s": p90(spans)},
+        "csv_identical": same_csv,
+        "overhead_wall_ratio": round(dask_run["wall_s"] / local["wall_s"], 3),
+        "overhead_cpu_ratio": round(cpu_dask / cpu_local, 3) if cpu_local else None,
+        "projection": projection,
+    }
+
+
+def cluster_tables(r: dict) -> str:
+    loc, dk = r["local"]["grade"], r["cluster"]["grade"]
+    n = r["n"]
+    lines = [f"A class of {n} x {r['lecture']}: one machine (`--workers {r['workers']}`) versus a "
+             f"LocalCluster of {r['workers']} worker processes x 1 thread (`--scheduler`).", "",
+             "| run | wall (s) | wall / n (s) | CPU (s) | CPU / n (s) | scores right | load before → after |",
+             "|---|---|---|---|---|---|---|"]
+    for name, g, c in (("one machine", loc, r["local"]["collect"]), ("Dask cluster", dk, r["cluster"]["collect"])):
+        lines.append(f"| {name} | {g['wall_s']} | {round(g['wall_s'] / n, 2)} | {g['cpu_s']} | "
+                     f"{round(g['cpu_s'] / n, 2)} | {'yes' if c.get('scores_as_expected') else 'NO'} | "
+                     f"{(g.get('load_before') or ['?'])[0]} → {(g.get('load_after') or ['?'])[0]} |")
+    lines += ["", f"Overhead of the scheduler: wall x{r['overhead_wall_ratio']}, CPU x{r['overhead_cpu_ratio']}; "
+              f"CSV identical: {r['csv_identical']}.", ""]
+    pr = r["projection"]
+    lines.append(f"Projection, {pr['submissions']} submissions ({PROJECT_LEARNERS} learners x "
+                 f"{PROJECT_LECTURES} lectures) at {pr['cpu_s_per_submission_cluster']} CPU s each: "
+                 f"{pr['one_core_hours']} h on one core.")
+    lines.append("")
+    lines.append("| workers | " + " | ".join(pr["wall_hours_on_n_workers"]) + " |")
+    lines.append("|---|" + "---|" * len(pr["wall_hours_on_n_workers"]))
+    lines.append("| wall (h) | " + " | ".join(str(v) for v in pr["wall_hours_on_n_workers"].values()) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- tables
 def tables(report: dict) -> str:
+    if "cluster" in report:  # --cluster: only the comparison with a Dask cluster
+        return cluster_tables(report["cluster"])
     lines = []
     s = report["setup"]
     w = s.get("workers") or "default"
@@ -499,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", default=None, metavar="REV",
                    help="also grade every lecture's class with the grader of commit REV, side by side")
     p.add_argument("--skip", nargs="*", default=[], choices=("lectures", "class", "breakdown", "notebooks"))
+    p.add_argument("--cluster", action="store_true",
+                   help="only this: a class (--class-size, default 60; 12 with --quick) on one machine with "
+                   "--workers 2 (or --workers) versus on a LocalCluster of as many worker processes "
+                   "(--scheduler), and the projection for 500 x 15 submissions; writes grading_dask.json")
     p.add_argument("--timeout", type=int, default=3600, help="limit for one grading command (s)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--show", type=Path, default=None, help="print the tables of a results file")
@@ -507,10 +639,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.show:
         print(tables(json.loads(args.show.read_text())))
         return 0
-    class_size = args.class_size or (4 if args.quick else 60)
+    class_size = args.class_size or ((12 if args.cluster else 4) if args.quick else 60)
     per_lecture = args.per_lecture or (2 if args.quick else 6)
     repeats = args.repeats or (1 if args.quick else 3)
-    out_file = args.out or (HERE / ("_work" if args.quick else "results") / "grading.json")
+    out_file = args.out or (HERE / ("_work" if args.quick else "results")
+                            / ("grading_dask.json" if args.cluster else "grading.json"))
     scratch = Path(tempfile.mkdtemp(prefix="tl_grading_bench_"))
     grader_root = snapshot(scratch / "repo") if args.snapshot else ROOT
     baseline_root = snapshot(scratch / "baseline", args.baseline) if args.baseline else None
@@ -548,6 +681,19 @@ def main(argv: list[str] | None = None) -> int:
         out_file.write_text(json.dumps(report, indent=1))
 
     t_all = time.perf_counter()
+    if args.cluster:
+        report["setup"]["workers"] = args.workers or 2
+        try:
+            report["cluster"] = cluster_compare(grader_root, class_lecture, class_size, scratch, help_text,
+                                                args.timeout, n_workers=args.workers or 2)
+        finally:
+            report["setup"]["total_s"] = round(time.perf_counter() - t_all, 1)
+            save()
+            shutil.rmtree(scratch, ignore_errors=True)
+        print()
+        print(tables(report))
+        print(f"\nwrote {out_file}")
+        return 0
     try:
         if "breakdown" not in args.skip:
             print("breakdown: imports ...", flush=True)
