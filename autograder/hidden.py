@@ -642,7 +642,7 @@ def judge(t: HiddenTest, cases: list[Case], expected: list[Any], payload: Any) -
             msg = str(raised.get("message", ""))[:600]
             if ename == "ReferenceBlocked":
                 return fail(ename, f"{name}: {msg}")
-            hint = _raising_mistake(t, case, ename, msg) or t.hint
+            hint = _raising_mistake(t, cases, results, i, ename, msg) or t.hint
             extra = f"\n  hint: {hint}" if hint and ename not in ("NotImplementedError",) else ""
             if ename == "NameError":
                 extra = ("\n  hint: the grader runs only the setup cell and the answer cells: define "
@@ -704,7 +704,12 @@ def _matching_mistake(t: HiddenTest, cases: list[Case], expected: list[Any], res
 
 def _agrees(t: HiddenTest, mistake: Callable[..., Any], case: Case, res: Any) -> bool:
     """Whether an answer's result on ``case`` is what ``mistake`` gives (True where it cannot tell)."""
-    if case.raises is not None or not isinstance(res, dict) or "ok" not in res:
+    if case.raises is not None or not isinstance(res, dict):
+        return True
+    raised = res.get("raised")
+    if isinstance(raised, dict):  # the answer raised here: so must the mistake, the same way
+        return _raises_like(mistake, case, str(raised.get("type")), str(raised.get("message", "")))
+    if "ok" not in res:
         return True
     try:
         wrong = mistake(*_clone(case.args), **_clone(case.kwargs))
@@ -713,16 +718,28 @@ def _agrees(t: HiddenTest, mistake: Callable[..., Any], case: Case, res: Any) ->
     return _close(res["ok"], wrong, t)
 
 
-def _raising_mistake(t: HiddenTest, case: Case, ename: str, message: str) -> str | None:
-    """The hint of the first known mistake that raises what the learner's answer raised (the same
-    exception class and message) on this case: ``k.T`` on a 4-D tensor is named, not guessed."""
+def _raising_mistake(t: HiddenTest, cases: list[Case], results: list, i: int, ename: str,
+                     message: str) -> str | None:
+    """The hint of the known mistake that raises what the learner's answer raised on case ``i`` (the
+    same exception class and message): ``k.T`` on a 4-D tensor is named, not guessed. When two
+    mistakes raise the same error there, the one that also agrees with the answer's other cases wins."""
+    candidates = []
     for text, mistake in t.mistakes.items():
-        try:
-            mistake(*_clone(case.args), **_clone(case.kwargs))
-        except Exception as exc:  # noqa: BLE001 - the mistake's own error is what we compare
-            if type(exc).__name__ == ename and str(exc)[:600] == message:
+        if _raises_like(mistake, cases[i], ename, message):
+            candidates.append((text, mistake))
+    if len(candidates) > 1:
+        for text, mistake in candidates:
+            if all(_agrees(t, mistake, cases[j], results[j]) for j in range(len(cases)) if j != i):
                 return text
-    return None
+    return candidates[0][0] if candidates else None
+
+
+def _raises_like(mistake: Callable[..., Any], case: Case, ename: str, message: str) -> bool:
+    try:
+        mistake(*_clone(case.args), **_clone(case.kwargs))
+    except Exception as exc:  # noqa: BLE001 - the mistake's own error is what we compare
+        return type(exc).__name__ == ename and str(exc)[:600] == message[:600]
+    return False
 
 
 def _same(a: Any, b: Any) -> bool:

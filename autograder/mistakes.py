@@ -283,4 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as the importable module: the corpora's WrongAnswer is autograder.mistakes.WrongAnswer,
+    # not this __main__ copy's
+    from autograder.mistakes import main as _main
+
+    sys.exit(_main())

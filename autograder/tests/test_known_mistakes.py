@@ -31,17 +31,26 @@ def _mistake_cases():
 def test_each_hidden_mistake_is_named_by_its_own_hint(lecture, test):
     [(t, cases, expected)] = hidden.prepare([test], lecture, mistakes.SECRET)
     for text, mistake in t.mistakes.items():
-        results = []
-        for case in cases:
+        results, raised = [], []
+        for case, exp in zip(cases, expected, strict=True):
+            after = [list(case.args), dict(case.kwargs)]
             if case.raises is not None:
                 results.append({"raised": {"type": case.raises.__name__, "mro": [case.raises.__name__], "message": ""}})
                 continue
             try:
                 results.append({"ok": hidden._clone(mistake(*hidden._clone(case.args), **hidden._clone(case.kwargs))),
-                                "after": [list(case.args), dict(case.kwargs)]})
-            except Exception:  # noqa: BLE001 - the mistake does not apply to this input: the right answer
-                results.append({"ok": hidden._clone(expected[cases.index(case)]),
-                                "after": [list(case.args), dict(case.kwargs)]})
+                                "after": after})
+            except Exception as exc:  # noqa: BLE001 - the mistake does not apply here, or it is an error
+                names = [c.__name__ for c in type(exc).__mro__]
+                raised.append(len(results))
+                results.append({"raised": {"type": names[0], "mro": names, "message": str(exc)[:2000]},
+                                "ok_instead": hidden._clone(exp), "after": after})
+        if len(raised) < sum(c.raises is None for c in cases):
+            # raising on some cases only means "does not apply to this input": the right answer there
+            for i in raised:
+                results[i] = {"ok": results[i]["ok_instead"], "after": results[i]["after"]}
+        for r in results:
+            r.pop("ok_instead", None)
         verdict = hidden.judge(t, cases, expected, {"found": True, "cells": [], "results": results})
         assert not verdict.passed, f"{lecture} {t.cell}: the mistake {text!r} passes the hidden tests"
         assert f"hint: {text}" in verdict.message, (
