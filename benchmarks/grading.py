@@ -689,7 +689,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             report["setup"]["total_s"] = round(time.perf_counter() - t_all, 1)
             save()
-            shutil.rmtree(scratch, ignore_errors=True)
+            c = report.get("cluster") or {}
+            if c and all(c[k]["collect"]["scores_as_expected"] for k in ("local", "cluster")):
+                shutil.rmtree(scratch, ignore_errors=True)
+            else:  # a wrong score: keep both workspaces (grading.log, result.json) to look at
+                print(f"kept {scratch} (a score was not as expected)", flush=True)
         print()
         print(tables(report))
         print(f"\nwrote {out_file}")
