@@ -150,6 +150,7 @@ def rope_cases(rng):
     offset = int(torch.randint(1, 200, (1,), generator=rng))
     x1 = torch.randn(1, 6, generator=rng)                               # L = 1
     x2 = torch.randn(4, 9, 2, generator=rng)                            # D = 2, a batch axis
+    x5 = torch.randn(1, 5, 8, generator=rng)                            # a batch of one: x.shape[0] is not L
     # first a case where every listed mistake shows (an offset, another base, float64)
     yield Case(f"x (2, 3, 7, 16) (B, H, L, D), float64, offset={offset}, base=500.0", x4,
                offset=offset, base=500.0)
@@ -157,6 +158,7 @@ def rope_cases(rng):
     yield Case("x (2, 3, 7, 16), float64, base=500.0", x4, base=500.0)
     yield Case("x (1, 6) (L = 1), float32, offset=5", x1, offset=5)
     yield Case("x (4, 9, 2) (D = 2, a batch axis), float32", x2)
+    yield Case("x (1, 5, 8) (a batch of one), float32, offset=3", x5, offset=3)
 
 
 def _rope_pairs(x, offset, base, pairs, sign=1.0, work=None):
@@ -312,6 +314,102 @@ def _bias_float32(n_heads, length, dtype=torch.float32):
     return alibi_bias_reference(n_heads, length, torch.float32)
 
 
+# --------------------------------------------------------------------------- more mistakes (issue 13's review)
+
+
+def _sin_from_one(length, d_model, base=10000.0):
+    a = _angles(length + 1, d_model, base)[1:]   # positions 1 .. length
+    return _interleave(a.sin(), a.cos())
+
+
+def _sin_positive_exponent(length, d_model, base=10000.0):
+    a = _angles(length, d_model, 1.0 / base)     # p * base**(+2c/d_model)
+    return _interleave(a.sin(), a.cos())
+
+
+def _sin_half_width(length, d_model, base=10000.0):
+    p = torch.arange(length, dtype=torch.float64)[:, None]
+    a = p * base ** (-torch.arange(0, d_model, 2, dtype=torch.float64)[None, :] / (d_model // 2))
+    return _interleave(a.sin(), a.cos())
+
+
+def _t5_learner(rel, bidirectional=True, num_buckets=32, max_distance=128, *, future_ge=False,
+                n_e_quarter=False, span_minus1=False, no_n_e=False, no_exact=False, flag_inverted=False,
+                log_delta=False):
+    """A learner's t5_bucket with one step changed, written as a learner writes it."""
+    if flag_inverted:
+        bidirectional = not bidirectional
+    n_b = num_buckets
+    ret = torch.zeros_like(rel)
+    if bidirectional:
+        n_b = num_buckets // 2
+        ret = ret + ((rel >= 0) if future_ge else (rel > 0)).long() * n_b
+        delta = rel.abs()
+    else:
+        delta = (-rel).clamp(min=0)
+    n_e = num_buckets // 4 if n_e_quarter else n_b // 2
+    ratio = delta.float() if log_delta else delta.float() / n_e
+    log_ratio = torch.log(ratio) / math.log(max_distance / n_e)
+    large = (0 if no_n_e else n_e) + (log_ratio * (n_b - n_e - (1 if span_minus1 else 0))).long()
+    large = large.clamp(max=n_b - 1)
+    return ret + (large if no_exact else torch.where(delta < n_e, delta, large))
+
+
+def _t5_learner_mistake(**changed):
+    def wrong(rel, bidirectional=True, num_buckets=32, max_distance=128):
+        return _t5_learner(rel, bidirectional, num_buckets, max_distance, **changed)
+    return wrong
+
+
+def _rope_from_one(x, offset=0, base=10000.0):
+    return positions.apply_rope(x, offset + 1, base)
+
+
+def _rope_length_from_dim0(x, offset=0, base=10000.0):
+    L, D = x.shape[0], x.shape[-1]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    p = torch.arange(offset, offset + L, dtype=work)[:, None]
+    angle = p * base ** (-torch.arange(0, D, 2, dtype=work)[None, :] / D)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def _slopes_ascending(n_heads):
+    return torch.tensor(sorted(_slopes_with(n_heads)), dtype=torch.float32)
+
+
+def _slopes_from_n0_again(n_heads):
+    if n_heads & (n_heads - 1) == 0:
+        return torch.tensor(_pow2(n_heads), dtype=torch.float32)
+    n0 = 2 ** int(math.floor(math.log2(n_heads)))
+    return torch.tensor(_pow2(n0) + _pow2(n0)[0::2][: n_heads - n0], dtype=torch.float32)
+
+
+def _slopes_continued(n_heads):
+    n0 = 1 << (n_heads.bit_length() - 1)   # the power of two at or below n
+    return torch.tensor([2.0 ** (-8.0 * h / n0) for h in range(1, n_heads + 1)], dtype=torch.float32)
+
+
+def _bias_squared(n_heads, length, dtype=torch.float32):
+    return _bias_from(n_heads, length, dtype, _signed(length, 1) ** 2)
+
+
+def _bias_causal_inf(n_heads, length, dtype=torch.float32):
+    pos = torch.arange(length)
+    return alibi_bias_reference(n_heads, length, dtype).masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+
+
+def _bias_halving_slopes(n_heads, length, dtype=torch.float32):
+    return _bias_from(n_heads, length, dtype, _signed(length, 1).abs(),
+                      slopes=torch.tensor([2.0 ** -h for h in range(1, n_heads + 1)], dtype=torch.float64))
+
+
+def _bias_key_position(n_heads, length, dtype=torch.float32):
+    pos = torch.arange(length)
+    return _bias_from(n_heads, length, dtype, pos[None, :].expand(length, length))
+
+
 TESTS = [
     HiddenTest(
         cell="ex1_sinusoidal_test",
@@ -324,20 +422,28 @@ TESTS = [
         mistakes={
             "sin and cos are interleaved (even columns sin, odd columns cos), not [all sines | all cosines]":
                 _sin_sines_first,
-            "sin and cos are swapped: column 2i holds the sine, column 2i+1 the cosine (row 0 is [0, 1, 0, 1, ...])":
+            "sin and cos are swapped: column 2c holds the sine, column 2c+1 the cosine (row 0 is [0, 1, 0, 1, ...])":
                 _sin_cos_first,
-            "the exponent uses 2i, the even column index: omega_i = base**(-2i/d_model) for pair i, "
-            "not base**(-i/d_model)":
+            "the exponent uses 2c, the even column index: omega_c = base**(-2c/d_model) for pair c, "
+            "not base**(-c/d_model)":
                 _sin_no_two,
-            "both columns of a pair share one frequency: column 2i+1 (cos) uses the same omega_i = "
-            "base**(-2i/d_model) as column 2i (sin), not base**(-(2i+1)/d_model)":
+            "both columns of a pair share one frequency: column 2c+1 (cos) uses the same omega_c = "
+            "base**(-2c/d_model) as column 2c (sin), not base**(-(2c+1)/d_model)":
                 _sin_column_exponent,
             "use the base argument instead of 10000":
                 _sin_ignores_base,
             "return a float32 table (compute in float64 if you like, then .float())":
                 _sin_float64,
+            "row p is position p = 0, 1, ..., length - 1: the first row is position 0 (angles 0), not 1":
+                _sin_from_one,
+            "the exponent is negative: omega_c = base**(-2c/d_model), a frequency that falls with c (wavelengths "
+            "from 2 pi up), not base**(+2c/d_model)":
+                _sin_positive_exponent,
+            "the exponent's denominator is d_model, the full width: omega_c = base**(-2c/d_model), not "
+            "base**(-2c/(d_model/2))":
+                _sin_half_width,
         },
-        hint="PE[p, 2i] = sin(p * base**(-2i/d_model)), PE[p, 2i+1] = cos(the same angle): use the "
+        hint="PE[p, 2c] = sin(p * base**(-2c/d_model)), PE[p, 2c+1] = cos(the same angle): use the "
              "base argument, interleave sin (even columns) and cos (odd columns), return float32",
     ),
     HiddenTest(
@@ -346,6 +452,7 @@ TESTS = [
         cases=t5_cases,
         reference=t5_reference,
         blocked=[positions.t5_bucket, positions.T5Bias, *HF_T5_BUCKET],
+        unchanged=True,
         mistakes={
             "the direction is reversed: rel = j - i, so a NEGATIVE rel is a key in the past (distance -rel, "
             "the lower half) and a positive one a key in the future":
@@ -374,6 +481,26 @@ TESTS = [
                 _t5_mistake(integer_ratio=True),
             "use the num_buckets and max_distance arguments instead of 32 and 128":
                 _t5_defaults_only,
+            "bidirectional: offset 0 (the query itself) is in the lower half: only rel > 0 is a key in the "
+            "future, so rel = 0 is bucket 0, not n_b":
+                _t5_learner_mistake(future_ge=True),
+            "n_e = n_b // 2 with n_b the buckets of ONE direction: causal uses all num_buckets for the past, so "
+            "n_e = num_buckets // 2 there, not num_buckets // 4":
+                _t5_learner_mistake(n_e_quarter=True),
+            "the log range spreads over n_b - n_e buckets: n_e + floor(ln(delta / n_e) / ln(max_distance / n_e) "
+            "* (n_b - n_e)), not * (n_b - n_e - 1)":
+                _t5_learner_mistake(span_minus1=True),
+            "the log buckets come after the exact ones: add n_e, so distance n_e is bucket n_e "
+            "(n_e + floor(...)), not 0":
+                _t5_learner_mistake(no_n_e=True),
+            "distances below n_e are their own bucket (the exact range): torch.where(delta < n_e, delta, "
+            "log bucket); the log formula is only for delta >= n_e":
+                _t5_learner_mistake(no_exact=True),
+            "the bidirectional flag is read the wrong way round: bidirectional=True halves the buckets (upper "
+            "half for the future), bidirectional=False (causal) gives all of them to the past":
+                _t5_learner_mistake(flag_inverted=True),
+            "the log is of the ratio delta / n_e: ln(delta / n_e) / ln(max_distance / n_e), not ln(delta)":
+                _t5_learner_mistake(log_delta=True),
         },
         hint="direction (halves and + n_b for the future when bidirectional; delta = max(-rel, 0) when causal), "
              "exact buckets for delta < n_e = n_b // 2, then n_e + floor(ln(delta / n_e) / ln(max_distance / n_e) "
@@ -387,7 +514,7 @@ TESTS = [
         blocked=[positions.apply_rope, positions.rope_angles, positions.RoPE],
         unchanged=True,
         mistakes={
-            "pairs are NEIGHBOURS (x[..., 2i], x[..., 2i+1]), not x[..., i] and x[..., i + D/2] "
+            "pairs are NEIGHBOURS (x[..., 2c], x[..., 2c+1]), not x[..., c] and x[..., c + D/2] "
             "(that is GPT-NeoX's 'rotate-half' layout)":
                 _rope_rotate_half,
             "the rotation turns the wrong way: (x0, x1) -> (x0 cos a - x1 sin a, x0 sin a + x1 cos a)":
@@ -396,16 +523,21 @@ TESTS = [
                 _rope_no_offset,
             "use the base argument instead of 10000":
                 _rope_ignores_base,
-            "the angle of pair i is p * base**(-2i/D), with 2i (the even column index), not i":
+            "the angle of pair c is p * base**(-2c/D), with 2c (the even column index), not c":
                 _rope_no_two,
             "the angles were computed in float32: for a float64 x, build the positions and the "
             "frequencies in float64 (dtype=x.dtype) before cos and sin":
                 _rope_float32_angles,
             "sin and cos are swapped: (x0, x1) -> (x0 cos a - x1 sin a, x0 sin a + x1 cos a)":
                 _rope_sin_cos_swapped,
+            "row r is at position offset + r: the first row is at position offset (0 by default, not "
+            "rotated), not offset + 1":
+                _rope_from_one,
+            "x may have leading axes (B, H, L, D): the sequence length is x.shape[-2], not x.shape[0]":
+                _rope_length_from_dim0,
         },
-        hint="rotate the neighbour pairs (x[..., 2i], x[..., 2i+1]) counter-clockwise by the angle "
-             "(offset + r) * base**(-2i/D) for row r; use the base argument, keep x's dtype (float64 "
+        hint="rotate the neighbour pairs (x[..., 2c], x[..., 2c+1]) counter-clockwise by the angle "
+             "(offset + r) * base**(-2c/D) for row r; use the base argument, keep x's dtype (float64 "
              "angles for a float64 x), any leading axes",
     ),
     HiddenTest(
@@ -430,6 +562,15 @@ TESTS = [
             "not the first n slopes of the next power of two: take the n0 slopes of the power of two "
             "BELOW n, then every other slope of the 2*n0 sequence ([0::2]), as many as are missing":
                 _slopes_truncated,
+            "the slopes fall from head to head: the first head gets the steepest slope 2**(-8/n), the last "
+            "the gentlest (keep the order, do not sort ascending)":
+                _slopes_ascending,
+            "the extra slopes come from the sequence of 2*n0 heads (the one between the slopes you have), not "
+            "from the n0 heads again (that repeats slopes you already have)":
+                _slopes_from_n0_again,
+            "the extra slopes sit BETWEEN the ones you have (every other slope of the 2*n0 sequence), not past "
+            "the gentlest one (continuing the n0 sequence: 2**(-8h/n0) for h > n0)":
+                _slopes_continued,
         },
         hint="non-powers of two: the n0 slopes of the power of two n0 below n, then every other slope "
              "of the 2*n0 sequence starting with its first ([0::2]), as many as are missing; float32",
@@ -456,6 +597,16 @@ TESTS = [
             "return the requested dtype: build the distances and the slopes in dtype (or .to(dtype) "
             "the result)":
                 _bias_float32,
+            "the penalty is linear in the distance: -m_h |i - j|, not -m_h (i - j)**2":
+                _bias_squared,
+            "the bias is symmetric, with no causal mask inside: -m_h |i - j| everywhere (the attention's "
+            "causal mask removes j > i, not the bias)":
+                _bias_causal_inf,
+            "the slopes come from alibi_slopes (exercise 4): 1/2, 1/4, ... is only the 8-head sequence, "
+            "2**(-8h/n) for n heads":
+                _bias_halving_slopes,
+            "the distance is |i - j|, between the query and the key, not the key's position j":
+                _bias_key_position,
         },
         hint="bias[h, i, j] = -m_h |i - j| with m = alibi_slopes(n_heads) (exercise 4) along the first "
              "axis: slopes[:, None, None] * distance[None]; in the requested dtype",

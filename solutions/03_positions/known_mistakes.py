@@ -28,7 +28,7 @@ def sinusoidal_encoding(length, d_model, base=10000.0):
         code=_SIN.format(body="pe[:, 0::2] = torch.cos(angle)\n    pe[:, 1::2] = torch.sin(angle)"),
         visible="sin and cos are swapped", hidden="sin and cos are swapped"),
     WrongAnswer(
-        cell="ex1_sinusoidal", name="exponent i instead of 2i",
+        cell="ex1_sinusoidal", name="exponent c instead of 2c",
         code='''
 def sinusoidal_encoding(length, d_model, base=10000.0):
     p = torch.arange(length, dtype=torch.float64)[:, None]
@@ -39,7 +39,7 @@ def sinusoidal_encoding(length, d_model, base=10000.0):
     pe[:, 1::2] = torch.cos(angle)
     return pe.float()
 ''',
-        visible="the exponent uses 2i", hidden="the exponent uses 2i"),
+        visible="the exponent uses 2c", hidden="the exponent uses 2c"),
     WrongAnswer(
         cell="ex1_sinusoidal", name="each column its own exponent j/d_model",
         code='''
@@ -159,7 +159,7 @@ def _rope(**changed):
 
 
 WRONG_ANSWERS += [
-    WrongAnswer(cell="ex3_apply_rope", name="rotate-half layout (x_i with x_{i+D/2})",
+    WrongAnswer(cell="ex3_apply_rope", name="rotate-half layout (x_c with x_{c+D/2})",
                 code=_rope(body="x1, x2 = x[..., : D // 2], x[..., D // 2:]\n"
                                 "    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)"),
                 visible="'rotate-half'", hidden="'rotate-half'"),
@@ -173,9 +173,9 @@ WRONG_ANSWERS += [
     WrongAnswer(cell="ex3_apply_rope", name="10000 hard-coded",
                 code=_rope(base="10000.0"),
                 visible="use the base argument instead of 10000", hidden="use the base argument instead of 10000"),
-    WrongAnswer(cell="ex3_apply_rope", name="exponent i instead of 2i",
+    WrongAnswer(cell="ex3_apply_rope", name="exponent c instead of 2c",
                 code=_rope(i_range="0, D // 2"),
-                visible="with 2i (the even column index), not i", hidden="with 2i (the even column index), not i"),
+                visible="with 2c (the even column index), not c", hidden="with 2c (the even column index), not c"),
     WrongAnswer(cell="ex3_apply_rope", name="angles in float32 for a float64 x",
                 code=_rope(work="torch.float32"),
                 visible="the angles were computed in float32", hidden="the angles were computed in float32"),
@@ -298,4 +298,108 @@ def t5_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128):
     return T5Attention._relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
 ''',
                 visible=None, hidden="blocked"),
+]
+
+# ---------------------------------------------------------------------------------------------- tried in review (issue 13)
+
+WRONG_ANSWERS += [
+    # exercise 2 (the core one)
+    WrongAnswer(cell="ex2_t5_bucket", name="offset 0 counted as a future key (rel >= 0)",
+                code=_t5(future="(rel >= 0).long() * n_b"),
+                visible='offset 0 (the query itself) is in the lower half', hidden='offset 0 (the query itself) is in the lower half'),
+    WrongAnswer(cell="ex2_t5_bucket", name="n_e = num_buckets // 4 in both directions",
+                code=_t5(n_e="num_buckets // 4"),
+                visible='not num_buckets // 4', hidden='not num_buckets // 4'),
+    WrongAnswer(cell="ex2_t5_bucket", name="log range spread over n_b - n_e - 1 buckets",
+                code=_t5().replace("(log_ratio * (n_b - n_e))", "(log_ratio * (n_b - n_e - 1))"),
+                visible='not * (n_b - n_e - 1)', hidden='not * (n_b - n_e - 1)'),
+    WrongAnswer(cell="ex2_t5_bucket", name="n_e not added to the log bucket",
+                code=_t5().replace("large = n_e + ", "large = "),
+                visible='the log buckets come after the exact ones', hidden='the log buckets come after the exact ones'),
+    WrongAnswer(cell="ex2_t5_bucket", name="no exact range (the log bucket for every distance)",
+                code=_t5(result="ret + large"),
+                visible='distances below n_e are their own bucket', hidden='distances below n_e are their own bucket'),
+    WrongAnswer(cell="ex2_t5_bucket", name="the bidirectional flag inverted",
+                code=_t5().replace("if bidirectional:", "if not bidirectional:"),
+                visible='the bidirectional flag is read the wrong way round', hidden='the bidirectional flag is read the wrong way round'),
+    WrongAnswer(cell="ex2_t5_bucket", name="log of delta, not of delta / n_e",
+                code=_t5(ratio="delta.float()"),
+                visible='the log is of the ratio delta / n_e', hidden='the log is of the ratio delta / n_e'),
+    WrongAnswer(cell="ex2_t5_bucket", name="rewrites rel in place (rel.abs_())",
+                code=_t5(dist_b="rel.abs_()"),
+                visible='t5_bucket changed its input rel in place', hidden='changed its input in place'),
+    # exercise 1
+    WrongAnswer(cell="ex1_sinusoidal", name="positions start at 1",
+                code=_SIN.format(body="angle = (p + 1) * base ** (-two_i / d_model)\n"
+                                      "    pe[:, 0::2] = torch.sin(angle)\n    pe[:, 1::2] = torch.cos(angle)"),
+                visible='the first row is position 0 (angles 0), not 1', hidden='the first row is position 0 (angles 0), not 1'),
+    WrongAnswer(cell="ex1_sinusoidal", name="divides by omega (exponent's sign flipped)",
+                code=_SIN.format(body="angle = p * base ** (two_i / d_model)\n"
+                                      "    pe[:, 0::2] = torch.sin(angle)\n    pe[:, 1::2] = torch.cos(angle)"),
+                visible='the exponent is negative', hidden='the exponent is negative'),
+    WrongAnswer(cell="ex1_sinusoidal", name="loops over pe_row_v1 (a teaching cell's function)",
+                code='''
+def sinusoidal_encoding(length, d_model, base=10000.0):
+    return torch.stack([pe_row_v1(p, d_model, base) for p in range(length)]).float()
+''',
+                visible='pe_row_v1', hidden='define what your function uses in an answer cell'),
+    WrongAnswer(cell="ex1_sinusoidal", name="returns the table transposed (d_model, length)",
+                code=_SIN.format(body="pe[:, 0::2] = torch.sin(angle)\n    pe[:, 1::2] = torch.cos(angle)\n"
+                                      "    return pe.T.float()"),
+                visible='one row per position: shape (length, d_model)', hidden='expected (1, 2), got (2, 1)'),
+    WrongAnswer(cell="ex1_sinusoidal", name="d_model frequencies over d_model/2 (exponent -2c/(d_model/2))",
+                code=_SIN.format(body="angle = p * base ** (-two_i / (d_model // 2))\n"
+                                      "    pe[:, 0::2] = torch.sin(angle)\n    pe[:, 1::2] = torch.cos(angle)"),
+                visible="the exponent's denominator is d_model", hidden="the exponent's denominator is d_model"),
+    # exercise 3
+    WrongAnswer(cell="ex3_apply_rope", name="positions start at offset + 1",
+                code=_rope(start="offset + 1").replace("offset + 1 + L", "offset + 1 + L"),
+                visible='not offset + 1', hidden='not offset + 1'),
+    WrongAnswer(cell="ex3_apply_rope", name="length read from x.shape[0]",
+                code=_rope().replace("L, D = x.shape[-2], x.shape[-1]", "L, D = x.shape[0], x.shape[-1]"),
+                visible='the sequence length is x.shape[-2]', hidden='the sequence length is x.shape[-2]'),
+    WrongAnswer(cell="ex3_apply_rope", name="returns float32 for a float64 x",
+                code=_rope(work="torch.float32").replace(".to(x.dtype)", "").replace(
+                    "x1, x2 = x[..., 0::2], x[..., 1::2]", "x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()"),
+                visible="keep x's dtype", hidden="keep x's dtype"),
+    WrongAnswer(cell="ex3_apply_rope", name="negative angle (-p theta): the same as turning clockwise",
+                code=_rope().replace("angle = p * theta", "angle = -p * theta"),
+                visible="the rotation turns the wrong way", hidden="the rotation turns the wrong way"),
+    WrongAnswer(cell="ex3_apply_rope", name="frequencies over d_model, not D (uses 64)",
+                code=_rope().replace("/ D)[None, :]", "/ 64)[None, :]"),
+                visible='base**(-2c/D)', hidden='base**(-2c/D)'),
+    # exercise 4
+    WrongAnswer(cell="ex4_alibi_slopes", name="slopes in ascending order",
+                code=_slopes(combine="sorted(power_of_two(n0) + slopes(2 * n0)[0::2][: n - n0])").replace(
+                    "return power_of_two(n)", "return sorted(power_of_two(n))"),
+                visible='the slopes fall from head to head', hidden='the slopes fall from head to head'),
+    WrongAnswer(cell="ex4_alibi_slopes", name="power-of-two test n % 2 == 0",
+                code=_slopes().replace("if n & (n - 1) == 0:", "if n % 2 == 0 or n == 1:"),
+                visible='is the recipe for n a power of two only', hidden='is the recipe for n a power of two only'),
+    WrongAnswer(cell="ex4_alibi_slopes", name="returns a Python list",
+                code=_slopes().replace("return torch.tensor(slopes(n_heads), dtype=torch.float32)",
+                                       "return slopes(n_heads)"),
+                visible='expected a tensor', hidden=None),
+    WrongAnswer(cell="ex4_alibi_slopes", name="extra slopes taken from n0 heads again (not 2 n0)",
+                code=_slopes(combine="power_of_two(n0) + power_of_two(n0)[0::2][: n - n0]"),
+                visible='not from the', hidden='not from the'),
+    WrongAnswer(cell="ex4_alibi_slopes", name="slope base 2^(-8/n0) for the extra heads too: 2^(-8h/n0) continued",
+                code=_slopes(combine="[2.0 ** (-8.0 * h / n0) for h in range(1, n + 1)]"),
+                visible="not past the gentlest one", hidden="not past the gentlest one"),
+    # exercise 5
+    WrongAnswer(cell="ex5_alibi_bias", name="squared distance",
+                code=_bias(dist="(pos[None, :] - pos[:, None]) ** 2"),
+                visible='not -m_h (i - j)**2', hidden='not -m_h (i - j)**2'),
+    WrongAnswer(cell="ex5_alibi_bias", name="a batch axis added (1, H, L, L)",
+                code=_bias(result="(-m * dist)[None]"),
+                visible='(n_heads, length, length)', hidden='got (1, '),
+    WrongAnswer(cell="ex5_alibi_bias", name="causal mask baked in (-inf above the diagonal)",
+                code=_bias(result="(-m * dist).masked_fill(pos[None, :] > pos[:, None], float('-inf'))"),
+                visible='with no causal mask inside', hidden='with no causal mask inside'),
+    WrongAnswer(cell="ex5_alibi_bias", name="slopes 1/2^h for every head count",
+                code=_bias(slopes="torch.tensor([2.0 ** -h for h in range(1, n_heads + 1)], dtype=dtype)[:, None, None]"),
+                visible='1/2, 1/4, ... is only the 8-head sequence', hidden='1/2, 1/4, ... is only the 8-head sequence'),
+    WrongAnswer(cell="ex5_alibi_bias", name="distance to position 0 only (|j|), not |i - j|",
+                code=_bias(dist="pos[None, :].expand(length, length)"),
+                visible="not the key's position j", hidden="not the key's position j"),
 ]
