@@ -9,8 +9,8 @@ Papers and the equation each scheme implements
 * Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762, sec. 3.5.
   Sinusoidal (absolute, added to the token embeddings)::
 
-      PE[p, 2i]   = sin(p / base^(2i/d_model))
-      PE[p, 2i+1] = cos(p / base^(2i/d_model))          base = 10000
+      PE[p, 2c]   = sin(p / base^(2c/d_model))
+      PE[p, 2c+1] = cos(p / base^(2c/d_model))          base = 10000
 
   and learned absolute embeddings (one trained vector per position, also sec. 3.5).
 * Shaw, Uszkoreit & Vaswani 2018, "Self-Attention with Relative Position
@@ -71,7 +71,7 @@ Conventions chosen where sources differ
   as Vaswani et al. write it. Many codebases (tensor2tensor, Transformer-XL's code)
   concatenate ``[sin | cos]`` instead; the two differ by a fixed permutation of
   the columns, which a following linear layer absorbs.
-* RoPE rotates *interleaved* pairs ``(x[2i], x[2i+1])``, as RoFormer's eq. (34) and
+* RoPE rotates *interleaved* pairs ``(x[2c], x[2c+1])``, as RoFormer's eq. (34) and
   its reference code do. GPT-NeoX / LLaMA (Hugging Face) use "rotate-half", pairing
   ``x[i]`` with ``x[i + D/2]``. Both are the same rotation up to a permutation of
   the feature dimensions, so the relative-position property is identical; weights
@@ -97,7 +97,7 @@ Glossary (variable -> paper symbol)
 ``d_model``         model width (Vaswani: d_model)
 ``D``, head_dim     per-head width (Shaw: d_z; RoFormer: d)
 ``base``            10000 in Vaswani and RoFormer
-``inv_freq``        base^(-2i/d): Vaswani's 1/10000^(2i/d_model); RoFormer's theta_i
+``inv_freq``        base^(-2c/d): Vaswani's 1/10000^(2c/d_model); RoFormer's theta_i (the course's theta_c)
 ``k`` (Shaw)        clipping distance k (Shaw sec. 3.2); NOT the key tensor
 ``a_K``, ``a_V``    Shaw's w^K, w^V tables, shape (2k+1, D); a^K_ij = a_K[clip(j-i)+k]
 ``R``               Transformer-XL's sinusoid matrix R, row R_{i-j}
@@ -196,18 +196,18 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _inv_freq(dim: int, base: float, device, dtype) -> torch.Tensor:
-    """base^(-2i/dim) for i = 0 .. ceil(dim/2)-1.  Shape (ceil(dim/2),)."""
-    two_i = torch.arange(0, dim, 2, device=device, dtype=dtype)  # 2i
-    return base ** (-two_i / dim)  # 1 / base^(2i/d)   (Vaswani sec. 3.5; RoFormer theta_i)
+    """base^(-2c/dim) for c = 0 .. ceil(dim/2)-1.  Shape (ceil(dim/2),)."""
+    two_c = torch.arange(0, dim, 2, device=device, dtype=dtype)  # 2c
+    return base ** (-two_c / dim)  # 1 / base^(2c/d)   (Vaswani sec. 3.5; RoFormer's theta_i, the course's theta_c)
 
 
 def _sinusoid(pos: torch.Tensor, dim: int, base: float) -> torch.Tensor:
     """Interleaved sinusoid rows for arbitrary (even negative, fractional) positions.
 
-    pos: (N,) float tensor -> (N, dim); column 2i = sin(p w_i), column 2i+1 = cos(p w_i).
+    pos: (N,) float tensor -> (N, dim); column 2c = sin(p w_c), column 2c+1 = cos(p w_c).
     """
     inv_freq = _inv_freq(dim, base, pos.device, pos.dtype)  # (ceil(dim/2),)
-    angle = pos[:, None] * inv_freq[None, :]  # (N, ceil(dim/2)):  p / base^(2i/d)
+    angle = pos[:, None] * inv_freq[None, :]  # (N, ceil(dim/2)):  p / base^(2c/d)
     table = torch.stack((angle.sin(), angle.cos()), dim=-1)  # (N, ceil(dim/2), 2)
     return table.flatten(-2)[:, :dim]  # (N, dim), interleaved sin, cos, sin, cos, ...
 
@@ -219,7 +219,7 @@ def _sinusoid(pos: torch.Tensor, dim: int, base: float) -> torch.Tensor:
 def sinusoidal_encoding(length, d_model, base=10000.0, device=None, dtype=None) -> torch.Tensor:
     """Vaswani et al.'s fixed table, shape ``(length, d_model)``.
 
-    ``PE[p, 2i] = sin(p / base^(2i/d_model))``, ``PE[p, 2i+1] = cos(p / base^(2i/d_model))``.
+    ``PE[p, 2c] = sin(p / base^(2c/d_model))``, ``PE[p, 2c+1] = cos(p / base^(2c/d_model))``.
     Interleaved: even columns hold sines, odd columns cosines. An odd ``d_model``
     keeps the last sine column and drops its cosine.
 
@@ -339,8 +339,8 @@ def t5_bucket(rel, bidirectional=True, num_buckets=32, max_distance=128) -> torc
 def rope_angles(length, head_dim, base=10000.0, offset=0, device=None, dtype=None):
     """``(cos, sin)`` of RoPE's angles, each ``(length, head_dim // 2)``.
 
-    Row ``r`` is position ``p = offset + r``; column ``i`` is the angle ``p * theta_i``
-    with ``theta_i = base^(-2i/head_dim)`` (RoFormer eq. 15).
+    Row ``r`` is position ``p = offset + r``; column ``c`` is the angle ``p * theta_c``
+    with ``theta_c = base^(-2c/head_dim)`` (RoFormer eq. 15).
     """
     length = _check_int(length, "length", 0)
     head_dim = _check_int(head_dim, "head_dim", 2)
@@ -350,13 +350,13 @@ def rope_angles(length, head_dim, base=10000.0, offset=0, device=None, dtype=Non
     dtype = torch.get_default_dtype() if dtype is None else dtype
     work = _work_dtype(dtype)
     p = torch.arange(offset, offset + length, device=device, dtype=work)  # (length,) positions m
-    theta = _inv_freq(head_dim, float(base), device, work)  # (D/2,) theta_i = base^(-2i/D)
-    angle = p[:, None] * theta[None, :]  # (length, D/2): m * theta_i
+    theta = _inv_freq(head_dim, float(base), device, work)  # (D/2,) theta_c = base^(-2c/D)
+    angle = p[:, None] * theta[None, :]  # (length, D/2): p * theta_c
     return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
 def apply_rope(x, offset=0, base=10000.0) -> torch.Tensor:
-    """Rotate each interleaved pair ``(x[..., 2i], x[..., 2i+1])`` by ``p * base^(-2i/D)``.
+    """Rotate each interleaved pair ``(x[..., 2c], x[..., 2c+1])`` by ``p * base^(-2c/D)``.
 
     ``x``: ``(..., L, D)`` with ``D`` even; row ``r`` of the sequence is at position
     ``p = offset + r``. Returns the same shape, dtype and device. This is RoFormer's
@@ -371,9 +371,9 @@ def apply_rope(x, offset=0, base=10000.0) -> torch.Tensor:
     if D % 2:
         raise ValueError(f"RoPE rotates pairs of features: head_dim must be even; got x of shape {tuple(x.shape)}")
     cos, sin = rope_angles(L, D, base, offset, device=x.device, dtype=x.dtype)  # (L, D/2) each
-    x1, x2 = x[..., 0::2], x[..., 1::2]  # (..., L, D/2): the pair (x_2i, x_2i+1)
-    out1 = x1 * cos - x2 * sin  # x_2i'   = x_2i cos(m theta_i) - x_2i+1 sin(m theta_i)
-    out2 = x1 * sin + x2 * cos  # x_2i+1' = x_2i sin(m theta_i) + x_2i+1 cos(m theta_i)
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (..., L, D/2): the pair (x_2c, x_2c+1)
+    out1 = x1 * cos - x2 * sin  # x_2c'   = x_2c cos(p theta_c) - x_2c+1 sin(p theta_c)
+    out2 = x1 * sin + x2 * cos  # x_2c+1' = x_2c sin(p theta_c) + x_2c+1 cos(p theta_c)
     return torch.stack((out1, out2), dim=-1).flatten(-2)  # (..., L, D), re-interleaved
 
 
