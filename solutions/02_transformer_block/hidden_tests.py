@@ -129,6 +129,14 @@ def _swiglu_no_gate(x, w1, w2, w3):
     return F.silu(x @ w1.T) @ w2.T
 
 
+def _swiglu_silu_on_product(x, w1, w2, w3):
+    return F.silu((x @ w1.T) * (x @ w3.T)) @ w2.T
+
+
+def _swiglu_silu_on_both(x, w1, w2, w3):
+    return (F.silu(x @ w1.T) * F.silu(x @ w3.T)) @ w2.T
+
+
 # --------------------------------------------------------------------------- ex3: mean_pool
 
 
@@ -153,6 +161,10 @@ def mean_pool_cases(rng):
 
 def _pool_weights(h, padding_mask):
     return padding_mask.to(h.dtype).unsqueeze(-1)
+
+
+def _pool_first_token(h, padding_mask):
+    return h[:, 0]
 
 
 def _pool_padding_averaged(h, padding_mask):
@@ -299,6 +311,18 @@ def _sublayer_norm_then_add(x, norm_first, norm_weight=None, norm_bias=None, ffn
         return (x + sub(norm(x)) if norm_first else norm(x) + sub(x)), 1
 
 
+def _sublayer_norm_twice(x, norm_first, norm_weight=None, norm_bias=None, ffn=None, a=None):
+    sub, norm = _build(x, norm_weight, norm_bias, ffn, a)
+    with torch.no_grad():
+        return (norm(x + sub(norm(x))) if norm_first else norm(x + sub(x))), 1
+
+
+def _sublayer_no_residual(x, norm_first, norm_weight=None, norm_bias=None, ffn=None, a=None):
+    sub, norm = _build(x, norm_weight, norm_bias, ffn, a)
+    with torch.no_grad():
+        return (sub(norm(x)) if norm_first else norm(sub(x))), 1
+
+
 def _sublayer_called_twice(x, norm_first, norm_weight=None, norm_bias=None, ffn=None, a=None):
     out, _ = sublayer_reference(x, norm_first, norm_weight, norm_bias, ffn, a)
     return out, 2
@@ -367,6 +391,8 @@ def _block_by_hand(ref, x, mask, norm_first, c=1.0, wrong=None, drop=None):
     scale = drop or (lambda t: c * t)
 
     def attn(h):
+        if wrong == "mask inverted":
+            return ref.attn(h, mask=None if mask is None else ~mask)
         return ref.attn(h, mask=None if wrong == "mask ignored" else mask)
 
     def ffn(h):
@@ -376,6 +402,8 @@ def _block_by_hand(ref, x, mask, norm_first, c=1.0, wrong=None, drop=None):
 
     n1, n2 = ref.res_attn.norm, ref.res_ffn.norm
     parts = [(attn, n1), (ffn, n1 if wrong == "one norm" else n2)]
+    if wrong == "norms swapped":
+        parts = [(attn, n2), (ffn, n1)]
     pre = norm_first != (wrong == "swapped")
     for f, norm in parts:
         if pre:
@@ -386,6 +414,8 @@ def _block_by_hand(ref, x, mask, norm_first, c=1.0, wrong=None, drop=None):
                 x = scale(x) + f(norm(x))
             elif wrong == "dropout on sum":
                 x = scale(x + f(norm(x)))
+            elif wrong == "dropout on input":
+                x = x + f(scale(norm(x)))
             else:
                 x = x + scale(f(norm(x)))
         else:
@@ -399,6 +429,8 @@ def _block_by_hand(ref, x, mask, norm_first, c=1.0, wrong=None, drop=None):
                 x = scale(norm(x + f(x)))
             elif wrong == "norm then add":
                 x = norm(x) + scale(f(x))
+            elif wrong == "dropout on input":
+                x = norm(x + f(scale(x)))
             else:
                 x = norm(x + scale(f(x)))
     return x
@@ -471,6 +503,30 @@ def block_cases(rng):
         yield Case(label, x, mask, nf, p, state, sizes, show=show)
 
 
+def _block_in_place(x, mask, norm_first, dropout, state, sizes):
+    """``x += ...`` in pre-norm: the eval() call overwrites the driver's x with its output and returns
+    that very tensor; the train() call then starts from it and overwrites it again, so both outputs
+    the driver returns are the train() step applied to the eval() output (post-norm's
+    ``x = LN(...)`` rebinds and is right)."""
+    out_eval, out_train = _block_outputs(x, mask, norm_first, dropout, state, sizes)
+    if norm_first:
+        _, out_train = _block_outputs(out_eval, mask, norm_first, dropout, state, sizes)
+        out_eval = out_train
+    return out_eval, out_train
+
+
+def _block_functional_dropout(x, mask, norm_first, dropout, state, sizes):
+    """F.dropout(t, self.drop.p, self.training): right in eval(), but in train() it drops at random
+    (the driver's seed) instead of going through self.drop, which the test replaced."""
+    out_eval, _ = _block_outputs(x, mask, norm_first, dropout, state, sizes)
+    ref = _library_block(norm_first, dropout, state, sizes, x.dtype)
+    ref.attn.dropout = 0.0
+    with torch.no_grad():
+        torch.manual_seed(0)
+        out_train = _block_by_hand(ref, x, mask, norm_first, drop=lambda t: F.dropout(t, dropout, True))
+    return out_eval, out_train
+
+
 def _block_mistake(**kw):
     def wrong(x, mask, norm_first, dropout, state, sizes):
         return _block_outputs(x, mask, norm_first, dropout, state, sizes, **kw)
@@ -541,6 +597,11 @@ TESTS = [
                 _swiglu_relu,
             "the gate is missing: SwiGLU multiplies SiLU(x @ w1.T) by x @ w3.T before w2":
                 _swiglu_no_gate,
+            "the SiLU went on the product: SwiGLU applies it to x @ w1.T alone, then multiplies by x @ w3.T":
+                _swiglu_silu_on_product,
+            "the SiLU went on both projections: only the gate x @ w1.T gets it; x @ w3.T is multiplied "
+            "in as it is":
+                _swiglu_silu_on_both,
         },
         hint="W_2 (SiLU(W_1 x) * W_3 x), weights in nn.Linear layout (out, in): x @ w.T; "
              "any leading axes",
@@ -564,6 +625,8 @@ TESTS = [
                 _pool_sum,
             "the mask is inverted: True marks a REAL token (keep it), False marks padding":
                 _pool_inverted,
+            "that is the first token, h[:, 0] ([CLS] pooling): mean pooling averages all the real tokens":
+                _pool_first_token,
             "divided by the number of real tokens in the whole batch: count each sequence's own, "
             "mask.sum(dim=1)":
                 _pool_batch_count,
@@ -592,6 +655,11 @@ TESTS = [
                 _sublayer_called_twice,
             "the sub-layer got x, not norm(x): pre-norm normalises the sub-layer's INPUT, x + f(norm(x))":
                 _sublayer_no_norm_in_pre,
+            "that is normalised twice, norm(x + f(norm(x))): pre-norm does not normalise the sum, "
+            "x + f(norm(x))":
+                _sublayer_norm_twice,
+            "the residual is missing: add x back, x + f(norm(x)) (pre-norm), norm(x + f(x)) (post-norm)":
+                _sublayer_no_residual,
             "the residual was added after the norm, norm(x) + f(x): post-norm normalises the SUM, "
             "norm(x + f(x))":
                 _sublayer_norm_then_add,
@@ -639,6 +707,23 @@ TESTS = [
                 _block_mistake(wrong="dropout on sum", eval_wrong="none"),
             "dropout was applied after the LayerNorm, drop(LN(x + f(x))): post-norm is LN(x + drop(f(x)))":
                 _block_mistake(wrong="dropout after norm", eval_wrong="none"),
+            "norm1 and norm2 are swapped: norm1 goes with the attention sub-layer, norm2 with the FFN":
+                _block_mistake(wrong="norms swapped"),
+            "the mask is inverted: in this course a boolean mask is True where a query MAY attend "
+            "(nn.MultiheadAttention's is the opposite); pass it to self.attn as it is":
+                _block_mistake(wrong="mask inverted"),
+            "dropout was applied to the sub-layer's INPUT, f(drop(...)): it goes on the sub-layer's "
+            "output, x + drop(f(LN(x))) (pre-norm), LN(x + drop(f(x))) (post-norm)":
+                _block_mistake(wrong="dropout on input", eval_wrong="none"),
+            "dropout was applied twice on a branch (x 0.25 with the x 0.5 stand-in): apply self.drop "
+            "once to each sub-layer's output":
+                _block_mistake(train_c=0.25),
+            "your forward changed its input x in place (x += ...): the second call started from the "
+            "first call's output. Write x = x + ... (an in-place edit also breaks autograd's backward)":
+                _block_in_place,
+            "in train() your block drops at random although self.drop was replaced by a stand-in: it "
+            "drops with something other than self.drop (F.dropout, a new nn.Dropout); use self.drop":
+                _block_functional_dropout,
         },
         hint="post-norm: x = LN_1(x + drop(MHA(x, mask))), then LN_2(x + drop(FFN(x))); pre-norm: "
              "x = x + drop(MHA(LN_1(x), mask)), then x + drop(FFN(LN_2(x))); FFN = w2(relu(w1(h)))",

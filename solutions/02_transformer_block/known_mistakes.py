@@ -261,3 +261,85 @@ EX5 = [
 ]
 
 WRONG_ANSWERS = EX1 + EX2 + EX3 + EX4 + EX5
+
+# Wrong answers tried in the second review of exercise 5 (each must get its own hint).
+EX5_REVIEW = [
+    WrongAnswer(cell="ex5_encoder_block", name="in-place residual add (x += ...) edits the caller's tensor",
+                code=_blk(pre='''        if self.norm_first:
+            x += self.drop(attn(self.norm1(x)))
+            x += self.drop(ffn(self.norm2(x)))
+            return x
+'''),
+                visible="changed its input x in place", hidden="changed its input x in place"),
+    WrongAnswer(cell="ex5_encoder_block", name="dropout on the sub-layer's input (f(drop(LN(x))))",
+                code=_blk(pre='''        if self.norm_first:
+            x = x + attn(self.drop(self.norm1(x)))
+            return x + ffn(self.drop(self.norm2(x)))
+''', post='''        x = self.norm1(x + attn(self.drop(x)))
+        return self.norm2(x + ffn(self.drop(x)))
+'''),
+                visible="sub-layer's INPUT", hidden="sub-layer's INPUT"),
+    WrongAnswer(cell="ex5_encoder_block", name="norm1 and norm2 swapped",
+                code=_blk(pre=_RIGHT_PRE.replace("norm1", "NORMX").replace("norm2", "norm1").replace("NORMX", "norm2"),
+                          post=_RIGHT_POST.replace("norm1", "NORMX").replace("norm2", "norm1").replace("NORMX", "norm2")),
+                visible="norm1 and norm2 are swapped", hidden="norm1 and norm2 are swapped"),
+    WrongAnswer(cell="ex5_encoder_block", name="mask inverted (~mask)",
+                code=_blk(head="        attn = lambda h: self.attn(h, mask=None if mask is None else ~mask)\n"),
+                visible="the mask is inverted", hidden="the mask is inverted"),
+    WrongAnswer(cell="ex5_encoder_block", name="the library's EncoderBlock under another name",
+                code=_INIT + '''        import transformer_lab.blocks as bk
+        lib = getattr(bk, "Encoder" + "Block")(self.w1.in_features, self.attn.n_heads, self.w1.out_features,
+                  dropout=self.drop.p, activation="relu", norm_first=self.norm_first)
+        lib.load_state_dict({k.replace("norm1", "res_attn.norm").replace("norm2", "res_ffn.norm")
+                             .replace("w1", "ffn.w1").replace("w2", "ffn.w2"): v for k, v in self.state_dict().items()})
+        lib.res_attn.drop = lib.res_ffn.drop = self.drop
+        lib.ffn.drop = nn.Identity()
+        lib.train(self.training)
+        return lib(x, mask=mask)
+''',
+                visible="something other than self.drop", hidden="EncoderBlock (its forward) is blocked"),
+    WrongAnswer(cell="ex5_encoder_block", name="dropout applied twice on each branch",
+                code=_blk(pre=_RIGHT_PRE.replace("self.drop(", "self.drop(self.drop("). replace(")))\n", "))))\n"),
+                          post=_RIGHT_POST.replace("self.drop(", "self.drop(self.drop(").replace(")))\n", "))))\n")),
+                visible="dropout was applied twice", hidden="dropout was applied twice"),
+    WrongAnswer(cell="ex5_encoder_block", name="F.dropout(t, self.drop.p, self.training) instead of self.drop",
+                code=_blk(pre=_RIGHT_PRE.replace("self.drop(", "F.dropout(").replace(")))\n", "), self.drop.p, self.training))\n"),
+                          post=_RIGHT_POST.replace("self.drop(", "F.dropout(").replace(")))\n", "), self.drop.p, self.training))\n")),
+                visible="something other than self.drop", hidden="something other than self.drop"),
+]
+WRONG_ANSWERS = WRONG_ANSWERS + EX5_REVIEW
+
+# Wrong answers tried in the second review of exercises 1-4.
+EX1_4_REVIEW = [
+    WrongAnswer(cell="ex1_layer_norm", name="PyTorch's LayerNorm under another name (torch.native_layer_norm)",
+                code=_ln("    return torch.native_layer_norm(x, (x.shape[-1],), gamma, beta, eps)[0]\n"),
+                visible=None, hidden="torch.native_layer_norm is blocked"),
+    WrongAnswer(cell="ex1_layer_norm", name="GroupNorm with one group on the flattened tokens",
+                code=_ln("    return F.group_norm(x.reshape(-1, x.shape[-1]), 1, gamma, beta, eps).reshape(x.shape)\n"),
+                visible="layer_norm of a constant vector", hidden="group_norm is blocked"),
+    WrongAnswer(cell="ex1_layer_norm", name="in-place x -= mean edits the caller's tensor",
+                code=_ln('''    x -= x.mean(dim=-1, keepdim=True)
+    var = x.pow(2).mean(dim=-1, keepdim=True)
+    return gamma * x / torch.sqrt(var + eps) + beta
+'''),
+                visible="changed its input x in place", hidden=None),
+    WrongAnswer(cell="ex2_swiglu_ffn", name="SiLU after the product (silu(W1 x * W3 x))",
+                code=_sw("    return F.silu((x @ w1.T) * (x @ w3.T)) @ w2.T\n"),
+                visible="the SiLU went on the product", hidden="the SiLU went on the product"),
+    WrongAnswer(cell="ex2_swiglu_ffn", name="SiLU on both branches",
+                code=_sw("    return (F.silu(x @ w1.T) * F.silu(x @ w3.T)) @ w2.T\n"),
+                visible="the SiLU went on both projections", hidden="the SiLU went on both projections"),
+    WrongAnswer(cell="ex3_mean_pool", name="boolean indexing h[mask].mean(0): one vector for the batch",
+                code=_mp("    return h[padding_mask].mean(dim=0)\n"),
+                visible="wrong shape", hidden="wrong shape: expected (4, 5), got (5,)"),
+    WrongAnswer(cell="ex3_mean_pool", name="the first token ([CLS]) instead of the mean",
+                code=_mp("    return h[:, 0]\n"),
+                visible="that is the first token", hidden="that is the first token"),
+    WrongAnswer(cell="ex4_sublayer_connection", name="pre-norm normalised twice (norm(x + f(norm(x))))",
+                code=_sc("    if norm_first:\n        return norm(x + sublayer(norm(x)))\n    return norm(x + sublayer(x))\n"),
+                visible="that is normalised twice", hidden="that is normalised twice"),
+    WrongAnswer(cell="ex4_sublayer_connection", name="no residual (f(norm(x)) / norm(f(x)))",
+                code=_sc("    if norm_first:\n        return sublayer(norm(x))\n    return norm(sublayer(x))\n"),
+                visible="the residual is missing", hidden="the residual is missing"),
+]
+WRONG_ANSWERS = WRONG_ANSWERS + EX1_4_REVIEW
