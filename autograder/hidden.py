@@ -582,6 +582,10 @@ def compare(got: Any, expected: Any, t: HiddenTest, name: str, inputs: Mapping[s
         grading.check_true(got is None, f"{name}: expected None; got {grading._describe(got)}", hint)
         return
     if isinstance(expected, torch.Tensor):
+        if expected.dim() > 0 and isinstance(got, (list, tuple)):  # the visible tests ask for a tensor too
+            grading._fail(f"{name}: expected {grading._describe(expected)}; got a {type(got).__name__} "
+                          f"of {len(got)} items", grading._input_block(inputs),
+                          "return a torch.Tensor (torch.tensor(...), torch.stack(...)), not a Python list")
         atol, rtol = _tolerance(t, expected)
         grading.check_close(got, expected, name, inputs=inputs, atol=atol, rtol=rtol, hint=hint,
                             check_dtype=t.check_dtype)

@@ -258,6 +258,8 @@ def test_verdict_messages_teach():
     assert "x = tensor of shape (3,)" in v.message and "hint: multiply by 2" in v.message
     v = _judge(t, [{"ok": None}])
     assert "did you forget the `return`" in v.message
+    v = _judge(t, [{"ok": [2.0, 2.0, 2.0]}])  # the right numbers in a list: not a tensor
+    assert not v.passed and "got a list of 3 items" in v.message and "not a Python list" in v.message
     v = _judge(t, [{"ok": {"__not_data__": "tensor", "device": "meta", "shape": [3], "dtype": "torch.float32"}}])
     assert "wrong device" in v.message and "meta" in v.message
     v = _judge(t, [{"ok": {"__not_data__": "a Sneaky (a subclass of torch.Tensor)"}}])
