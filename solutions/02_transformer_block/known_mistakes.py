@@ -343,3 +343,19 @@ EX1_4_REVIEW = [
                 visible="the residual is missing", hidden="the residual is missing"),
 ]
 WRONG_ANSWERS = WRONG_ANSWERS + EX1_4_REVIEW
+
+# Cutting the gradient: the output is right, so only the visible gradient check can see it
+# (the hidden driver runs the block under torch.no_grad()); section 12 could not train such a block.
+EX5_GRAD = [
+    WrongAnswer(cell="ex5_encoder_block", name="forward under torch.no_grad()",
+                code=_INIT + "        with torch.no_grad():\n" + "\n".join(
+                    "    " + line if line else line for line in (_RIGHT_PRE + _RIGHT_POST).split("\n")),
+                visible="the output carries no gradient", hidden=None),
+    WrongAnswer(cell="ex5_encoder_block", name="residual detached (x.detach() + ...)",
+                code=_blk(pre='''        if self.norm_first:
+            x = x.detach() + self.drop(attn(self.norm1(x)))
+            return x.detach() + self.drop(ffn(self.norm2(x)))
+'''),
+                visible="the gradient with respect to x", hidden=None),
+]
+WRONG_ANSWERS = WRONG_ANSWERS + EX5_GRAD
