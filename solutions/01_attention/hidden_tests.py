@@ -98,6 +98,20 @@ def _softmax_added_mask(scores, mask=None):  # the boolean mask added to the sco
     return torch.softmax(scores if mask is None else scores + mask, dim=-1)
 
 
+def _softmax_ignored_mask(scores, mask=None):
+    return torch.softmax(scores, dim=-1)
+
+
+def _softmax_multiplied_mask(scores, mask=None):  # a hidden key's score becomes 0, an ordinary score
+    return torch.softmax(scores if mask is None else scores * mask, dim=-1)
+
+
+def _softmax_log(scores, mask=None):  # log_softmax: log-probabilities, hidden keys (and empty rows) 0
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.log_softmax(scores, dim=-1).nan_to_num(0.0, neginf=0.0)
+
+
 # --------------------------------------------------------------------------- ex3: attention
 
 
@@ -147,6 +161,12 @@ def _attention_nan_rows(q, k, v, mask=None):
 
 def _attention_large_negative(q, k, v, mask=None):
     return _attention_with(q, k, v, mask, fill=-1e9, empty=False)
+
+
+def _attention_weights_scaled(q, k, v, mask=None):  # 1/sqrt(D) applied to the weights after the softmax
+    _, w = _attention_with(q, k, v, mask, scale=lambda q, v: 1.0)
+    w = w / math.sqrt(q.shape[-1])
+    return w @ v, w
 
 
 def _attention_over_queries(q, k, v, mask=None):
@@ -202,7 +222,8 @@ def mha_cases(rng):
                n_heads=4, raises=ValueError)
 
 
-def _mha_with(scale="D", split="right", merge="right", in_bias=True, out="right", invert=False, empty=True):
+def _mha_with(scale="D", split="right", merge="right", in_bias=True, out="right", invert=False, empty=True,
+              softmax_dim=-1):
     """Multi-head attention as a known mistake computes it (the right one with the defaults)."""
     def wrong(x, w_qkv, b_qkv, w_out, b_out, n_heads, mask=None):
         B, L, d = x.shape
@@ -214,10 +235,12 @@ def _mha_with(scale="D", split="right", merge="right", in_bias=True, out="right"
             q, k, v = (t.reshape(B, n_heads, L, D) for t in qkv.split(d, dim=-1))
         else:
             q, k, v = (t.reshape(B, L, n_heads, D).transpose(1, 2) for t in qkv.split(d, dim=-1))
-        s = q @ k.transpose(-2, -1) / math.sqrt(d if scale == "d_model" else D)
+        s = q @ k.transpose(-2, -1) / math.sqrt({"d_model": d, "n_heads": n_heads}.get(scale, D))
         if mask is not None:
             s = s.masked_fill(mask if invert else ~mask, float("-inf"))
-        w = torch.softmax(s, dim=-1)
+        w = torch.softmax(s, dim=softmax_dim)
+        if softmax_dim != -1:
+            w = w.nan_to_num(0.0)
         if mask is not None and empty:  # invert="fill": the original mask's empty rows zeroed, not the inverted's
             w = w.masked_fill(~(~mask if invert is True else mask).any(dim=-1, keepdim=True), 0.0)
         heads = w @ v  # (B, H, L, D)
@@ -230,6 +253,10 @@ def _mha_with(scale="D", split="right", merge="right", in_bias=True, out="right"
             return concat @ w_out + (0 if b_out is None else b_out)
         return F.linear(concat, w_out, b_out)
     return wrong
+
+
+def _mha_float32(x, w_qkv, b_qkv, w_out, b_out, n_heads, mask=None):  # every input cast with .float()
+    return _mha_with()(*(None if t is None else t.float() for t in (x, w_qkv, b_qkv, w_out, b_out)), n_heads, mask)
 
 
 TESTS = [
@@ -257,7 +284,10 @@ TESTS = [
                 lambda q, k: q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]),
             "float64 came back as float32: keep the input's dtype (no .float(), no new float32 tensors)":
                 lambda q, k: (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1]),
+            "divided by the square root of the number of queries (Lq); D is the LAST axis of q, the head dimension":
+                lambda q, k: q @ k.transpose(-2, -1) / math.sqrt(q.shape[-2]),
         },
+        unchanged=True,
         hint="scale by 1/sqrt(D) with D = q.shape[-1] (the head dim), and keep the input's dtype",
     ),
     HiddenTest(
@@ -288,6 +318,12 @@ TESTS = [
                 _softmax_after,
             "added the boolean mask to the scores as numbers (True = 1): fill the hidden scores with -inf":
                 _softmax_added_mask,
+            "the mask was ignored: every key kept its weight; fill the scores where mask is False with -inf":
+                _softmax_ignored_mask,
+            "multiplied the scores by the mask: a hidden key gets score 0, an ordinary score; fill them with -inf":
+                _softmax_multiplied_mask,
+            "returned log-probabilities (log_softmax); the weights are the probabilities: torch.softmax":
+                _softmax_log,
         },
         unchanged=True,
         hint="bool mask True = may attend; -inf before the softmax; rows with no visible key -> zeros",
@@ -314,7 +350,10 @@ TESTS = [
             "the mask is inverted (masked_fill(mask, ...) hides the keys that may be attended): hide ~mask":
                 _attention_inverted_fill,
             "returned (weights, out); the order is (out, weights)": _attention_swapped,
+            "divided the weights by sqrt(D) after the softmax: the scale goes on the scores, before the softmax":
+                _attention_weights_scaled,
         },
+        unchanged=True,
         hint="weights = softmax(q k^T / sqrt(D)) with the mask, rows with no visible key -> zeros; "
              "out = weights @ v",
     ),
@@ -350,6 +389,10 @@ TESTS = [
                 _mha_with(invert="fill"),
             "NaN for the empty sequence: fully masked rows give zero attention output (weights set to 0)":
                 _mha_with(empty=False),
+            "scaled by sqrt(n_heads); each head scales by sqrt(D), D = d_model / n_heads": _mha_with(scale="n_heads"),
+            "the softmax ran over the queries (dim=-2); it runs over the keys (dim=-1)": _mha_with(softmax_dim=-2),
+            "float64 came back as float32: keep the dtype of x, no .float()":
+                _mha_float32,
         },
         hint="F.linear(x, w_qkv, b_qkv) = [q | k | v]; heads (B, L, H, D) -> (B, H, L, D); softmax(q k^T / sqrt(D)) "
              "with the mask (True = may attend), zero weights for rows with no visible key; concatenate; "

@@ -324,4 +324,145 @@ def attention(q, k, v, mask=None):
                 visible="not [q_h | k_h | v_h]", hidden="not [q_h | k_h | v_h]"),
     WrongAnswer(cell="ex4_multi_head_attention", name="x @ w_qkv without the transpose",
                 code=_mha(PROJ="(x @ w_qkv + b_qkv)"), visible="w_qkv is stored (out, in)", hidden=None),  # raises on every input: the visible test stops it, the hidden ones never run
+    # ------------------------------------------------------------------ tried in the second review (learner's cheats)
+    WrongAnswer(
+        cell="ex1_attention_scores", name="the library's function imported under another name",
+        code='''
+from transformer_lab.attention import attention_scores as _lib_scores
+
+def attention_scores(q, k):
+    return _lib_scores(q, k)
+''',
+        visible=None, hidden='transformer_lab.attention.attention_scores is blocked'),
+    WrongAnswer(
+        cell="ex1_attention_scores", name="divided by sqrt(Lq), the number of queries",
+        code='''
+def attention_scores(q, k):
+    return q @ k.transpose(-2, -1) / math.sqrt(q.shape[-2])
+''',
+        visible='number of queries', hidden='number of queries'),
+    WrongAnswer(
+        cell="ex1_attention_scores", name="scores detached from the graph",
+        code='''
+def attention_scores(q, k):
+    return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).detach()
+''',
+        visible='without a gradient', hidden=None),
+    WrongAnswer(
+        cell="ex1_attention_scores", name="q scaled in place",
+        code='''
+def attention_scores(q, k):
+    q /= math.sqrt(q.shape[-1])
+    return q @ k.transpose(-2, -1)
+''',
+        visible='in place', hidden='in place'),
+    WrongAnswer(
+        cell="ex1_attention_scores", name="the visible hand case special-cased, no scale otherwise",
+        code='''
+def attention_scores(q, k):
+    if q.shape == (1, 1, 1, 4):
+        return (q @ k.transpose(-2, -1)) / 2
+    return q @ k.transpose(-2, -1)
+''',
+        visible='forgot the scale', hidden='forgot the scale'),
+    WrongAnswer(
+        cell="ex2_masked_softmax", name="scores multiplied by the mask",
+        code='''
+def masked_softmax(scores, mask=None):
+    if mask is not None:
+        scores = scores * mask
+    return torch.softmax(scores, dim=-1)
+''',
+        visible='multiplied the scores by the mask', hidden='multiplied the scores by the mask'),
+    WrongAnswer(
+        cell="ex2_masked_softmax", name="mask ignored",
+        code='''
+def masked_softmax(scores, mask=None):
+    return torch.softmax(scores, dim=-1)
+''',
+        visible='the mask was ignored', hidden='the mask was ignored'),
+    WrongAnswer(
+        cell="ex2_masked_softmax", name="log_softmax instead of softmax",
+        code='''
+def masked_softmax(scores, mask=None):
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.log_softmax(scores, dim=-1).nan_to_num(0.0, neginf=0.0)
+''',
+        visible='log_softmax', hidden='log_softmax'),
+    WrongAnswer(
+        cell="ex2_masked_softmax", name="weights detached",
+        code='''
+def masked_softmax(scores, mask=None):
+    s = scores.detach()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, dim=-1).nan_to_num(0.0)
+''',
+        visible='without a gradient', hidden=None),
+    WrongAnswer(
+        cell="ex3_attention", name="SDPA through torch._C._nn",
+        code='''
+def attention(q, k, v, mask=None):
+    w = masked_softmax(attention_scores(q, k), mask)
+    return torch._C._nn.scaled_dot_product_attention(q, k, v, attn_mask=mask), w
+''',
+        visible=None, hidden='scaled_dot_product_attention is blocked'),
+    WrongAnswer(
+        cell="ex3_attention", name="scaled the weights instead of the scores",
+        code='''
+def attention(q, k, v, mask=None):
+    s = q @ k.transpose(-2, -1)
+    w = masked_softmax(s, mask) / math.sqrt(q.shape[-1])
+    return w @ v, w
+''',
+        visible='divided the weights by sqrt(D)', hidden='divided the weights by sqrt(D)'),
+    WrongAnswer(
+        cell="ex3_attention", name="weights detached",
+        code='''
+def attention(q, k, v, mask=None):
+    w = masked_softmax(attention_scores(q, k), mask).detach()
+    return w @ v, w
+''',
+        visible='no gradient reached q', hidden=None),
+    WrongAnswer(
+        cell="ex4_multi_head_attention", name="MultiheadAttention's functional form through another module",
+        code='''
+def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_heads, mask=None):
+    import torch.nn.functional as FF
+    if x.shape[-1] % n_heads:
+        raise ValueError("n_heads must divide d_model")
+    xt = x.transpose(0, 1)
+    f = getattr(FF, "multi_head_attention_" + "forward")
+    B, L, d = x.shape
+    m = None if mask is None else ~mask.expand(B, n_heads, L, L).reshape(B * n_heads, L, L)
+    y, _ = f(xt, xt, xt, d, n_heads, w_qkv, b_qkv, None, None, False, 0.0, w_out, b_out,
+             need_weights=False, attn_mask=m)
+    return y.transpose(0, 1)
+''',
+        visible=None, hidden='multi_head_attention_forward is blocked'),
+    WrongAnswer(cell="ex4_multi_head_attention", name="scaled by sqrt(H), the number of heads",
+                code=_mha(SCALE="n_heads"), visible='sqrt(n_heads)', hidden='sqrt(n_heads)'),
+    WrongAnswer(cell="ex4_multi_head_attention", name="softmax over the queries (dim=-2)",
+                code=_mha().replace("torch.softmax(scores, dim=-1)", "torch.softmax(scores, dim=-2).nan_to_num(0.0)"),
+                visible='over the queries', hidden='over the queries'),
+    WrongAnswer(cell="ex4_multi_head_attention", name="every input cast to float32 with .float()",
+                code=_mha(CHECK=_MHA_RIGHT["CHECK"] + "\n    x, w_qkv, w_out = x.float(), w_qkv.float(), w_out.float()\n"
+                          "    b_qkv, b_out = (None if b is None else b.float() for b in (b_qkv, b_out))"),
+                visible='keep the dtype of x', hidden='keep the dtype of x'),
+    WrongAnswer(cell="ex4_multi_head_attention", name="the library's MHA class under another module path",
+                code='''
+def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_heads, mask=None):
+    import importlib
+    mod = importlib.import_module("transformer_lab.attention")
+    d = x.shape[-1]
+    if d % n_heads:
+        raise ValueError("n_heads must divide d_model")
+    m = mod.MultiHeadAttention(d, n_heads, fast=False).to(x.dtype)
+    with torch.no_grad():
+        m.qkv.weight.copy_(w_qkv); m.out.weight.copy_(w_out)
+        m.qkv.bias.copy_(b_qkv if b_qkv is not None else torch.zeros(3 * d))
+        m.out.bias.copy_(b_out if b_out is not None else torch.zeros(d))
+    return m(x, mask=mask)
+''', visible=None, hidden='MultiHeadAttention (its forward) is blocked'),
 ]
