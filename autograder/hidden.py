@@ -699,6 +699,11 @@ def _matching_mistake(t: HiddenTest, cases: list[Case], expected: list[Any], res
             continue
         if _close(got, wrong, t) and not _close(got, exp, t):
             candidates.append((text, mistake))
+    return _pick(t, candidates, cases, results, i)
+
+
+def _pick(t: HiddenTest, candidates: list, cases: list[Case], results: list, i: int) -> str | None:
+    """Of the mistakes that explain case ``i``, the first that also agrees with every other case."""
     if len(candidates) > 1:
         for text, mistake in candidates:
             if all(_agrees(t, mistake, cases[j], results[j]) for j in range(len(cases)) if j != i):
@@ -731,11 +736,7 @@ def _raising_mistake(t: HiddenTest, cases: list[Case], results: list, i: int, en
     for text, mistake in t.mistakes.items():
         if _raises_like(mistake, cases[i], ename, message):
             candidates.append((text, mistake))
-    if len(candidates) > 1:
-        for text, mistake in candidates:
-            if all(_agrees(t, mistake, cases[j], results[j]) for j in range(len(cases)) if j != i):
-                return text
-    return candidates[0][0] if candidates else None
+    return _pick(t, candidates, cases, results, i)
 
 
 def _raises_like(mistake: Callable[..., Any], case: Case, ename: str, message: str) -> bool:

@@ -91,14 +91,7 @@ os.chmod(EXCHANGE, 0o777)  # nbgrader's ExchangeReleaseAssignment insists on exa
 ENV_BIN = Path(sys.executable).parent  # the course's .venv/bin: this hub runs from it
 
 
-def _closed_ancestor(path: str) -> str | None:
-    """The topmost folder above ``path`` that other users cannot enter (e.g. /root), or None."""
-    parts = Path(path).parts
-    for i in range(2, len(parts)):
-        folder = os.path.join(*parts[:i])
-        if not os.stat(folder).st_mode & 0o001:
-            return folder
-    return None
+_closed_ancestor = sb._closed_ancestor  # the topmost folder above a path others cannot enter
 
 
 def _library() -> str:
