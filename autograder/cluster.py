@@ -24,8 +24,10 @@ grading each root, goes to the cluster instead of local worker processes:
   the middle of a grade (its process ended: killed, out of memory, its machine gone) loses
   its task; the scheduler gives it to another worker (up to
   ``distributed.scheduler.allowed-failures`` times, 3 by default). The grader process on
-  the dead worker dies with it (``PR_SET_PDEATHSIG``) and the next task on that machine
-  kills what its student left running. Only the first result of a key is accepted, and
+  the dead worker dies with it, and the student's kernel with the grader
+  (``PR_SET_PDEATHSIG`` on both); what is left (a process of the sandbox uid, the scratch
+  folder) goes at the start of the next task on that machine and at the end of the class
+  (:func:`clean_left_behind`). Only the first result of a key is accepted, and
   results are written only here, so a retried task can never give a second grade. A
   submission the cluster could not grade at all (every retry's worker died, the scheduler
   went away) gets an ``error`` row that the next run grades again.
@@ -277,7 +279,15 @@ SCRATCH_PREFIX = "tlab-dask-"
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (dead, not yet reaped by whoever inherited it) does not."""
     try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:  # no /proc (not Linux): a signal 0 tells whether the pid exists
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
@@ -286,9 +296,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _runs_in(pid: int, folder: Path) -> bool:
+    """Whether the live process ``pid`` works in ``folder`` (a grader's cwd is its first task's
+    root): the dead worker's own grader, not a later process that got its pid."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")).is_relative_to(folder.resolve())
+    except (OSError, ValueError):
+        return False
+
+
 def clean_left_behind(base: Path | None = None) -> int:
-    """Remove the scratch folders of tasks whose Dask worker died, after killing what their
-    student left running (its grader's sandbox uid); returns how many were cleaned."""
+    """Remove the scratch folders of tasks whose Dask worker died, after killing what they left
+    running: the grader, if it has not died with its worker yet (``PR_SET_PDEATHSIG`` is a
+    signal, not a wait), and every process of its sandbox uid (the student's kernel, which
+    outlives its grader). Returns how many folders were cleaned. Run by each task before it
+    starts and on every worker at the end of a class (:func:`run_on_cluster`)."""
+    import signal
+
     from .sandbox import kill_uid, sandbox_uid
 
     base = Path(base or tempfile.gettempdir())
@@ -305,8 +329,14 @@ def clean_left_behind(base: Path | None = None) -> int:
                 grader = int(pid_file.read_text())
             except (OSError, ValueError):
                 continue
-            if not _pid_alive(grader):  # dead (PDEATHSIG): its uid's processes are orphans
-                kill_uid(sandbox_uid(grader))
+            if _pid_alive(grader):
+                if not _runs_in(grader, folder):
+                    continue  # the pid is another process's now: its uid is not ours to kill
+                try:
+                    os.kill(grader, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            kill_uid(sandbox_uid(grader))
         shutil.rmtree(folder, ignore_errors=True)
         cleaned += 1
     return cleaned
@@ -514,6 +544,10 @@ def run_on_cluster(client, tasks: list[dict], *, budgets: list[float], secret: s
     for i in range(len(tasks)):
         if i not in results:
             results[i] = _lost(tasks[i], f"no Dask worker for {give_up:g} s")
+    try:  # a worker that died late in the class: what it left running goes now, not next class
+        client.run(clean_left_behind, on_error="ignore")
+    except Exception:  # noqa: BLE001 - housekeeping never costs a grade
+        pass
     return [results[i] for i in range(len(tasks))]
 
 

@@ -444,6 +444,7 @@ def forbid_exec() -> str | None:
 
 def launch(spec: dict, cmd: list[str]) -> None:
     """Set up the sandbox and ``exec`` the kernel command (never returns)."""
+    parent = os.getppid()  # the grader
     cmd = list(cmd)
     conn_at = cmd.index("-f") + 1 if "-f" in cmd else None
     if spec.get("isolate", False):
@@ -469,7 +470,23 @@ def launch(spec: dict, cmd: list[str]) -> None:
         os.dup2(null, 2)
         os.close(null)
     drop(spec)
+    _die_with(parent)
     os.execvpe(cmd[0], cmd, env)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL this process (the kernel, once exec'd) when the grader that started it dies: a
+    grader killed with its Dask worker would otherwise leave the student's kernel running under
+    a uid nothing looks for any more. Set after :func:`drop`, which clears it (a uid change
+    does), and kept across ``exec``."""
+    if sys.platform != "linux":
+        return
+    _c().prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the grader died before the line above
+        os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
