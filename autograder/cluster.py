@@ -425,6 +425,10 @@ def _write_back(task: dict, item: dict, answer: dict) -> dict:
 
     root = Path(task["root"])
     result = dict(item["result"])
+    if result.get("status") == "ok" and not item.get("started"):
+        # a grade counts only if the grader ran the task (it stamps ``started`` first): anything
+        # else is an inconsistency of the cluster's, graded again by the next run, never a score
+        return _lost(task, f"Dask worker {answer.get('worker')} sent a grade without the grader's start stamp")
     for rel, data in item.get("files", {}).items():
         if _safe(rel):
             _atomic_write(root / rel, data)

@@ -396,3 +396,20 @@ def test_a_cluster_whose_workers_all_leave_gives_up_after_the_timeout(tmp_path, 
     # not remembered as graded: the next run grades them (as the test above shows for the same row)
     state = json.loads((out / "state.json").read_text())
     assert not any(state["graded"].get(f"{LECTURE}/{s}", {}).get("hash") for s in ("alice", "carol"))
+
+
+def test_a_grade_without_the_graders_start_stamp_does_not_count(tmp_path):
+    """The instructor's side accepts an 'ok' result only with the start stamp the grader writes
+    before a task (a grade the grader did not give could otherwise be a silent score)."""
+    from autograder.cluster import _write_back
+
+    task = {"root": str(tmp_path / "root"), "lecture": LECTURE, "student": "ann"}
+    (tmp_path / "root").mkdir()
+    ok = {"status": "ok", "scores": {"ex1_scores_test": 1.0}}
+    result = _write_back(task, {"result": ok, "files": {}, "started": None}, {"worker": "tcp://w:1"})
+    assert result["status"] == "error" and result["retry"]
+    assert "tcp://w:1 sent a grade without the grader's start stamp" in result["message"]
+    assert json.loads((tmp_path / "root" / "result.json").read_text()) == result
+    result = _write_back(task, {"result": ok, "files": {}, "started": "1764500000.0"}, {"worker": "tcp://w:1"})
+    assert result["status"] == "ok" and result["scores"] == {"ex1_scores_test": 1.0}
+    assert (tmp_path / "root" / "started").read_text() == "1764500000.0"
