@@ -433,7 +433,7 @@ def cluster_compare(grader_root: Path, lecture: str, n: int, scratch: Path, help
     print(f"  wall {local['wall_s']} s, CPU {local['cpu_s']} s, scores right: {local_c['scores_as_expected']}",
           flush=True)
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as lc, Client(lc, set_as_default=False) as client:
+                      dashboard_address=":0") as lc, Client(lc, set_as_default=False) as client:
         pids = client.run(os.getpid)
         before = {a: _tree_cpu(pid) for a, pid in pids.items()}
         self0 = _self_cpu()

@@ -36,7 +36,7 @@ SLEEPY = 'import sys as _s, time as _t\nif "ipykernel" in _s.modules:\n    _t.sl
 def cluster():
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc:
         with Client(lc, set_as_default=False) as client:
             yield lc, client
 
@@ -230,7 +230,7 @@ def test_a_scheduler_without_workers_is_one_line_and_nothing_is_written(tmp_path
     subs = tmp_path / "subs"
     _class(subs)
     monkeypatch.setenv("AUTOGRADER_DASK_TIMEOUT", "1")
-    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", dashboard_address=None) as empty:
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", dashboard_address=":0") as empty:
         address = empty.scheduler_address
         assert main(["--solutions", str(FIXTURE), "grade", str(subs), "--lecture", LECTURE,
                      "--out", str(tmp_path / "out"), "--scheduler", address]) == 2
@@ -303,7 +303,7 @@ def in_process_cluster():
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://",
-                      dashboard_address=None) as lc:
+                      dashboard_address=":0") as lc:
         yield lc
 
 
