@@ -140,7 +140,9 @@ def connect(value: str, timeout: float | None = None):
             else:
                 client = Client(target, timeout=timeout, set_as_default=False)
     except Exception as exc:  # noqa: BLE001 - an unreachable cluster: one line
-        raise UsageError(f"cannot reach the Dask scheduler at {shown}: {_reason(exc)}") from None
+        tls = ("; a tls:// scheduler needs dask's TLS settings here (distributed.comm.tls.ca-file, "
+               "distributed.comm.tls.client.cert, distributed.comm.tls.client.key)") if shown.startswith("tls://") else ""
+        raise UsageError(f"cannot reach the Dask scheduler at {shown}: {_reason(exc)}{tls}") from None
     try:
         client.wait_for_workers(1, timeout=timeout)
     except Exception:  # noqa: BLE001

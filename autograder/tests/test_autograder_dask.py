@@ -413,3 +413,42 @@ def test_a_grade_without_the_graders_start_stamp_does_not_count(tmp_path):
     result = _write_back(task, {"result": ok, "files": {}, "started": "1764500000.0"}, {"worker": "tcp://w:1"})
     assert result["status"] == "ok" and result["scores"] == {"ex1_scores_test": 1.0}
     assert (tmp_path / "root" / "started").read_text() == "1764500000.0"
+
+
+def test_a_tls_scheduler_with_dask_s_tls_configuration(tmp_path, capsys):
+    """The secret travels in the tasks: on an untrusted network the cluster runs on tls://. With
+    dask's TLS settings (here in dask.config; on a cluster ~/.config/dask/*.yaml or
+    DASK_DISTRIBUTED__COMM__TLS__* variables) a class is graded through tls://; without them the
+    command says what it needs, in one line, and writes nothing."""
+    pytest.importorskip("cryptography")
+    import dask
+    from distributed import LocalCluster
+    from distributed.security import Security
+
+    security = Security.temporary()  # a CA and a certificate for all, in memory
+    pem = {}
+    for name in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        pem[name] = tmp_path / f"{name}.pem"
+        pem[name].write_text(getattr(security, name))
+    subs = tmp_path / "subs"
+    expected = _class(subs)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tls://",
+                      security=security, dashboard_address=":0") as lc:
+        address = lc.scheduler_address
+        assert address.startswith("tls://")
+        with dask.config.set({"distributed.comm.require-encryption": True,
+                              "distributed.comm.tls.ca-file": str(pem["tls_ca_file"]),
+                              "distributed.comm.tls.client.cert": str(pem["tls_client_cert"]),
+                              "distributed.comm.tls.client.key": str(pem["tls_client_key"])}):
+            assert _grade_in_process(subs, tmp_path / "out", address) == 0
+        assert {r["student"]: (r["total"], r["status"]) for r in _rows(tmp_path / "out")} == expected
+        # no TLS settings here: one line naming them, before anything is written
+        with dask.config.set({"distributed.comm.timeouts.connect": "3s"}):
+            code = main(["--solutions", str(FIXTURE), "grade", str(subs), "--lecture", LECTURE,
+                         "--out", str(tmp_path / "refused"), "--scheduler", address])
+        assert code == 2 and not (tmp_path / "refused").exists()
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith(f"autograder: error: cannot reach the Dask scheduler at {address}: "), err
+        assert err.endswith("a tls:// scheduler needs dask's TLS settings here (distributed.comm.tls.ca-file, "
+                            "distributed.comm.tls.client.cert, distributed.comm.tls.client.key)"), err
