@@ -102,9 +102,13 @@ def t5_cases(rng):
 
 
 def _t5_with(rel, bidirectional=True, num_buckets=32, max_distance=128, *, flip=False, halve=True,
-             future_offset=True, clamp=True, causal_abs=False, causal_no_clamp=False, exact_before_halving=False,
-             log_of_max_only=False, rounding="floor", integer_ratio=False, as_float=False):
+             future_offset=True, future_ge=False, flag_inverted=False, clamp=True, causal_abs=False,
+             causal_no_clamp=False, exact_before_halving=False, n_e_quarter=False, no_exact=False,
+             no_n_e=False, log_of_max_only=False, log_delta=False, span_minus1=False, rounding="floor",
+             integer_ratio=False, as_float=False):
     """T5's bucket function with one step changed (what a learner's mistake computes)."""
+    if flag_inverted:
+        bidirectional = not bidirectional
     n = (rel if flip else -rel).long()  # i - j (flip: j - i)
     ret = torch.zeros_like(n)
     n_b = num_buckets
@@ -112,23 +116,24 @@ def _t5_with(rel, bidirectional=True, num_buckets=32, max_distance=128, *, flip=
         if halve:
             n_b //= 2
         if future_offset:
-            ret = ret + (n < 0).long() * n_b
+            ret = ret + ((n <= 0) if future_ge else (n < 0)).long() * n_b
         n = n.abs()
     elif causal_abs:
         n = n.abs()
     elif not causal_no_clamp:
         n = n.clamp(min=0)
-    n_e = num_buckets // 2 if exact_before_halving else n_b // 2
-    ratio = n.clamp(min=n_e).float() / n_e
+    n_e = num_buckets // 2 if exact_before_halving else num_buckets // 4 if n_e_quarter else n_b // 2
+    # below n_e the exact bucket is taken (unless the exact range is missing): the log is not read there
+    ratio = (n if no_exact else n.clamp(min=n_e)).float() / (1 if log_delta else n_e)
     if integer_ratio:
         ratio = ratio.floor()
     den = math.log(max_distance) if log_of_max_only else math.log(max_distance / n_e)
-    val = torch.log(ratio) / den * (n_b - n_e)
+    val = torch.log(ratio) / den * (n_b - n_e - (1 if span_minus1 else 0))
     val = {"floor": val, "round": val.round(), "ceil": val.ceil()}[rounding]
-    large = n_e + val.long()
+    large = (0 if no_n_e else n_e) + val.long()
     if clamp:
         large = large.clamp(max=n_b - 1)
-    out = ret + torch.where(n < n_e, n, large)
+    out = ret + (large if no_exact else torch.where(n < n_e, n, large))
     return out.float() if as_float else out
 
 
@@ -333,34 +338,6 @@ def _sin_half_width(length, d_model, base=10000.0):
     return _interleave(a.sin(), a.cos())
 
 
-def _t5_learner(rel, bidirectional=True, num_buckets=32, max_distance=128, *, future_ge=False,
-                n_e_quarter=False, span_minus1=False, no_n_e=False, no_exact=False, flag_inverted=False,
-                log_delta=False):
-    """A learner's t5_bucket with one step changed, written as a learner writes it."""
-    if flag_inverted:
-        bidirectional = not bidirectional
-    n_b = num_buckets
-    ret = torch.zeros_like(rel)
-    if bidirectional:
-        n_b = num_buckets // 2
-        ret = ret + ((rel >= 0) if future_ge else (rel > 0)).long() * n_b
-        delta = rel.abs()
-    else:
-        delta = (-rel).clamp(min=0)
-    n_e = num_buckets // 4 if n_e_quarter else n_b // 2
-    ratio = delta.float() if log_delta else delta.float() / n_e
-    log_ratio = torch.log(ratio) / math.log(max_distance / n_e)
-    large = (0 if no_n_e else n_e) + (log_ratio * (n_b - n_e - (1 if span_minus1 else 0))).long()
-    large = large.clamp(max=n_b - 1)
-    return ret + (large if no_exact else torch.where(delta < n_e, delta, large))
-
-
-def _t5_learner_mistake(**changed):
-    def wrong(rel, bidirectional=True, num_buckets=32, max_distance=128):
-        return _t5_learner(rel, bidirectional, num_buckets, max_distance, **changed)
-    return wrong
-
-
 def _rope_from_one(x, offset=0, base=10000.0):
     return positions.apply_rope(x, offset + 1, base)
 
@@ -483,24 +460,24 @@ TESTS = [
                 _t5_defaults_only,
             "bidirectional: offset 0 (the query itself) is in the lower half: only rel > 0 is a key in the "
             "future, so rel = 0 is bucket 0, not n_b":
-                _t5_learner_mistake(future_ge=True),
+                _t5_mistake(future_ge=True),
             "n_e = n_b // 2 with n_b the buckets of ONE direction: causal uses all num_buckets for the past, so "
             "n_e = num_buckets // 2 there, not num_buckets // 4":
-                _t5_learner_mistake(n_e_quarter=True),
+                _t5_mistake(n_e_quarter=True),
             "the log range spreads over n_b - n_e buckets: n_e + floor(ln(delta / n_e) / ln(max_distance / n_e) "
             "* (n_b - n_e)), not * (n_b - n_e - 1)":
-                _t5_learner_mistake(span_minus1=True),
+                _t5_mistake(span_minus1=True),
             "the log buckets come after the exact ones: add n_e, so distance n_e is bucket n_e "
             "(n_e + floor(...)), not 0":
-                _t5_learner_mistake(no_n_e=True),
+                _t5_mistake(no_n_e=True),
             "distances below n_e are their own bucket (the exact range): torch.where(delta < n_e, delta, "
             "log bucket); the log formula is only for delta >= n_e":
-                _t5_learner_mistake(no_exact=True),
+                _t5_mistake(no_exact=True),
             "the bidirectional flag is read the wrong way round: bidirectional=True halves the buckets (upper "
             "half for the future), bidirectional=False (causal) gives all of them to the past":
-                _t5_learner_mistake(flag_inverted=True),
+                _t5_mistake(flag_inverted=True),
             "the log is of the ratio delta / n_e: ln(delta / n_e) / ln(max_distance / n_e), not ln(delta)":
-                _t5_learner_mistake(log_delta=True),
+                _t5_mistake(log_delta=True),
         },
         hint="direction (halves and + n_b for the future when bidirectional; delta = max(-rel, 0) when causal), "
              "exact buckets for delta < n_e = n_b // 2, then n_e + floor(ln(delta / n_e) / ln(max_distance / n_e) "
